@@ -1,0 +1,1 @@
+"""SCSI target core: logical units, commands, sense, unit attentions, task set, reservations."""

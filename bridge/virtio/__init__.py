@@ -1,0 +1,1 @@
+"""virtio-scsi request types, split virtqueues and the virtio-pci device model."""

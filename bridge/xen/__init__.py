@@ -1,0 +1,1 @@
+"""Xen PV-SCSI (vscsiif) backend: ring, xenbus state machine, platform interfaces."""
