@@ -1,0 +1,92 @@
+# Shared helpers for the images/ build scripts. Sourced, not run.
+# Every build script keys its cache directory by input_hash over its own text,
+# this file's text and its package list, so it rebuilds only when those change.
+
+VSCSI_CACHE="${VSCSI_CACHE:-/root/.cache/vscsi-bridge}"
+IMAGES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+_APT_UPDATED=0
+
+# progress "N/M" "text": one line per build step, on stderr so stdout stays
+# machine-readable (scripts print their result paths on stdout).
+progress() {
+    echo "[images] step $1: $2" >&2
+}
+
+die() {
+    echo "[images] error: $*" >&2
+    exit 1
+}
+
+# input_hash FILE... -- STRING...: short sha256 over files' contents and strings.
+input_hash() {
+    local files=() strings=() seen_sep=0 a
+    for a in "$@"; do
+        if [[ "$a" == "--" ]]; then seen_sep=1; continue; fi
+        if (( seen_sep )); then strings+=("$a"); else files+=("$a"); fi
+    done
+    { cat "${files[@]}"; printf '%s\n' "${strings[@]}"; } | sha256sum | cut -c1-16
+}
+
+apt_update_once() {
+    if (( _APT_UPDATED == 0 )); then
+        echo "[images] apt-get update" >&2
+        apt-get update -qq >&2
+        _APT_UPDATED=1
+    fi
+}
+
+# ensure_host_pkgs PKG...: install missing host prerequisites with apt-get.
+ensure_host_pkgs() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$p")
+    done
+    if (( ${#missing[@]} )); then
+        [[ $(id -u) -eq 0 ]] || die "need root to apt-get install ${missing[*]}"
+        apt_update_once
+        echo "[images] apt-get install ${missing[*]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >&2
+    fi
+}
+
+# debian_mirror: the Debian archive URI the host's apt already uses, so no
+# mirror is hard-coded here. VSCSI_DEBIAN_MIRROR overrides it.
+debian_mirror() {
+    if [[ -n "${VSCSI_DEBIAN_MIRROR:-}" ]]; then echo "$VSCSI_DEBIAN_MIRROR"; return; fi
+    local uri
+    uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
+              /etc/apt/sources.list.d/*.list 2>/dev/null \
+          | grep -Eo '(https?|file)://[^ ]*/debian/?( |$)' | grep -v security | head -n1 \
+          | tr -d ' ')
+    [[ -n "$uri" ]] || die "no Debian mirror in the host's apt sources; set VSCSI_DEBIAN_MIRROR"
+    echo "${uri%/}"
+}
+
+# debian_security_mirror: the same for the security archive.
+debian_security_mirror() {
+    if [[ -n "${VSCSI_DEBIAN_SECURITY_MIRROR:-}" ]]; then
+        echo "$VSCSI_DEBIAN_SECURITY_MIRROR"; return
+    fi
+    local uri
+    uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
+              /etc/apt/sources.list.d/*.list 2>/dev/null \
+          | grep -Eo '(https?|file)://[^ ]*/debian-security/?( |$)' | head -n1 | tr -d ' ')
+    if [[ -z "$uri" ]]; then uri="$(debian_mirror)-security"; fi
+    echo "${uri%/}"
+}
+
+# with_lock NAME CMD...: serialise builds of one cache entry across processes
+# (several engineers / test sessions may run the same script at once).
+with_lock() {
+    local name=$1; shift
+    mkdir -p "$VSCSI_CACHE"
+    exec {lockfd}>"$VSCSI_CACHE/$name.lock"
+    flock "$lockfd"
+    "$@"
+    local rc=$?
+    flock -u "$lockfd"
+    exec {lockfd}>&-
+    return $rc
+}
