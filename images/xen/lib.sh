@@ -1,0 +1,108 @@
+# Shell helpers for dom0 test scripts (sourced before /vscsi/run/test.sh). POSIX sh.
+# Copied into the run directory by tests/integration/xen_harness.py at every run.
+#   /vscsi/img   the built image (vmlinuz, domu-initrd.gz), read-only
+#   /vscsi/src   the checkout under test, read-only (python3 -m bridge... from there)
+#   /vscsi/run   this run's directory, shared with the host (results go here)
+
+VSCSI_IMG=/vscsi/img
+VSCSI_SRC=/vscsi/src
+VSCSI_RUN=/vscsi/run
+
+# domu_initrd GUEST_SCRIPT OUT: the base domU initramfs plus a second cpio archive holding
+# GUEST_SCRIPT as /guest.sh (the kernel unpacks concatenated archives in order).
+domu_initrd() {
+    _d=$(mktemp -d)
+    cp "$1" "$_d/guest.sh"
+    (cd "$_d" && echo guest.sh | cpio -o -H newc --quiet | gzip -1) >"$_d/extra.gz"
+    cat "$VSCSI_IMG/domu-initrd.gz" "$_d/extra.gz" >"$2"
+    rm -rf "$_d"
+}
+
+# domu_create NAME GUEST_SCRIPT [MEMORY_MB] [EXTRA_KERNEL_ARGS]: create a paused PV domU that runs
+# GUEST_SCRIPT. Prints its domid. Its console is logged to /vscsi/run/console/guest-NAME.log.
+domu_create() {
+    _name=$1 _script=$2 _mem=${3:-256} _extra=${4:-}
+    domu_initrd "$_script" "/tmp/$_name-initrd.gz"
+    cat >"/tmp/$_name.cfg" <<CFG
+name = "$_name"
+type = "pv"
+kernel = "$VSCSI_IMG/vmlinuz"
+ramdisk = "/tmp/$_name-initrd.gz"
+extra = "console=hvc0 loglevel=5 $_extra"
+memory = $_mem
+vcpus = 1
+on_poweroff = "destroy"
+on_reboot = "restart"
+on_crash = "destroy"
+CFG
+    xl create -p "/tmp/$_name.cfg" >/tmp/"$_name".xl.log 2>&1 || { cat /tmp/"$_name".xl.log; return 1; }
+    xl domid "$_name"
+}
+
+# vscsi_write_nodes DOMID DEVID PDEV VDEV [PDEV VDEV ...]: the toolstack part xl 4.17 lacks.
+# Frontend /local/domain/DOMID/device/vscsi/DEVID (owned by the domU, readable by dom0) and backend
+# /local/domain/0/backend/vscsi/DOMID/DEVID (owned by dom0, readable by the domU), one dev-N per
+# PDEV/VDEV pair. The backend state is written last: a backend driver probes a device only once
+# its state node reads Initialising (1).
+vscsi_write_nodes() {
+    _dom=$1 _dev=$2; shift 2
+    _fe=/local/domain/$_dom/device/vscsi/$_dev
+    _be=/local/domain/0/backend/vscsi/$_dom/$_dev
+    xenstore-write "$_fe/backend" "$_be" "$_fe/backend-id" 0 "$_fe/state" 1
+    xenstore-chmod -r "$_fe" "n$_dom" r0
+    xenstore-write "$_be/frontend" "$_fe" "$_be/frontend-id" "$_dom" "$_be/online" 1 \
+        "$_be/feature-host" 0
+    _n=0
+    while [ $# -ge 2 ]; do
+        xenstore-write "$_be/vscsi-devs/dev-$_n/p-dev" "$1" "$_be/vscsi-devs/dev-$_n/v-dev" "$2" \
+            "$_be/vscsi-devs/dev-$_n/state" 1
+        _n=$((_n + 1)); shift 2
+    done
+    xenstore-chmod -r "$_be" n0 "r$_dom"
+    xenstore-write "$_be/state" 1
+}
+
+# vscsi_remove_nodes DOMID DEVID: remove both directories (backends leave theirs at state 6).
+vscsi_remove_nodes() {
+    xenstore-rm "/local/domain/$1/device/vscsi/$2" 2>/dev/null
+    xenstore-rm "/local/domain/0/backend/vscsi/$1/$2" 2>/dev/null
+    xenstore-rm "/local/domain/0/backend/vscsi/$1" 2>/dev/null
+    return 0
+}
+
+# domu_wait_gone NAME TIMEOUT_S: wait until the domain no longer exists (it powered off).
+domu_wait_gone() {
+    _i=0
+    while xl domid "$1" >/dev/null 2>&1; do
+        _i=$((_i + 1))
+        [ $_i -gt $(($2 * 2)) ] && { echo "vscsi-dom0: $1 still running after $2 s"; return 1; }
+        sleep 0.5
+    done
+}
+
+# domu_console NAME: what the domU printed on its console so far.
+domu_console() { cat "$VSCSI_RUN/console/guest-$1.log" 2>/dev/null; }
+
+# domu_rc NAME: the exit status the domU's /guest.sh reported (empty if none).
+domu_rc() { domu_console "$1" | tr -d '\r' | sed -n 's/^VSCSI-DOMU-RC=//p' | tail -1; }
+
+# xs_dump PATH: the xenstore subtree under PATH with values (for logs).
+xs_dump() { xenstore-ls -f "$1" 2>/dev/null; }
+
+# lio_fileio_pvscsi IMAGE SIZE_BYTES WWN LUN: Linux's reference backend: xen-scsiback + LIO with a
+# fileio backstore on IMAGE, a xen-pvscsi target port WWN (naa.*), tpg 1, LUN, and its I_T nexus.
+# The matching p-dev is "WWN:LUN".
+lio_fileio_pvscsi() {
+    _img=$1 _size=$2 _wwn=$3 _lun=$4
+    modprobe -a target_core_mod target_core_file xen-scsiback || return 1
+    mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config
+    _t=/sys/kernel/config/target
+    _bs=$_t/core/fileio_0/vscsi_disk$_lun
+    mkdir -p "$_bs" || return 1
+    echo "fd_dev_name=$_img,fd_dev_size=$_size" >"$_bs/control" || return 1
+    echo 1 >"$_bs/enable" || return 1
+    _tpg=$_t/xen-pvscsi/$_wwn/tpgt_1
+    mkdir -p "$_tpg/lun/lun_$_lun" || return 1
+    ln -s "$_bs" "$_tpg/lun/lun_$_lun/vscsi_port" || return 1
+    [ -n "$(cat "$_tpg/nexus" 2>/dev/null)" ] || echo "${_wwn%?}f" >"$_tpg/nexus" || return 1
+}
