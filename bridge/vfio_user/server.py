@@ -1,0 +1,223 @@
+"""vfio-user server on trio: a unix socket, one client at a time, forever.
+
+Per client: a nursery (the device's tasks live in it and die with the
+client), a receive loop that decodes messages and hands each command to a
+Session strictly in order, and replies sent with SCM_RIGHTS when they carry
+fds. Replies to our own DMA_READ/DMA_WRITE requests are routed to whichever
+device task is waiting for them. When the client goes, the device is
+detached first (it drops its memoryviews), then the DMA maps are unmapped;
+device state stays for the next client (guest reboot, QEMU restart).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket as stdsocket
+import stat
+
+import trio
+
+from bridge.vfio_user import protocol as p
+from bridge.vfio_user.device import DmaError, VfioUserDevice
+from bridge.vfio_user.dma import DmaSpaceImpl
+from bridge.vfio_user.session import MAX_MESSAGE_SIZE, Outgoing, Session
+
+log = logging.getLogger("bridge.vfio_user")
+
+RECV_SIZE = 256 * 1024
+ANCILLARY_SIZE = stdsocket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
+
+
+def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Connection:
+    """One connected client: socket I/O, request/reply routing for DMA_READ/WRITE."""
+
+    def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
+        self.sock = sock
+        self.device = device
+        self.dma = DmaSpaceImpl()
+        self.session = Session(device, self.dma)
+        self.decoder = p.MessageDecoder(MAX_MESSAGE_SIZE)
+        self._send_lock = trio.Lock()
+        self._next_id = 0
+        self._pending: dict[int, tuple[trio.Event, list[p.Message]]] = {}
+        self._closed = False
+        self.dma.set_remote(self._remote_read, self._remote_write, self.dma.max_transfer)
+
+    # --- sending -----------------------------------------------------------------
+
+    async def send(self, out: Outgoing) -> None:
+        async with self._send_lock:
+            data = memoryview(out.data)
+            if out.fds:
+                anc = [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array.array("i", out.fds))]
+                sent = await self.sock.sendmsg([data], anc)
+            else:
+                sent = await self.sock.send(data)
+            while sent < len(data):
+                sent += await self.sock.send(data[sent:])
+
+    async def _request(self, command: int, payload: bytes) -> p.Message:
+        if self._closed:
+            raise DmaError("vfio-user client disconnected")
+        msg_id = self._next_id
+        while msg_id in self._pending:
+            msg_id = (msg_id + 1) & 0xFFFF
+        self._next_id = (msg_id + 1) & 0xFFFF
+        event = trio.Event()
+        slot: list[p.Message] = []
+        self._pending[msg_id] = (event, slot)
+        try:
+            await self.send(Outgoing(p.encode_message(msg_id, command, payload)))
+            await event.wait()
+        finally:
+            self._pending.pop(msg_id, None)
+        if not slot:
+            raise DmaError("vfio-user client disconnected")
+        reply = slot[0]
+        if reply.header.flags & p.FLAG_ERROR:
+            raise DmaError(f"{p.command_name(command)} refused by client: "
+                           f"{os.strerror(reply.header.error)}")
+        return reply
+
+    async def _remote_read(self, iova: int, count: int) -> bytes:
+        reply = await self._request(p.Command.DMA_READ, p.encode_dma_read_request(iova, count))
+        try:
+            return p.parse_dma_read_reply(reply.payload, count)
+        except p.ProtocolError as exc:
+            raise DmaError(str(exc)) from None
+
+    async def _remote_write(self, iova: int, data: bytes) -> None:
+        await self._request(p.Command.DMA_WRITE, p.encode_dma_write_request(iova, data))
+
+    # --- receiving -----------------------------------------------------------------
+
+    def _route_reply(self, msg: p.Message) -> None:
+        for fd in msg.fds:
+            os.close(fd)
+        waiter = self._pending.get(msg.header.msg_id)
+        if waiter is None:
+            log.warning("unexpected reply id %d to %s ignored", msg.header.msg_id,
+                        p.command_name(msg.header.command))
+            return
+        event, slot = waiter
+        slot.append(msg)
+        event.set()
+
+    async def run(self) -> None:
+        """Receive and handle messages until EOF or an unrecoverable framing error."""
+        while True:
+            try:
+                data, ancdata, flags, _ = await self.sock.recvmsg(
+                    RECV_SIZE, ANCILLARY_SIZE, stdsocket.MSG_CMSG_CLOEXEC)
+            except OSError as exc:
+                log.info("client socket error: %s", exc)
+                return
+            fds = _parse_fds(ancdata)
+            if not data and not fds:
+                return
+            self.decoder.feed(data, fds, bool(flags & stdsocket.MSG_CTRUNC))
+            while True:
+                event = self.decoder.next_event()
+                if event is None:
+                    break
+                if isinstance(event, p.FramingError):
+                    log.warning("closing client: %s", event.reason)
+                    return
+                if isinstance(event, p.OversizedMessage):
+                    out = self.session.handle_oversized(event.header)
+                elif event.header.is_reply:
+                    self._route_reply(event)
+                    continue
+                else:
+                    out = self.session.handle(event)
+                if out is not None:
+                    try:
+                        await self.send(out)
+                    except OSError as exc:
+                        log.info("client socket error on send: %s", exc)
+                        return
+
+    def close(self) -> None:
+        """Client gone: fail waiters, detach the device, then drop DMA maps."""
+        self._closed = True
+        for event, _slot in list(self._pending.values()):
+            event.set()
+        try:
+            self.device.detach()
+        except Exception:
+            log.exception("device.detach() failed")
+        self.dma.set_remote(None, None, self.dma.max_transfer)
+        self.dma.unmap_all()
+        self.decoder.close()
+        self.sock.close()
+
+
+def _prepare_socket_path(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "not a socket, refusing to remove", path)
+    os.unlink(path)  # stale socket from an earlier run
+
+
+async def serve(
+    socket_path: str,
+    device: VfioUserDevice,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``device`` over vfio-user on ``socket_path`` until cancelled.
+
+    Clients are accepted one at a time; each disconnect detaches the device and
+    drops its DMA maps, and the next client finds the device state as it was.
+    """
+    _prepare_socket_path(socket_path)
+    listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        await listener.bind(socket_path)
+        listener.listen(1)
+        log.info("vfio-user server listening on %s", socket_path)
+        task_status.started()
+        while True:
+            sock, _ = await listener.accept()
+            await _serve_client(sock, device)
+    finally:
+        listener.close()
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
+
+
+async def _serve_client(sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
+    conn = Connection(sock, device)
+    log.info("client connected")
+    try:
+        async with trio.open_nursery() as nursery:
+            device.attach(nursery, conn.dma)
+            await conn.run()
+            nursery.cancel_scope.cancel()
+    except Exception:  # a failing device task ends this client, not the server
+        log.exception("client session failed")
+    finally:
+        conn.close()
+        log.info("client disconnected (%s)", conn.session.stats)
