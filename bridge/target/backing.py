@@ -1,0 +1,198 @@
+"""Backing store: a raw image file or a block device, read and written with preadv/pwritev.
+
+Data goes straight between the file and the request's memoryviews (guest memory):
+no intermediate bytes objects. Reads are tried inline with RWF_NOWAIT (a page-cache
+hit never blocks the trio loop) and fall back to a worker thread on EAGAIN or a short
+read. Writes are tried inline with RWF_NOWAIT as well (buffered-write NOWAIT support
+is filesystem dependent; when the kernel refuses with EOPNOTSUPP once we go straight
+to threads): see tests/bench/core_read_bench.py for the measurements behind that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+from collections.abc import Sequence
+
+import trio
+
+from .buffers import skip, zero
+
+log = logging.getLogger(__name__)
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+BLKDISCARD = 0x1277  # linux/fs.h _IO(0x12, 119)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc.fallocate.restype = ctypes.c_int
+
+
+def create_sparse_image(path: str, size: int) -> None:
+    """Create a sparse image file of ``size`` bytes (ftruncate); never grows an existing one."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    log.info("created sparse image %s of %d bytes", path, size)
+
+
+class Backing:
+    """One open raw image file or block device."""
+
+    def __init__(self, path: str, read_only: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.nowait_reads = RWF_NOWAIT != 0
+        self.nowait_writes = RWF_NOWAIT != 0
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def refresh_size(self) -> int:
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        return self.size
+
+    # -- reads ---------------------------------------------------------------------
+
+    def _preadv_all(self, views: Sequence[memoryview], offset: int, flags: int) -> int:
+        """preadv until ``views`` are full or EOF (zero-filled past EOF). With RWF_NOWAIT
+        returns early (count so far) on EAGAIN or a short read."""
+        total = sum(len(v) for v in views)
+        done = 0
+        while done < total:
+            rest = skip(views, done)[:IOV_MAX]
+            try:
+                n = os.preadv(self.fd, rest, offset + done, flags) if flags else os.preadv(
+                    self.fd, rest, offset + done
+                )
+            except BlockingIOError:
+                return done
+            except OSError as e:
+                if flags and e.errno == errno.EOPNOTSUPP:
+                    self.nowait_reads = False
+                    return done
+                raise
+            if n == 0:
+                if flags:
+                    return done  # may be a NOWAIT artefact: let the blocking path decide
+                zero(skip(views, done))  # past EOF of a file shorter than its capacity
+                return total
+            done += n
+            if flags and n < sum(len(v) for v in rest):
+                return done  # partially cached: finish in a thread
+        return done
+
+    async def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` from ``offset``: inline on a page-cache hit, else in a thread."""
+        done = 0
+        if self.nowait_reads:
+            done = self._preadv_all(views, offset, RWF_NOWAIT)
+            if done == sum(len(v) for v in views):
+                return
+        rest = skip(views, done)
+        # Not cancellable: a worker-thread read cannot be interrupted (the caller answers
+        # ABORTED after it returns).
+        await trio.to_thread.run_sync(self._preadv_all, rest, offset + done, 0)
+
+    # -- writes --------------------------------------------------------------------
+
+    def _pwritev_all(self, views: Sequence[memoryview], offset: int, flags: int) -> int:
+        total = sum(len(v) for v in views)
+        done = 0
+        while done < total:
+            rest = skip(views, done)[:IOV_MAX]
+            try:
+                n = os.pwritev(self.fd, rest, offset + done, flags) if flags else os.pwritev(
+                    self.fd, rest, offset + done
+                )
+            except BlockingIOError:
+                return done
+            except OSError as e:
+                if flags and e.errno == errno.EOPNOTSUPP:
+                    self.nowait_writes = False
+                    return done
+                raise
+            if n == 0:
+                if flags:
+                    return done
+                raise OSError(errno.ENOSPC, "pwritev wrote nothing")
+            done += n
+        return done
+
+    async def write_from(self, offset: int, views: Sequence[memoryview], sync: bool) -> None:
+        """Write ``views`` at ``offset``; returns only after pwritev returned (and after
+        fdatasync when ``sync``: WCE=0, FUA, SBC-3 4.13)."""
+        done = 0
+        if self.nowait_writes and not sync:
+            done = self._pwritev_all(views, offset, RWF_NOWAIT)
+        if done < sum(len(v) for v in views) or sync:
+            await trio.to_thread.run_sync(self._write_rest_sync, skip(views, done), offset + done, sync)
+
+    def _write_rest_sync(self, views: Sequence[memoryview], offset: int, sync: bool) -> None:
+        if views:
+            self._pwritev_all(views, offset, 0)
+        if sync:
+            os.fdatasync(self.fd)
+
+    async def flush(self) -> None:
+        """SYNCHRONIZE CACHE: fdatasync in a worker thread."""
+        await trio.to_thread.run_sync(os.fdatasync, self.fd)
+
+    # -- provisioning ----------------------------------------------------------------
+
+    def _punch_sync(self, offset: int, length: int) -> None:
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+            return
+        err = ctypes.get_errno()
+        if self.is_block_device and err in (errno.EOPNOTSUPP, errno.EINVAL):
+            fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
+            return
+        raise OSError(err, os.strerror(err))
+
+    async def punch_hole(self, offset: int, length: int) -> None:
+        """Deallocate a range (UNMAP, WRITE SAME with UNMAP): reads return zeros after it."""
+        if length > 0:
+            await trio.to_thread.run_sync(self._punch_sync, offset, length)
+
+    def mapped_extent(self, offset: int) -> tuple[bool, int]:
+        """(mapped, length) of the extent starting at ``offset``, from SEEK_DATA/SEEK_HOLE.
+
+        Block devices (and filesystems without SEEK_HOLE) report everything as mapped.
+        """
+        if offset >= self.size:
+            return True, 0
+        if self.is_block_device:
+            return True, self.size - offset
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset: a hole to the end
+                return False, self.size - offset
+            return True, self.size - offset
+        if data > offset:
+            return False, min(data, self.size) - offset
+        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        return True, min(hole, self.size) - offset

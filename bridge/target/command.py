@@ -1,0 +1,171 @@
+"""The command being executed, and the one dispatch table keyed by (opcode, service action).
+
+Every handler module registers its rows with ``@command(...)``; the table's metadata
+(CDB length, CDB usage data) drives both the reserved-bit checks before dispatch and
+REPORT SUPPORTED OPERATION CODES (SPC-4 6.35).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bridge.virtio.scsi_request import ScsiRequest
+
+from .buffers import gather, prefix, scatter
+from .cdb import cdb_length
+from .sense import FieldPointer, SenseError, SenseKey, invalid_field_in_cdb, invalid_opcode
+
+if TYPE_CHECKING:
+    from .logical_unit import LogicalUnit
+    from .target import Target
+
+
+class Overrun(Exception):
+    """virtio 1.2 5.6.6.1: the CDB needs more data than the data-in/out buffers hold."""
+
+
+class Command:
+    """One SCSI command on its way through a handler: CDB, LU, and the data buffers.
+
+    Handlers move data only through these methods, which keep count of the bytes
+    transferred so the residual can be reported.
+    """
+
+    __slots__ = ("target", "req", "cdb", "lu", "lun", "initiator", "in_done", "out_done",
+                 "in_len", "out_len", "info")
+
+    def __init__(self, target: Target, req: ScsiRequest, cdb: bytes, lu: LogicalUnit | None,
+                 lun: int, in_len: int, out_len: int) -> None:
+        self.target = target
+        self.req = req
+        self.cdb = cdb
+        self.lu = lu
+        self.lun = lun
+        self.initiator = req.initiator.name
+        self.in_len = in_len
+        self.out_len = out_len
+        self.in_done = 0
+        self.out_done = 0
+        self.info: CommandInfo | None = None
+
+    def send(self, data: bytes | bytearray, alloc_len: int) -> None:
+        """SPC-4 4.2.5.6 allocation length: transfer min(data, allocation length, buffer)."""
+        n = min(len(data), alloc_len)
+        self.in_done = scatter(self.req.data_in, memoryview(data)[:n])
+
+    def in_views(self, nbytes: int) -> list[memoryview]:
+        """The data-in buffer for a transfer of exactly ``nbytes`` (OVERRUN when shorter)."""
+        if self.in_len < nbytes:
+            raise Overrun
+        self.in_done = nbytes
+        return prefix(self.req.data_in, nbytes)
+
+    def out_views(self, nbytes: int) -> list[memoryview]:
+        """The data-out buffer for a transfer of exactly ``nbytes`` (OVERRUN when shorter)."""
+        if self.out_len < nbytes:
+            raise Overrun
+        self.out_done = nbytes
+        return prefix(self.req.data_out, nbytes)
+
+    def receive(self, nbytes: int) -> bytes:
+        """A small parameter list of ``nbytes`` gathered into bytes (OVERRUN when shorter)."""
+        if self.out_len < nbytes:
+            raise Overrun
+        self.out_done = nbytes
+        return gather(self.req.data_out, nbytes)
+
+    @property
+    def residual(self) -> int:
+        if self.in_len:
+            return self.in_len - self.in_done
+        if self.out_len:
+            return self.out_len - self.out_done
+        return 0
+
+
+Handler = Callable[[Command], Awaitable[int | None]]
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    opcode: int
+    service_action: int | None
+    name: str
+    handler: Handler
+    usage: bytes  # SPC-4 6.35.3 CDB USAGE DATA: bit set = the device server evaluates it
+    allowed_with_ua: bool = False  # SAM-5 5.14: INQUIRY, REPORT LUNS, REQUEST SENSE
+    allowed_without_lu: bool = False  # answered on an unmapped LUN / the W-LUN
+
+    @property
+    def cdb_length(self) -> int:
+        return len(self.usage)
+
+
+# Opcodes whose byte 1 bits 4-0 hold a service action (SPC-4 4.2.5.1 / SBC-3).
+SERVICE_ACTION_OPCODES = frozenset({0x9E, 0x9F, 0xA3, 0xA4, 0x5E, 0x5F})
+
+COMMANDS: dict[tuple[int, int | None], CommandInfo] = {}
+
+
+def command(opcode: int, service_action: int | None, name: str, usage: str, *,
+            allowed_with_ua: bool = False, allowed_without_lu: bool = False
+            ) -> Callable[[Handler], Handler]:
+    """Register a handler row; ``usage`` is the CDB usage data in hex (spaces allowed)."""
+    raw = bytes.fromhex(usage)
+    if raw[0] != opcode:
+        raise ValueError(f"{name}: usage data must start with the opcode")
+    expected = cdb_length(opcode)
+    if expected is not None and len(raw) != expected:
+        raise ValueError(f"{name}: usage data is {len(raw)} bytes, the CDB {expected}")
+
+    def register(fn: Handler) -> Handler:
+        key = (opcode, service_action)
+        if key in COMMANDS:
+            raise ValueError(f"{name}: duplicate row {key}")
+        COMMANDS[key] = CommandInfo(opcode, service_action, name, fn, raw,
+                                    allowed_with_ua, allowed_without_lu)
+        return fn
+
+    return register
+
+
+def lookup(cdb: bytes) -> CommandInfo:
+    """The table row for a CDB, or the SPC-4 error for an unknown opcode/service action."""
+    if not cdb:
+        raise invalid_opcode()
+    op = cdb[0]
+    if op in SERVICE_ACTION_OPCODES:
+        if len(cdb) < 2:
+            raise invalid_opcode()
+        info = COMMANDS.get((op, cdb[1] & 0x1F))
+        if info is None:
+            if not any(k[0] == op for k in COMMANDS):
+                raise invalid_opcode()
+            raise invalid_field_in_cdb(1, 4)
+        return info
+    info = COMMANDS.get((op, None))
+    if info is None:
+        raise invalid_opcode()
+    return info
+
+
+def check_cdb(info: CommandInfo, cdb: bytes) -> bytes:
+    """CDB length and every bit outside the usage data must be zero (SPC-4 4.2.1).
+
+    Returns the CDB trimmed to its length. The CONTROL byte's vendor-specific bits
+    7-6 are ignored.
+    """
+    n = info.cdb_length
+    if len(cdb) < n:
+        # Shorter than its own opcode's CDB: nothing sensible to point at but its end.
+        raise SenseError(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00, FieldPointer(len(cdb), None, True))
+    cdb = bytes(cdb[:n])
+    usage = info.usage
+    for i in range(1, n):
+        allowed = usage[i] | (0xC0 if i == n - 1 else 0)
+        bad = cdb[i] & ~allowed
+        if bad:
+            raise invalid_field_in_cdb(i, bad.bit_length() - 1)
+    return cdb

@@ -1,0 +1,106 @@
+"""A logical unit: backing store, identity, mode pages, reservations, task set."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .backing import Backing, create_sparse_image
+from .identity import parse_wwn, resolve_identity, store_sidecar
+from .mode_pages import ModeParameters
+from .reservation_hooks import PersistentReservations
+from .task_set import TaskSet
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZES = (512, 4096)
+
+
+@dataclass
+class LogicalUnitSpec:
+    """What the configuration says about one LU.
+
+    ``size`` (bytes) is used only to create a sparse image when ``path`` is missing;
+    an existing image or device is never grown or shrunk. ``wwn`` is 'naa.' + 32 hex
+    digits (NAA 6) or 16 hex digits (see identity.parse_wwn).
+    """
+
+    name: str
+    path: str
+    size: int | None = None
+    block_size: int = 512
+    read_only: bool = False
+    wwn: str | None = None
+    serial: str | None = None
+    vendor: str = "VSCSIBRG"
+    product: str = "vscsi-bridge"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not self.name:
+            raise ValueError("name: must not be empty")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size: {self.block_size} is not 512 or 4096")
+        if self.size is not None and (self.size <= 0 or self.size % self.block_size):
+            raise ValueError(f"size: {self.size} is not a positive multiple of block_size")
+        if self.wwn is not None:
+            parse_wwn(self.wwn)
+        if not self.vendor.isascii() or len(self.vendor) > 8:
+            raise ValueError("vendor: at most 8 ASCII characters")
+        if not self.product.isascii() or len(self.product) > 16:
+            raise ValueError("product: at most 16 ASCII characters")
+
+
+class LogicalUnit:
+    def __init__(self, spec: LogicalUnitSpec, unit_attention: Callable[[str, int, int], None]) -> None:
+        spec.validate()
+        self.spec = spec
+        self.name = spec.name
+        self.block_size = spec.block_size
+        self.read_only = spec.read_only
+        if not os.path.exists(spec.path):
+            if spec.size is None:
+                raise ValueError(f"path: {spec.path} does not exist and no size is given to create it")
+            create_sparse_image(spec.path, spec.size)
+        self.backing = Backing(spec.path, spec.read_only)
+        try:
+            if spec.size is not None and spec.size != self.backing.size:
+                log.warning("LU %s: %s is %d bytes, configured size %d ignored",
+                            spec.name, spec.path, self.backing.size, spec.size)
+            if self.backing.size < self.block_size:
+                raise ValueError(f"path: {spec.path} is smaller than one block")
+            self.identity, self._sidecar = resolve_identity(spec.path, spec.wwn, spec.serial)
+            self.mode = ModeParameters(self._sidecar.get("mode") if isinstance(
+                self._sidecar.get("mode"), dict) else None)
+            self.reservations = PersistentReservations(spec.name, spec.path + ".pr.json",
+                                                       unit_attention)
+        except BaseException:
+            self.backing.close()
+            raise
+        self.tasks = TaskSet()
+        self.lbprz = True  # punched holes read back as zeros (fallocate PUNCH_HOLE)
+        self.prevent_removal: set[str] = set()
+        self.stopped = False
+        log.info("LU %s: %s, %d blocks of %d bytes%s, %s", spec.name, spec.path, self.num_blocks,
+                 self.block_size, " read-only" if self.read_only else "",
+                 "naa." + self.identity.wwn.hex())
+
+    @property
+    def num_blocks(self) -> int:
+        return self.backing.size // self.block_size
+
+    def save_mode_pages(self) -> None:
+        """Persist saved mode pages in the identity sidecar (MODE SELECT with SP=1)."""
+        self._sidecar["mode"] = self.mode.saved_state()
+        store_sidecar(self.spec.path, self._sidecar)
+
+    def resize(self, new_size: int) -> None:
+        """Grow/shrink a regular image to ``new_size``; re-read a block device's size."""
+        if not self.backing.is_block_device and not self.read_only:
+            os.ftruncate(self.backing.fd, new_size)
+        self.backing.refresh_size()
+
+    def close(self) -> None:
+        self.backing.close()

@@ -1,0 +1,146 @@
+"""SBC-3 block commands: READ CAPACITY, READ and WRITE (6/10/12/16)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+
+from . import block_limits as bl
+from .cdb import invalid_transfer_length, u16, u24, u32, u64
+from .command import Command, command
+from .logical_unit import LogicalUnit
+from .sense import SenseError, SenseKey, invalid_field_in_cdb, lba_out_of_range, write_protected
+
+log = logging.getLogger(__name__)
+
+
+def check_range(lu: LogicalUnit, lba: int, nblocks: int, len_byte: int) -> None:
+    """SBC-3 4.5: transfer length within the block limits, LBA range on the medium."""
+    if nblocks * lu.block_size > bl.MAX_TRANSFER_BYTES:
+        raise invalid_transfer_length(len_byte)
+    if lba + nblocks > lu.num_blocks:
+        raise lba_out_of_range()
+
+
+def check_writable(lu: LogicalUnit) -> None:
+    if lu.read_only:
+        raise write_protected()
+
+
+def medium_error(op: str, e: OSError) -> SenseError:
+    """Backing store I/O error -> MEDIUM ERROR (or DATA PROTECT when the space ran out)."""
+    log.error("%s failed: %s", op, e)
+    if e.errno == errno.ENOSPC:
+        return SenseError(SenseKey.DATA_PROTECT, 0x27, 0x07)  # SPACE ALLOCATION FAILED WRITE PROTECT
+    if op == "read":
+        return SenseError(SenseKey.MEDIUM_ERROR, 0x11, 0x00)  # UNRECOVERED READ ERROR
+    return SenseError(SenseKey.MEDIUM_ERROR, 0x0C, 0x00)  # WRITE ERROR
+
+
+async def do_read(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
+    lu = cmd.lu
+    assert lu is not None
+    check_range(lu, lba, nblocks, len_byte)
+    if nblocks == 0:
+        return
+    views = cmd.in_views(nblocks * lu.block_size)
+    try:
+        await lu.backing.read_into(lba * lu.block_size, views)
+    except OSError as e:
+        raise medium_error("read", e) from None
+
+
+async def do_write(cmd: Command, lba: int, nblocks: int, len_byte: int, fua: bool) -> None:
+    lu = cmd.lu
+    assert lu is not None
+    check_writable(lu)
+    check_range(lu, lba, nblocks, len_byte)
+    if nblocks == 0:
+        return
+    views = cmd.out_views(nblocks * lu.block_size)
+    try:
+        # SBC-3 4.13 / 5.29: FUA or WCE=0 -> the data reach stable storage before GOOD.
+        await lu.backing.write_from(lba * lu.block_size, views, sync=fua or not lu.mode.wce)
+    except OSError as e:
+        raise medium_error("write", e) from None
+
+
+# -- READ CAPACITY -----------------------------------------------------------------------
+
+
+@command(0x25, None, "READ CAPACITY(10)", "25 00 ff ff ff ff 00 00 01 00")
+async def read_capacity_10(cmd: Command) -> None:
+    """SBC-3 5.16: RETURNED LBA is FFFFFFFFh when the capacity needs READ CAPACITY(16)."""
+    lu = cmd.lu
+    assert lu is not None
+    if not cmd.cdb[8] & 0x01 and u32(cmd.cdb, 2):
+        raise invalid_field_in_cdb(2)  # PMI=0 requires LOGICAL BLOCK ADDRESS 0
+    last = min(lu.num_blocks - 1, 0xFFFFFFFF)
+    cmd.send(struct.pack(">II", last, lu.block_size), 8)
+
+
+@command(0x9E, 0x10, "READ CAPACITY(16)", "9e 10 ff ff ff ff ff ff ff ff ff ff ff ff 01 00")
+async def read_capacity_16(cmd: Command) -> None:
+    """SBC-3 5.17: LBPME=1 (thin provisioned, UNMAP supported), LBPRZ."""
+    lu = cmd.lu
+    assert lu is not None
+    if not cmd.cdb[14] & 0x01 and u64(cmd.cdb, 2):
+        raise invalid_field_in_cdb(2)
+    lbp = 0x8000 | (0x4000 if lu.lbprz else 0)
+    data = struct.pack(">QIBBH", lu.num_blocks - 1, lu.block_size, 0, 0, lbp) + bytes(16)
+    cmd.send(data, u32(cmd.cdb, 10))
+
+
+# -- READ / WRITE ------------------------------------------------------------------------
+# Byte 1: DPO (bit 4) and FUA (bit 3) accepted; RDPROTECT/WRPROTECT (7-5) rejected as we
+# have no protection information. GROUP NUMBER (bits 4-0 of its byte) accepted, ignored.
+
+
+@command(0x08, None, "READ(6)", "08 1f ff ff ff 00")
+async def read_6(cmd: Command) -> None:
+    """SBC-3 5.11: TRANSFER LENGTH 0 means 256 blocks."""
+    c = cmd.cdb
+    await do_read(cmd, u24(c, 1) & 0x1FFFFF, c[4] or 256, 4)
+
+
+@command(0x28, None, "READ(10)", "28 18 ff ff ff ff 1f ff ff 00")
+async def read_10(cmd: Command) -> None:
+    c = cmd.cdb
+    await do_read(cmd, u32(c, 2), u16(c, 7), 7)
+
+
+@command(0xA8, None, "READ(12)", "a8 18 ff ff ff ff ff ff ff ff 1f 00")
+async def read_12(cmd: Command) -> None:
+    c = cmd.cdb
+    await do_read(cmd, u32(c, 2), u32(c, 6), 6)
+
+
+@command(0x88, None, "READ(16)", "88 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00")
+async def read_16(cmd: Command) -> None:
+    c = cmd.cdb
+    await do_read(cmd, u64(c, 2), u32(c, 10), 10)
+
+
+@command(0x0A, None, "WRITE(6)", "0a 1f ff ff ff 00")
+async def write_6(cmd: Command) -> None:
+    c = cmd.cdb
+    await do_write(cmd, u24(c, 1) & 0x1FFFFF, c[4] or 256, 4, fua=False)
+
+
+@command(0x2A, None, "WRITE(10)", "2a 18 ff ff ff ff 1f ff ff 00")
+async def write_10(cmd: Command) -> None:
+    c = cmd.cdb
+    await do_write(cmd, u32(c, 2), u16(c, 7), 7, fua=bool(c[1] & 0x08))
+
+
+@command(0xAA, None, "WRITE(12)", "aa 18 ff ff ff ff ff ff ff ff 1f 00")
+async def write_12(cmd: Command) -> None:
+    c = cmd.cdb
+    await do_write(cmd, u32(c, 2), u32(c, 6), 6, fua=bool(c[1] & 0x08))
+
+
+@command(0x8A, None, "WRITE(16)", "8a 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00")
+async def write_16(cmd: Command) -> None:
+    c = cmd.cdb
+    await do_write(cmd, u64(c, 2), u32(c, 10), 10, fua=bool(c[1] & 0x08))

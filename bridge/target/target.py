@@ -1,0 +1,368 @@
+"""The SCSI target device: LUN maps per initiator, command dispatch, task management.
+
+LUN addressing (virtio 1.2 5.6.6.1, SAM-5 4.7, as QEMU's virtio-scsi does it):
+- a LUN field not in virtio's single-level form, or a target other than 0: virtio
+  BAD_TARGET (there is no such target);
+- target 0, a LUN not mapped for this initiator: INQUIRY answers peripheral qualifier
+  011b / device type 1Fh (Linux's scan creates no device), REPORT LUNS works, REQUEST
+  SENSE returns LOGICAL UNIT NOT SUPPORTED sense data, every other command gets CHECK
+  CONDITION, ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (25h/00h);
+- the REPORT LUNS well-known LUN (C101h) answers REPORT LUNS, INQUIRY, REQUEST SENSE
+  and TEST UNIT READY.
+
+Buffers (virtio 1.2 5.6.6.1 and QEMU's virtio_scsi_handle_cmd_req_prepare): both a
+data-out and a data-in buffer -> virtio FAILURE (no bidirectional commands); a READ or
+WRITE whose transfer needs more bytes than the buffer in its direction (and a
+parameter list longer than the data-out buffer) -> virtio OVERRUN, nothing done; a
+buffer longer than the transfer -> residual = buffer - transferred. Data-in shorter
+than an allocation length is not an error: the data are truncated (SPC-4 4.2.5.6).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from bridge.virtio.scsi_request import (
+    REPORT_LUNS_WLUN,
+    REPORT_LUNS_WLUN_ADDR,
+    ScsiRequest,
+    ScsiResponse,
+    ScsiStatus,
+    TmfRequest,
+    TmfResponse,
+    TmfSubtype,
+    VirtioScsiResponse,
+    lun_from_virtio,
+)
+
+# Handler modules register their rows in the dispatch table on import.
+from . import sbc, spc  # noqa: F401
+from .cdb import lu_not_supported
+from .command import Command, CommandInfo, Overrun, check_cdb, lookup
+from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from .logical_unit import LogicalUnit, LogicalUnitSpec
+from .sense import SenseData, SenseError, SenseKey, invalid_opcode
+from .task_set import Task, TaskSet
+from .unit_attention import (
+    BUS_DEVICE_RESET_OCCURRED,
+    CAPACITY_DATA_HAS_CHANGED,
+    I_T_NEXUS_LOSS_OCCURRED,
+    REPORTED_LUNS_DATA_HAS_CHANGED,
+    UnitAttentions,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_LUN = 0x3FFF  # flat space addressing (SAM-5 4.7.7), what virtio's LUN field carries
+COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = (0x2F, 0x00)
+INTERNAL_TARGET_FAILURE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+
+
+class Target:
+    def __init__(
+        self,
+        lus: list[LogicalUnitSpec],
+        lun_maps: dict[str, dict[int, str]],
+        target_port_name: str = "iqn.2026-11.org.vscsi-bridge:target",
+    ) -> None:
+        self.target_port_name = target_port_name
+        self.unit_attentions = UnitAttentions()
+        self._lus: dict[str, LogicalUnit] = {}
+        self._maps: dict[str, dict[int, str]] = {}
+        self._subscribers: list[Callable[[TargetEvent], None]] = []
+        try:
+            for spec in lus:
+                self.add_logical_unit(spec)
+            for initiator, mapping in lun_maps.items():
+                for lun, name in mapping.items():
+                    self._check_mapping(initiator, lun, name)
+                    self._maps.setdefault(initiator, {})[lun] = name
+        except BaseException:
+            self.close()
+            raise
+
+    # -- configuration -------------------------------------------------------------
+
+    def _check_mapping(self, initiator: str, lun: int, name: str) -> None:
+        if not isinstance(lun, int) or not 0 <= lun <= MAX_LUN:
+            raise ValueError(f"lun_maps[{initiator!r}]: LUN {lun!r} is not in 0..{MAX_LUN}")
+        if name not in self._lus:
+            raise ValueError(f"lun_maps[{initiator!r}][{lun}]: no logical unit named {name!r}")
+
+    def add_logical_unit(self, spec: LogicalUnitSpec) -> None:
+        if spec.name in self._lus:
+            raise ValueError(f"name: logical unit {spec.name!r} defined twice")
+        name = spec.name
+        self._lus[name] = LogicalUnit(
+            spec, lambda ini, asc, ascq: self.unit_attentions.establish(ini, name, (asc, ascq)))
+
+    def logical_unit(self, name: str) -> LogicalUnit:
+        return self._lus[name]
+
+    def luns_for(self, initiator: str) -> list[int]:
+        return sorted(self._maps.get(initiator, {}))
+
+    def _lu_at(self, initiator: str, lun: int) -> LogicalUnit | None:
+        name = self._maps.get(initiator, {}).get(lun)
+        return self._lus.get(name) if name is not None else None
+
+    def nexuses_of(self, lu_name: str) -> list[tuple[str, int]]:
+        """Every (initiator, LUN) through which ``lu_name`` is seen."""
+        return [(ini, lun) for ini, m in self._maps.items() for lun, n in m.items() if n == lu_name]
+
+    def subscribe(self, callback: Callable[[TargetEvent], None]) -> None:
+        self._subscribers.append(callback)
+
+    def _emit(self, event: TargetEvent) -> None:
+        log.info("event %s", event)
+        for cb in list(self._subscribers):
+            try:
+                cb(event)
+            except Exception:
+                log.exception("event subscriber failed on %s", event)
+
+    def map_lun(self, initiator: str, lun: int, lu_name: str) -> None:
+        """Hot-add: SPC-4 REPORTED LUNS DATA HAS CHANGED on the initiator's other LUs."""
+        self._check_mapping(initiator, lun, lu_name)
+        self._maps.setdefault(initiator, {})[lun] = lu_name
+        for other, name in self._maps[initiator].items():
+            if other != lun:
+                self.unit_attentions.establish(initiator, name, REPORTED_LUNS_DATA_HAS_CHANGED)
+        self._emit(LunAdded(initiator, lun))
+
+    def unmap_lun(self, initiator: str, lun: int) -> None:
+        """Hot-remove: abort the nexus's tasks, UA 3Fh/0Eh on the initiator's other LUs."""
+        mapping = self._maps.get(initiator, {})
+        name = mapping.pop(lun, None)
+        if name is None:
+            raise KeyError(f"{initiator!r} has no LUN {lun}")
+        lu = self._lus[name]
+        for t in lu.tasks.matching(initiator, lun):
+            t.aborted = True
+            t.scope.cancel()
+        for other_name in mapping.values():
+            self.unit_attentions.establish(initiator, other_name, REPORTED_LUNS_DATA_HAS_CHANGED)
+        self._emit(LunRemoved(initiator, lun))
+
+    def resize(self, lu_name: str, new_size: int) -> None:
+        """CAPACITY DATA HAS CHANGED (SBC-3 4.8) to every nexus seeing the LU."""
+        lu = self._lus[lu_name]
+        if new_size <= 0 or new_size % lu.block_size:
+            raise ValueError(f"size: {new_size} is not a positive multiple of {lu.block_size}")
+        lu.resize(new_size)
+        for initiator, lun in self.nexuses_of(lu_name):
+            self.unit_attentions.establish(initiator, lu_name, CAPACITY_DATA_HAS_CHANGED)
+            self._emit(CapacityChanged(initiator, lun))
+
+    def nexus_loss(self, initiator: str) -> None:
+        """SAM-5 6.3.4 I_T nexus loss: abort its tasks, drop SPC-2 reservations, UA 29h/07h."""
+        for name in set(self._maps.get(initiator, {}).values()):
+            lu = self._lus[name]
+            for t in lu.tasks.matching(initiator):
+                t.aborted = True
+                t.scope.cancel()
+            lu.reservations.nexus_loss(initiator)
+            self.unit_attentions.establish(initiator, name, I_T_NEXUS_LOSS_OCCURRED)
+        log.info("I_T nexus loss for %s", initiator)
+
+    def clear_ua_for_initiator(self, initiator: str, asc_ascq: tuple[int, int]) -> None:
+        for name in set(self._maps.get(initiator, {}).values()):
+            self.unit_attentions.clear(initiator, name, asc_ascq)
+
+    def close(self) -> None:
+        for lu in self._lus.values():
+            lu.close()
+
+    # -- commands ------------------------------------------------------------------
+
+    async def execute(self, req: ScsiRequest) -> ScsiResponse:
+        """Run one command; always returns a well-formed response, never raises
+        (except trio.Cancelled from the caller's own cancellation)."""
+        try:
+            return await self._execute(req)
+        except Exception:
+            log.exception("internal error executing CDB %s", bytes(req.cdb[:16]).hex()
+                          if isinstance(req.cdb, bytes | bytearray | memoryview) else "?")
+            return ScsiResponse(VirtioScsiResponse.TARGET_FAILURE, ScsiStatus.CHECK_CONDITION,
+                                INTERNAL_TARGET_FAILURE.encode())
+
+    async def _execute(self, req: ScsiRequest) -> ScsiResponse:
+        in_len = req.data_in_len
+        out_len = req.data_out_len
+        if in_len and out_len:
+            return ScsiResponse(VirtioScsiResponse.FAILURE)
+        lun_field = bytes(req.lun)
+        if lun_field == REPORT_LUNS_WLUN:
+            lun = REPORT_LUNS_WLUN_ADDR
+            lu = None
+        else:
+            addr = lun_from_virtio(lun_field)
+            if addr is None or addr[0] != 0:
+                return ScsiResponse(VirtioScsiResponse.BAD_TARGET)
+            lun = addr[1]
+            lu = self._lu_at(req.initiator.name, lun)
+        cmd = Command(self, req, bytes(req.cdb), lu, lun, in_len, out_len)
+        if lu is None:
+            return await self._run_without_lu(cmd)
+        return await self._run(cmd, lu)
+
+    def _check_condition(self, cmd: Command, sense: SenseData, lu: LogicalUnit | None
+                         ) -> ScsiResponse:
+        descriptor = lu.mode.d_sense if lu is not None else False
+        return ScsiResponse(VirtioScsiResponse.OK, ScsiStatus.CHECK_CONDITION,
+                            sense.encode(descriptor), cmd.residual)
+
+    async def _run_without_lu(self, cmd: Command) -> ScsiResponse:
+        """Unmapped LUN or the REPORT LUNS well-known LUN (see the module docstring)."""
+        wlun = cmd.lun == REPORT_LUNS_WLUN_ADDR
+        try:
+            if not wlun and cmd.cdb[:1] not in (b"\x12", b"\xa0", b"\x03"):
+                raise lu_not_supported()
+            info = lookup(cmd.cdb)
+            if not info.allowed_without_lu:
+                raise invalid_opcode()
+            cmd.cdb = check_cdb(info, cmd.cdb)
+            cmd.info = info
+            status = await info.handler(cmd)
+        except SenseError as e:
+            return self._check_condition(cmd, e.sense, None)
+        except Overrun:
+            return ScsiResponse(VirtioScsiResponse.OVERRUN, residual=cmd.in_len or cmd.out_len)
+        return ScsiResponse(VirtioScsiResponse.OK, status or ScsiStatus.GOOD, b"", cmd.residual)
+
+    async def _run(self, cmd: Command, lu: LogicalUnit) -> ScsiResponse:
+        initiator = cmd.initiator
+        info = None
+        lookup_error: SenseError | None = None
+        try:
+            info = lookup(cmd.cdb)
+        except SenseError as e:
+            lookup_error = e
+        # SAM-5 5.14: a pending unit attention fails every command except INQUIRY,
+        # REPORT LUNS and REQUEST SENSE, before anything else is looked at.
+        if info is None or not info.allowed_with_ua:
+            ua = self.unit_attentions.pop(initiator, lu.name)
+            if ua is not None:
+                return self._check_condition(cmd, ua, lu)
+        if info is None:
+            assert lookup_error is not None
+            return self._check_condition(cmd, lookup_error.sense, lu)
+        try:
+            cmd.cdb = check_cdb(info, cmd.cdb)
+        except SenseError as e:
+            return self._check_condition(cmd, e.sense, lu)
+        cmd.info = info
+        # SPC-4 5.13: reservation conflicts answer RESERVATION CONFLICT without sense.
+        if lu.reservations.conflicts(initiator, cmd.cdb):
+            return ScsiResponse(VirtioScsiResponse.OK, ScsiStatus.RESERVATION_CONFLICT, b"",
+                                cmd.residual)
+        task = Task(initiator, cmd.lun, cmd.req.tag)
+        if not lu.tasks.add(task):
+            # SAM-5 5.10: OVERLAPPED COMMANDS ATTEMPTED for a tag already in use.
+            return self._check_condition(cmd, SenseData(SenseKey.ABORTED_COMMAND, 0x4E, 0x00), lu)
+        return await self._run_task(cmd, info, lu, lu.tasks, task)
+
+    async def _run_task(self, cmd: Command, info: CommandInfo, lu: LogicalUnit, tasks: TaskSet,
+                        task: Task) -> ScsiResponse:
+        status: int | None = None
+        sense: SenseData | None = None
+        overrun = False
+        try:
+            with task.scope:
+                try:
+                    status = await info.handler(cmd)
+                except SenseError as e:
+                    sense = e.sense
+                except Overrun:
+                    overrun = True
+        finally:
+            tasks.remove(task)
+        if task.aborted:
+            return ScsiResponse(VirtioScsiResponse.ABORTED, residual=cmd.in_len or cmd.out_len)
+        if overrun:
+            return ScsiResponse(VirtioScsiResponse.OVERRUN, residual=cmd.in_len or cmd.out_len)
+        if sense is not None:
+            return self._check_condition(cmd, sense, lu)
+        return ScsiResponse(VirtioScsiResponse.OK, status or ScsiStatus.GOOD, b"", cmd.residual)
+
+    def abort_initiators(self, lu: LogicalUnit, initiators: list[str]) -> list[Task]:
+        """PREEMPT AND ABORT (SPC-4 5.13.11.2.4): abort those initiators' tasks on ``lu``."""
+        tasks = [t for ini in initiators for t in lu.tasks.matching(ini)]
+        for t in tasks:
+            t.aborted = True
+            t.scope.cancel()
+        return tasks
+
+    # -- task management -----------------------------------------------------------
+
+    async def task_management(self, tmf: TmfRequest) -> TmfResponse:
+        """virtio 1.2 5.6.6.2; never raises."""
+        try:
+            return TmfResponse(await self._task_management(tmf))
+        except Exception:
+            log.exception("internal error in TMF %s", tmf.subtype)
+            return TmfResponse(VirtioScsiResponse.FAILURE)
+
+    async def _task_management(self, tmf: TmfRequest) -> VirtioScsiResponse:
+        ok = VirtioScsiResponse.OK  # FUNCTION COMPLETE
+        initiator = tmf.initiator.name
+        addr = lun_from_virtio(bytes(tmf.lun))
+        if addr is None or addr[0] != 0:
+            return VirtioScsiResponse.BAD_TARGET
+        lun = addr[1]
+        try:
+            subtype = TmfSubtype(tmf.subtype)
+        except ValueError:
+            return VirtioScsiResponse.FUNCTION_REJECTED
+        log.info("TMF %s from %s on LUN %d tag %#x", subtype.name, initiator, lun, tmf.tag)
+        if subtype is TmfSubtype.I_T_NEXUS_RESET:
+            await self._i_t_nexus_reset(initiator)
+            return ok
+        if subtype is TmfSubtype.CLEAR_ACA:
+            return VirtioScsiResponse.FUNCTION_REJECTED  # NACA is never accepted: no ACA
+        lu = self._lu_at(initiator, lun)
+        if lu is None:
+            return VirtioScsiResponse.INCORRECT_LUN
+        if subtype is TmfSubtype.ABORT_TASK:
+            t = lu.tasks.find(initiator, lun, tmf.tag)
+            if t is not None:
+                await TaskSet.abort([t])
+            return ok
+        if subtype is TmfSubtype.ABORT_TASK_SET:
+            await TaskSet.abort(lu.tasks.matching(initiator, lun))
+            return ok
+        if subtype is TmfSubtype.CLEAR_TASK_SET:
+            tasks = lu.tasks.matching()
+            await TaskSet.abort(tasks)
+            # SAM-5 7.4 (TAS=0): other initiators learn through COMMANDS CLEARED BY
+            # ANOTHER INITIATOR.
+            for other in {t.initiator for t in tasks} - {initiator}:
+                self.unit_attentions.establish(other, lu.name, COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
+            return ok
+        if subtype is TmfSubtype.LOGICAL_UNIT_RESET:
+            await self.logical_unit_reset(lu)
+            return ok
+        if subtype is TmfSubtype.QUERY_TASK:
+            found = lu.tasks.find(initiator, lun, tmf.tag) is not None
+            return VirtioScsiResponse.FUNCTION_SUCCEEDED if found else ok
+        if subtype is TmfSubtype.QUERY_TASK_SET:
+            found = bool(lu.tasks.matching(initiator, lun))
+            return VirtioScsiResponse.FUNCTION_SUCCEEDED if found else ok
+        return VirtioScsiResponse.FUNCTION_REJECTED
+
+    async def logical_unit_reset(self, lu: LogicalUnit) -> None:
+        """SAM-5 6.3.3: abort every task, SPC-2 release, UA 29h/03h for every nexus."""
+        await TaskSet.abort(lu.tasks.matching())
+        lu.reservations.logical_unit_reset()
+        lu.prevent_removal.clear()
+        for initiator, _lun in self.nexuses_of(lu.name):
+            self.unit_attentions.establish(initiator, lu.name, BUS_DEVICE_RESET_OCCURRED)
+
+    async def _i_t_nexus_reset(self, initiator: str) -> None:
+        """SAM-5 6.3.4 I_T NEXUS RESET: like an I_T nexus loss, but waits for the aborts."""
+        tasks: list[Task] = []
+        for name in set(self._maps.get(initiator, {}).values()):
+            tasks.extend(self._lus[name].tasks.matching(initiator))
+        await TaskSet.abort(tasks)
+        self.nexus_loss(initiator)

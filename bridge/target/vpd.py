@@ -1,0 +1,97 @@
+"""Vital product data pages (SPC-4 7.8, SBC-3 6.6): 00h, 80h, 83h, B0h, B1h, B2h.
+
+Each builder returns the page body after the 4-byte page header.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import block_limits as bl
+
+if TYPE_CHECKING:
+    from .logical_unit import LogicalUnit
+    from .target import Target
+
+PROTOCOL_ISCSI = 0x5  # SPC-4 7.6.1: initiator/target port names are iSCSI-format names
+CODE_SET_BINARY, CODE_SET_ASCII, CODE_SET_UTF8 = 1, 2, 3
+ASSOC_LU, ASSOC_TARGET_PORT, ASSOC_TARGET_DEVICE = 0, 1, 2
+TYPE_T10, TYPE_NAA, TYPE_RELATIVE_TARGET_PORT, TYPE_SCSI_NAME = 1, 3, 4, 8
+RELATIVE_TARGET_PORT_ID = 1
+
+
+def designator(code_set: int, assoc: int, dtype: int, value: bytes, piv: bool = False) -> bytes:
+    """SPC-4 7.8.6.1 identification descriptor."""
+    b0 = (PROTOCOL_ISCSI << 4 if piv else 0) | code_set
+    b1 = (0x80 if piv else 0) | (assoc << 4) | dtype
+    return bytes((b0, b1, 0, len(value))) + value
+
+
+def scsi_name(name: str) -> bytes:
+    """SPC-4 7.8.6.11: UTF-8, NUL terminated, padded to a multiple of 4 bytes."""
+    raw = name.encode() + b"\0"
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def supported_pages(lu: LogicalUnit, target: Target) -> bytes:
+    return bytes(sorted(VPD_PAGES))
+
+
+def unit_serial_number(lu: LogicalUnit, target: Target) -> bytes:
+    """SPC-4 7.8.16."""
+    return lu.identity.serial.encode("ascii")
+
+
+def device_identification(lu: LogicalUnit, target: Target) -> bytes:
+    """SPC-4 7.8.6: NAA (LU), T10 vendor id (LU), relative target port, SCSI names."""
+    t10 = lu.spec.vendor.encode("ascii").ljust(8) + lu.identity.serial.encode("ascii")
+    return b"".join((
+        designator(CODE_SET_BINARY, ASSOC_LU, TYPE_NAA, lu.identity.wwn),
+        designator(CODE_SET_ASCII, ASSOC_LU, TYPE_T10, t10),
+        designator(CODE_SET_BINARY, ASSOC_TARGET_PORT, TYPE_RELATIVE_TARGET_PORT,
+                   struct.pack(">HH", 0, RELATIVE_TARGET_PORT_ID), piv=True),
+        designator(CODE_SET_UTF8, ASSOC_TARGET_PORT, TYPE_SCSI_NAME,
+                   scsi_name(target.target_port_name + ",t,0x0001"), piv=True),
+        designator(CODE_SET_UTF8, ASSOC_TARGET_DEVICE, TYPE_SCSI_NAME,
+                   scsi_name(target.target_port_name), piv=True),
+    ))
+
+
+def block_limits(lu: LogicalUnit, target: Target) -> bytes:
+    """SBC-3 6.6.4 (page length 3Ch)."""
+    bs = lu.block_size
+    body = bytearray(0x3C)
+    body[1] = bl.MAX_COMPARE_AND_WRITE_BLOCKS  # byte 5 of the page
+    struct.pack_into(">H", body, 2, bl.blocks(bl.OPTIMAL_GRANULARITY_BYTES, bs))
+    struct.pack_into(">I", body, 4, bl.blocks(bl.MAX_TRANSFER_BYTES, bs))
+    struct.pack_into(">I", body, 8, bl.blocks(bl.OPTIMAL_TRANSFER_BYTES, bs))
+    struct.pack_into(">I", body, 16, bl.blocks(bl.MAX_UNMAP_BYTES, bs))
+    struct.pack_into(">I", body, 20, bl.MAX_UNMAP_DESCRIPTORS)
+    struct.pack_into(">I", body, 24, bl.blocks(bl.UNMAP_GRANULARITY_BYTES, bs))
+    struct.pack_into(">Q", body, 32, bl.blocks(bl.MAX_WRITE_SAME_BYTES, bs))
+    return bytes(body)
+
+
+def block_device_characteristics(lu: LogicalUnit, target: Target) -> bytes:
+    """SBC-3 6.6.2: MEDIUM ROTATION RATE 1 = non-rotating medium."""
+    body = bytearray(0x3C)
+    struct.pack_into(">H", body, 0, 1)
+    return bytes(body)
+
+
+def logical_block_provisioning(lu: LogicalUnit, target: Target) -> bytes:
+    """SBC-3 6.6.4: LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type 2 (thin)."""
+    flags = 0x80 | 0x40 | 0x20 | (0x04 if lu.lbprz else 0)
+    return bytes((0, flags, 0x02, 0))
+
+
+VPD_PAGES: dict[int, Callable[[LogicalUnit, Target], bytes]] = {
+    0x00: supported_pages,
+    0x80: unit_serial_number,
+    0x83: device_identification,
+    0xB0: block_limits,
+    0xB1: block_device_characteristics,
+    0xB2: logical_block_provisioning,
+}
