@@ -1,0 +1,512 @@
+"""The virtio-scsi device (virtio 1.2 5.6) on the modern PCI transport, served over vfio-user.
+
+Queues: 0 controlq, 1 eventq, 2.. request queues (virtio 1.2 5.6.2). One target
+(max_target 0) whose LUNs are whatever the target core gives this device's
+initiator port.
+
+Chosen configuration values (virtio 1.2 5.6.4), for throughput with Linux's
+driver:
+  seg_max 254       two less than the default queue size, so that a request
+                    (header + data + response) fits one indirect table of 256
+                    entries; a 1 MiB I/O made of 4 KiB pages fits.
+  max_sectors 2048  1 MiB per command: large sequential I/O in few requests.
+  cmd_per_lun       the queue size: Linux clamps it to can_queue (the ring size),
+                    so one LUN can fill a whole request queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+
+import trio
+
+from bridge.target.events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from bridge.vfio_user.device import PCI_MSIX_IRQ_INDEX, DmaSpace, IrqInfo, RegionInfo
+from bridge.virtio.iov import iov_from_bytes, iov_len, iov_split, iov_to_bytes
+from bridge.virtio.pci import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioPciTransport
+from bridge.virtio.scsi_request import (
+    REPORT_LUNS_WLUN,
+    VIRTIO_SCSI_CDB_DEFAULT_SIZE,
+    VIRTIO_SCSI_SENSE_DEFAULT_SIZE,
+    InitiatorPort,
+    ScsiRequest,
+    TmfRequest,
+    TmfSubtype,
+    VirtioScsiResponse,
+    lun_from_virtio,
+)
+from bridge.virtio.scsi_wire import (
+    AN_REQ_SIZE,
+    AN_RESP_SIZE,
+    CMD_RESP_FIXED_SIZE,
+    EVENT_SIZE,
+    TMF_REQ_SIZE,
+    VIRTIO_SCSI_EVT_RESET_REMOVED,
+    VIRTIO_SCSI_EVT_RESET_RESCAN,
+    VIRTIO_SCSI_F_CHANGE,
+    VIRTIO_SCSI_F_HOTPLUG,
+    VIRTIO_SCSI_T_AN_QUERY,
+    VIRTIO_SCSI_T_AN_SUBSCRIBE,
+    VIRTIO_SCSI_T_EVENTS_MISSED,
+    VIRTIO_SCSI_T_NO_EVENT,
+    VIRTIO_SCSI_T_PARAM_CHANGE,
+    VIRTIO_SCSI_T_TMF,
+    VIRTIO_SCSI_T_TRANSPORT_RESET,
+    cmd_req_size,
+    cmd_resp_size,
+    ctrl_type,
+    encode_an_resp,
+    encode_cmd_failure,
+    encode_cmd_resp,
+    encode_event,
+    event_lun,
+    parse_an_req,
+    parse_cmd_req,
+    parse_tmf_req,
+)
+from bridge.virtio.virtqueue import (
+    DescriptorChain,
+    SplitVirtqueue,
+    VirtqueueBroken,
+)
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_SCSI = 8
+CONTROLQ = 0
+EVENTQ = 1
+FIRST_REQUEST_QUEUE = 2
+
+# virtio 1.2 5.6.4 struct virtio_scsi_config
+_CONFIG = struct.Struct("<IIIIIIIHHI")
+CONFIG_SIZE = _CONFIG.size  # 36
+_SENSE_SIZE_OFF = 20
+_CDB_SIZE_OFF = 24
+MAX_LUN = 16383
+MAX_SENSE_OR_CDB_SIZE = 4096  # bound what a driver may make us gather or write
+
+# SBC-3: CAPACITY DATA HAS CHANGED, reported as PARAM_CHANGE reason asc | ascq << 8
+_PARAM_CHANGE_CAPACITY = 0x2A | 0x09 << 8
+
+
+@dataclass
+class _QueueState:
+    vq: SplitVirtqueue | None = None
+    wake: trio.Event = field(default_factory=trio.Event)
+    inflight: int = 0
+
+
+@dataclass
+class _Activation:
+    """One DRIVER_OK..reset period: its tasks live in one cancel scope."""
+
+    queues: dict[int, _QueueState]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    nursery: trio.Nursery | None = None
+
+
+class VirtioScsiPciDevice:
+    """A virtio-scsi PCI function implementing bridge.vfio_user.device.VfioUserDevice."""
+
+    device_id = VIRTIO_ID_SCSI
+
+    def __init__(
+        self,
+        target,
+        initiator: InitiatorPort,
+        num_queues: int = 2,
+        queue_size: int = 256,
+        *,
+        seg_max: int | None = None,
+        max_sectors: int = 2048,
+        cmd_per_lun: int | None = None,
+    ) -> None:
+        if num_queues < 1:
+            raise ValueError("virtio-scsi needs at least one request queue")
+        self.target = target
+        self.initiator = initiator
+        self.num_request_queues = num_queues
+        self.pci = VirtioPciTransport(self, num_queues + FIRST_REQUEST_QUEUE, queue_size)
+        self.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
+        self.max_sectors = max_sectors
+        self.cmd_per_lun = cmd_per_lun if cmd_per_lun is not None else queue_size
+        self.sense_size = VIRTIO_SCSI_SENSE_DEFAULT_SIZE
+        self.cdb_size = VIRTIO_SCSI_CDB_DEFAULT_SIZE
+        self._nursery: trio.Nursery | None = None
+        self._dma: DmaSpace | None = None
+        self._active: _Activation | None = None
+        self._events_missed = False
+        self._event_vq: SplitVirtqueue | None = None
+        # ring positions kept across a client disconnect (no reset happened)
+        self._positions: dict[int, tuple[int, int]] = {}
+        subscribe = getattr(target, "subscribe", None)
+        if subscribe is not None:
+            subscribe(self._on_target_event)
+
+    # ---- VfioUserDevice ---------------------------------------------
+    def regions(self) -> list[RegionInfo]:
+        return self.pci.regions()
+
+    def irqs(self) -> list[IrqInfo]:
+        return self.pci.irqs()
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        try:
+            return self.pci.region_read(index, offset, count)
+        except Exception:  # never let a register access kill the connection
+            log.exception("region_read(%d, %#x, %d)", index, offset, count)
+            return bytes(count)
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        try:
+            self.pci.region_write(index, offset, data)
+        except Exception:
+            log.exception("region_write(%d, %#x, %d bytes)", index, offset, len(data))
+
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int | None]) -> None:
+        if index == PCI_MSIX_IRQ_INDEX:
+            self.pci.msix.set_fds(start, fds)
+        else:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+
+    def set_irq_mask(self, index: int, start: int, count: int, masked: bool) -> None:
+        if index == PCI_MSIX_IRQ_INDEX:
+            self.pci.msix.set_mask(start, count, masked)
+
+    def attach(self, nursery: trio.Nursery, dma: DmaSpace) -> None:
+        self._nursery = nursery
+        self._dma = dma
+        if self.pci.driver_ok:
+            self._activate()
+
+    def detach(self) -> None:
+        self._deactivate(keep_positions=True)
+        self._dma = None
+        self._nursery = None
+        self.pci.msix.close_all()
+
+    def reset(self) -> None:
+        self.pci.reset()
+
+    # ---- VirtioDeviceModel (called by the transport) -----------------
+    def device_features(self) -> int:
+        return 1 << VIRTIO_SCSI_F_HOTPLUG | 1 << VIRTIO_SCSI_F_CHANGE
+
+    def config_bytes(self) -> bytes:
+        return _CONFIG.pack(
+            self.num_request_queues, self.seg_max, self.max_sectors, self.cmd_per_lun,
+            EVENT_SIZE, self.sense_size, self.cdb_size, 0, 0, MAX_LUN,
+        )
+
+    def config_read(self, offset: int, count: int) -> bytes:
+        raw = self.config_bytes()
+        out = raw[offset : offset + count] if offset < len(raw) else b""
+        return out + bytes(count - len(out))
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        # virtio 1.2 5.6.4: only sense_size and cdb_size are driver-writable
+        raw = bytearray(self.config_bytes())
+        end = min(offset + len(data), CONFIG_SIZE)
+        if offset >= end:
+            return
+        raw[offset:end] = data[: end - offset]
+        if offset < _SENSE_SIZE_OFF + 4 and end > _SENSE_SIZE_OFF:
+            v = struct.unpack_from("<I", raw, _SENSE_SIZE_OFF)[0]
+            self.sense_size = min(v, MAX_SENSE_OR_CDB_SIZE)
+        if offset < _CDB_SIZE_OFF + 4 and end > _CDB_SIZE_OFF:
+            v = struct.unpack_from("<I", raw, _CDB_SIZE_OFF)[0]
+            self.cdb_size = min(v, MAX_SENSE_OR_CDB_SIZE)
+
+    def driver_ok(self) -> None:
+        if self._nursery is not None and self._dma is not None:
+            self._activate()
+
+    def device_reset(self) -> None:
+        self._deactivate()
+        self.sense_size = VIRTIO_SCSI_SENSE_DEFAULT_SIZE
+        self.cdb_size = VIRTIO_SCSI_CDB_DEFAULT_SIZE
+        self._events_missed = False
+
+    def notify(self, queue: int) -> None:
+        act = self._active
+        if act is None:
+            return
+        if queue == EVENTQ:
+            self._flush_missed_events()
+        elif queue in act.queues:
+            act.queues[queue].wake.set()
+
+    # ---- activation --------------------------------------------------
+    def _activate(self) -> None:
+        if self._active is not None or self._nursery is None:
+            return
+        queues = {q: _QueueState() for q in range(self.pci.num_queues) if q != EVENTQ}
+        act = _Activation(queues)
+        self._active = act
+        for qs in queues.values():
+            qs.wake.set()  # look at every ring once: work may be there already
+        self._nursery.start_soon(self._run, act)
+
+    def _deactivate(self, keep_positions: bool = False) -> None:
+        """Stop serving. Requests in flight are cancelled and not completed; after a
+        disconnect the ring positions are kept so a reconnecting client resumes."""
+        act = self._active
+        self._active = None
+        self._positions = {}
+        if act is None:
+            return
+        act.scope.cancel()
+        vqs = {q: qs.vq for q, qs in act.queues.items()}
+        vqs[EVENTQ] = self._event_vq
+        for q, vq in vqs.items():
+            if vq is not None:
+                if keep_positions:
+                    self._positions[q] = vq.position
+                vq.release()
+        for qs in act.queues.values():
+            qs.vq = None
+        self._event_vq = None
+
+    async def _run(self, act: _Activation) -> None:
+        with act.scope:
+            async with trio.open_nursery() as nursery:
+                act.nursery = nursery
+                for q in act.queues:
+                    nursery.start_soon(self._queue_worker, act, q)
+
+    def _vq(self, act: _Activation, queue: int) -> SplitVirtqueue | None:
+        if queue == EVENTQ:
+            vq = self._event_vq
+            if vq is not None:
+                return vq
+        else:
+            vq = act.queues[queue].vq
+            if vq is not None:
+                return vq
+        cfg = self.pci.queues[queue]
+        if not cfg.enabled or self._dma is None:
+            return None
+        try:
+            vq = SplitVirtqueue(
+                self._dma, cfg.size, cfg.desc, cfg.driver, cfg.device,
+                event_idx=self.pci.negotiated(VIRTIO_F_EVENT_IDX),
+                indirect=self.pci.negotiated(VIRTIO_F_INDIRECT_DESC),
+                position=self._positions.pop(queue, (0, 0)),
+            )
+        except VirtqueueBroken as e:
+            self.pci.set_needs_reset(f"queue {queue}: {e}")
+            return None
+        if queue == EVENTQ:
+            self._event_vq = vq
+        else:
+            act.queues[queue].vq = vq
+        return vq
+
+    async def _queue_worker(self, act: _Activation, queue: int) -> None:
+        qs = act.queues[queue]
+        while True:
+            await qs.wake.wait()
+            qs.wake = trio.Event()
+            self._drain(act, queue)
+
+    def _drain(self, act: _Activation, queue: int) -> None:
+        qs = act.queues[queue]
+        vq = self._vq(act, queue)
+        if vq is None or act.nursery is None:
+            return
+        handler = self._serve_control if queue == CONTROLQ else self._serve_command
+        vq.disable_notification()
+        while qs.inflight < vq.size:
+            try:
+                chain = vq.pop()
+            except VirtqueueBroken as e:
+                self.pci.set_needs_reset(f"queue {queue}: {e}")
+                return
+            if chain is None:
+                if vq.enable_notification():
+                    vq.disable_notification()
+                    continue
+                return
+            qs.inflight += 1
+            act.nursery.start_soon(handler, act, queue, chain)
+
+    def _complete(self, act: _Activation, queue: int, chain: DescriptorChain, written: int) -> None:
+        qs = act.queues[queue]
+        qs.inflight -= 1
+        if self._active is not act or qs.vq is None:
+            return
+        vq = qs.vq
+        if qs.inflight == vq.size - 1:
+            qs.wake.set()  # we had stopped popping at the queue depth
+        vq.push(chain.head, written)
+        if vq.should_interrupt():
+            self.pci.interrupt_queue(queue)
+
+    # ---- request queues ---------------------------------------------
+    async def _serve_command(self, act: _Activation, queue: int, chain: DescriptorChain) -> None:
+        try:
+            written = await self._command(chain)
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("request queue %d: command failed", queue)
+            written = self._reject_command(chain, "internal error", self.sense_size)
+        self._complete(act, queue, chain, written)
+
+    async def _command(self, chain: DescriptorChain) -> int:
+        cdb_size, sense_size = self.cdb_size, self.sense_size
+        if chain.error is not None:
+            return self._reject_command(chain, chain.error, sense_size)
+        hdr_len, resp_len = cmd_req_size(cdb_size), cmd_resp_size(sense_size)
+        hdr_views, data_out = iov_split(chain.readable, hdr_len)
+        resp_views, data_in = iov_split(chain.writable, resp_len)
+        if iov_len(hdr_views) < hdr_len or iov_len(resp_views) < resp_len:
+            return self._reject_command(chain, "request or response header too short", sense_size)
+        if data_out and data_in:
+            # virtio 1.2 5.6.6.1.1: bidirectional needs VIRTIO_SCSI_F_INOUT, not offered
+            iov_from_bytes(resp_views, encode_cmd_failure(VirtioScsiResponse.FAILURE, sense_size))
+            return resp_len
+        hdr = parse_cmd_req(iov_to_bytes(hdr_views, hdr_len), cdb_size)
+        if not _lun_addressable(hdr.lun):
+            iov_from_bytes(resp_views, encode_cmd_failure(VirtioScsiResponse.BAD_TARGET, sense_size))
+            return resp_len
+        req = ScsiRequest(
+            lun=hdr.lun, tag=hdr.tag, cdb=hdr.cdb, initiator=self.initiator,
+            task_attr=hdr.task_attr, prio=hdr.prio, crn=hdr.crn,
+            data_out=data_out, data_in=data_in,
+        )
+        resp = await self.target.execute(req)
+        iov_from_bytes(resp_views, encode_cmd_resp(resp, sense_size))
+        moved = max(0, iov_len(data_in) - resp.residual) if data_in else 0
+        return resp_len + moved
+
+    def _reject_command(self, chain: DescriptorChain, reason: str, sense_size: int) -> int:
+        """A malformed request: FAILURE where a response fits, else NEEDS_RESET (virtio 1.2 2.1.2)."""
+        log.warning("malformed request (head %d): %s", chain.head, reason)
+        if chain.response_usable and iov_len(chain.writable) >= CMD_RESP_FIXED_SIZE:
+            return iov_from_bytes(
+                chain.writable, encode_cmd_failure(VirtioScsiResponse.FAILURE, sense_size)
+            )
+        self.pci.set_needs_reset(f"request without a response buffer: {reason}")
+        return 0
+
+    # ---- control queue -----------------------------------------------
+    async def _serve_control(self, act: _Activation, queue: int, chain: DescriptorChain) -> None:
+        try:
+            written = await self._control(chain)
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("control queue: request failed")
+            written = self._reject_control(chain, "internal error")
+        self._complete(act, queue, chain, written)
+
+    async def _control(self, chain: DescriptorChain) -> int:
+        if chain.error is not None:
+            return self._reject_control(chain, chain.error)
+        raw = iov_to_bytes(chain.readable, TMF_REQ_SIZE)
+        typ = ctrl_type(raw)
+        out = chain.writable
+        if typ == VIRTIO_SCSI_T_TMF and len(raw) >= TMF_REQ_SIZE and iov_len(out) >= 1:
+            tmf = parse_tmf_req(raw)
+            if not _lun_addressable(tmf.lun):
+                response = VirtioScsiResponse.BAD_TARGET
+            elif tmf.subtype not in TmfSubtype._value2member_map_:
+                response = VirtioScsiResponse.FUNCTION_REJECTED
+            else:
+                result = await self.target.task_management(
+                    TmfRequest(TmfSubtype(tmf.subtype), tmf.lun, tmf.tag, self.initiator)
+                )
+                response = result.response
+            return iov_from_bytes(out, bytes((int(response),)))
+        if (
+            typ in (VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE)
+            and len(raw) >= AN_REQ_SIZE
+            and iov_len(out) >= AN_RESP_SIZE
+        ):
+            an = parse_an_req(raw)
+            # virtio 1.2 5.6.6.2: we support no asynchronous notifications: event_actual 0
+            response = (
+                VirtioScsiResponse.OK if _lun_addressable(an.lun) else VirtioScsiResponse.BAD_TARGET
+            )
+            return iov_from_bytes(out, encode_an_resp(0, response))
+        return self._reject_control(chain, f"unknown or short control request (type {typ})")
+
+    def _reject_control(self, chain: DescriptorChain, reason: str) -> int:
+        log.warning("malformed control request (head %d): %s", chain.head, reason)
+        if chain.response_usable and iov_len(chain.writable) >= 1:
+            return iov_from_bytes(chain.writable, bytes((VirtioScsiResponse.FAILURE,)))
+        self.pci.set_needs_reset(f"control request without a response buffer: {reason}")
+        return 0
+
+    # ---- event queue -------------------------------------------------
+    def _on_target_event(self, event: TargetEvent) -> None:
+        try:
+            if event.initiator != self.initiator.name:
+                return
+            if isinstance(event, LunAdded | LunRemoved):
+                if not self.pci.negotiated(VIRTIO_SCSI_F_HOTPLUG):
+                    return  # the guest learns from REPORTED LUNS DATA HAS CHANGED instead
+                reason = (
+                    VIRTIO_SCSI_EVT_RESET_RESCAN if isinstance(event, LunAdded)
+                    else VIRTIO_SCSI_EVT_RESET_REMOVED
+                )
+                self._push_event(VIRTIO_SCSI_T_TRANSPORT_RESET, event_lun(event.lun), reason)
+            elif isinstance(event, CapacityChanged):
+                if not self.pci.negotiated(VIRTIO_SCSI_F_CHANGE):
+                    return
+                self._push_event(
+                    VIRTIO_SCSI_T_PARAM_CHANGE, event_lun(event.lun), _PARAM_CHANGE_CAPACITY
+                )
+        except Exception:
+            log.exception("delivering target event %r", event)
+
+    def _flush_missed_events(self) -> None:
+        """The driver posted event buffers: report events we had to drop (5.6.6.3)."""
+        if self._events_missed:
+            self._push_event(VIRTIO_SCSI_T_NO_EVENT, bytes(8), 0)
+
+    def _push_event(self, event: int, lun: bytes, reason: int) -> None:
+        act = self._active
+        if act is None:
+            return  # no driver: it scans the bus when it comes up
+        vq = self._vq(act, EVENTQ)
+        while True:
+            if vq is None:
+                self._events_missed = True
+                return
+            try:
+                chain = vq.pop()
+            except VirtqueueBroken as e:
+                self.pci.set_needs_reset(f"event queue: {e}")
+                self._events_missed = True
+                return
+            if chain is None:
+                # virtio 1.2 5.6.6.3.1: no buffer: flag the loss in the next event
+                self._events_missed = True
+                return
+            if chain.error is not None or iov_len(chain.writable) < EVENT_SIZE:
+                log.warning("malformed event buffer (head %d): %s", chain.head, chain.error)
+                vq.push(chain.head, 0)
+                continue
+            if self._events_missed:
+                event |= VIRTIO_SCSI_T_EVENTS_MISSED
+                self._events_missed = False
+            written = iov_from_bytes(chain.writable, encode_event(event, lun, reason))
+            vq.push(chain.head, written)
+            if vq.should_interrupt():
+                self.pci.interrupt_queue(EVENTQ)
+            return
+
+
+def _lun_addressable(lun: bytes) -> bool:
+    """Target 0 only (max_target 0), single-level LUN or the REPORT LUNS well-known LUN."""
+    if lun == REPORT_LUNS_WLUN:
+        return True
+    parsed = lun_from_virtio(lun)
+    return parsed is not None and parsed[0] == 0

@@ -1,0 +1,270 @@
+"""Split virtqueue, device side (virtio 1.2 2.7).
+
+The descriptor table, the driver area (available ring) and the device area
+(used ring) are memoryviews over guest memory obtained through a DmaSpace.
+Everything read from them is hostile: ``pop`` validates each chain and reports
+a malformed one in ``DescriptorChain.error`` instead of raising; a fault that
+leaves the queue itself unusable (an available index that jumps by more than
+the queue size, a head index out of range) raises ``VirtqueueBroken`` and the
+queue stays broken until the device is reset.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from bridge.vfio_user.device import DmaError, DmaSpace
+
+# virtio 1.2 2.7.5 descriptor flags
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# virtio 1.2 2.7.6 / 2.7.8 ring flags
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 1024  # virtio 1.2 2.7: queue size is a power of 2 up to 32768; we offer 1024
+# An indirect table holds at most this many descriptors. The driver is told
+# seg_max (virtio-scsi config); Linux uses seg_max + 2 entries per request.
+MAX_INDIRECT_DESCRIPTORS = 1024
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next (virtio 1.2 2.7.5)
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # id, len (virtio 1.2 2.7.8)
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A store-load barrier between our ring writes and the next ring read.
+
+    x86 may reorder a store with a later load; a lock-prefixed instruction
+    (taken here by a lock acquire) orders them (virtio 1.2 2.7.7.2, 2.7.10.1).
+    """
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """virtio 1.2 2.7.7.2 / 2.7.10: has ``event_idx`` been passed when moving old -> new?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+class VirtqueueBroken(Exception):
+    """The queue cannot be used any more; the device must ask for a reset (virtio 1.2 2.1.2)."""
+
+
+@dataclass
+class DescriptorChain:
+    """One available chain: device-readable buffers, then device-writable buffers.
+
+    When ``error`` is set the chain is malformed. ``writable`` then holds the
+    device-writable buffers that could be validated; ``response_usable`` says
+    whether the first of them really is the chain's first writable buffer, so
+    that a FAILURE response can be written there.
+    """
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+    error: str | None = None
+    response_usable: bool = True
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+
+
+def queue_size_valid(size: int) -> bool:
+    return 0 < size <= MAX_QUEUE_SIZE and size & (size - 1) == 0
+
+
+class SplitVirtqueue:
+    """The device's view of one split virtqueue."""
+
+    def __init__(
+        self,
+        dma: DmaSpace,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        position: tuple[int, int] = (0, 0),
+    ) -> None:
+        if not queue_size_valid(size):
+            raise VirtqueueBroken(f"queue size {size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        # virtio 1.2 2.7 table 2.4: alignment of the three areas
+        if desc_addr % 16 or driver_addr % 2 or device_addr % 4:
+            raise VirtqueueBroken("misaligned ring address")
+        self.size = size
+        self._dma = dma
+        self._event_idx = event_idx
+        self._indirect = indirect
+        try:
+            self._desc = dma.view(desc_addr, 16 * size, False)
+            self._avail = dma.view(driver_addr, 6 + 2 * size, False)
+            self._used = dma.view(device_addr, 6 + 8 * size, True)
+        except DmaError as e:
+            raise VirtqueueBroken(f"ring outside guest memory: {e}") from None
+        # virtio 1.2 2.7: both indexes start at 0 when the queue is enabled;
+        # ``position`` resumes a queue whose client reconnected without a reset.
+        self.last_avail_idx, self.used_idx = (p & 0xFFFF for p in position)
+        self._signalled_used = self.used_idx
+        self._signalled_valid = False
+        self.broken: str | None = None
+
+    # ---- driver area -------------------------------------------------
+    def avail_idx(self) -> int:
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def has_available(self) -> bool:
+        return self.broken is None and self.avail_idx() != self.last_avail_idx
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, validated; None when the ring is empty."""
+        if self.broken is not None:
+            raise VirtqueueBroken(self.broken)
+        avail = self.avail_idx()
+        pending = (avail - self.last_avail_idx) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            # virtio 1.2 2.7.6: the driver can never make more than size entries available
+            self._break(f"available index moved from {self.last_avail_idx} to {avail}")
+        head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
+        if head >= self.size:
+            self._break(f"head index {head} out of range")
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _break(self, reason: str) -> None:
+        self.broken = reason
+        raise VirtqueueBroken(reason)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        chain = DescriptorChain(head)
+        table = self._desc
+        table_len = self.size
+        max_count = self.size  # virtio 1.2 2.7.5.2: no chain longer than the queue
+        count = 0
+        i = head
+        in_indirect = False
+        seen_writable = False
+        while True:
+            if count >= max_count:
+                chain.fail("descriptor chain loops or is longer than its table")
+                break
+            count += 1
+            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                reason = self._indirect_problem(in_indirect, length, flags)
+                if reason is None:
+                    try:
+                        table = self._dma.view(addr, length, False)
+                    except DmaError:
+                        reason = "indirect table outside guest memory"
+                if reason is not None:
+                    chain.fail(reason)
+                    break
+                # virtio 1.2 2.7.5.3.2: the table's chain starts at its entry 0
+                in_indirect = True
+                table_len = length // 16
+                max_count = table_len
+                count = 0
+                i = 0
+                continue
+            writable = bool(flags & VIRTQ_DESC_F_WRITE)
+            if writable:
+                view_ok = True
+                if length:
+                    try:
+                        chain.writable.append(self._dma.view(addr, length, True))
+                    except DmaError:
+                        chain.fail("writable buffer outside guest memory or read-only")
+                        view_ok = False
+                if not seen_writable and not view_ok:
+                    chain.response_usable = False
+                seen_writable = True
+            elif seen_writable:
+                # virtio 1.2 2.7.4.2: readable descriptors come before writable ones
+                chain.fail("device-readable descriptor after a device-writable one")
+            elif length:
+                try:
+                    chain.readable.append(self._dma.view(addr, length, False))
+                except DmaError:
+                    chain.fail("readable buffer outside guest memory")
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if nxt >= table_len:
+                chain.fail(f"next index {nxt} out of range")
+                break
+            i = nxt
+        if not seen_writable:
+            chain.response_usable = False
+        return chain
+
+    def _indirect_problem(self, in_indirect: bool, length: int, flags: int) -> str | None:
+        if not self._indirect:
+            return "indirect descriptor without VIRTIO_F_INDIRECT_DESC"
+        if in_indirect:
+            return "nested indirect descriptor"  # virtio 1.2 2.7.5.3.1
+        if flags & VIRTQ_DESC_F_NEXT:
+            return "indirect descriptor with NEXT set"  # virtio 1.2 2.7.5.3.1
+        if length == 0 or length % 16 or length // 16 > MAX_INDIRECT_DESCRIPTORS:
+            return f"indirect table length {length} invalid"
+        return None
+
+    # ---- device area -------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Return a chain to the driver: used element first, then the index (2.7.8.2)."""
+        slot = self.used_idx % self.size
+        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written & 0xFFFFFFFF)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self.used_idx)
+
+    def should_interrupt(self) -> bool:
+        """After one or more pushes: does the driver want an interrupt? (2.7.7.2)"""
+        full_fence()
+        old = self._signalled_used
+        new = self.used_idx
+        valid = self._signalled_valid
+        self._signalled_used = new
+        self._signalled_valid = True
+        if self._event_idx:
+            used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            return not valid or vring_need_event(used_event, new, old)
+        flags = _U16.unpack_from(self._avail, 0)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to notify us again; True when more chains arrived meanwhile."""
+        if self.broken is not None:
+            return False
+        if self._event_idx:
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
+        else:
+            _U16.pack_into(self._used, 0, 0)
+        full_fence()
+        return self.avail_idx() != self.last_avail_idx
+
+    def disable_notification(self) -> None:
+        """While we are draining anyway, notifications are not needed (2.7.10)."""
+        if not self._event_idx:
+            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.last_avail_idx, self.used_idx
+
+    def release(self) -> None:
+        """Drop the ring views (device reset, client gone)."""
+        for v in (self._desc, self._avail, self._used):
+            try:
+                v.release()
+            except BufferError:
+                pass
