@@ -437,7 +437,8 @@ class PersistentReservations:
         abort: bool,
     ) -> None:
         """SPC-4 5.13.11.4 (PREEMPT) and 5.13.11.5 (PREEMPT AND ABORT)."""
-        rtype = self._scope_and_type(pcdb)
+        # SCOPE and TYPE matter only when a reservation is taken over; when
+        # only registrations are removed they are ignored (SPC-4 5.13.11.4.4).
         self._registered(new, me, p.reservation_key)
         sakey = p.service_action_key
         res = new.reservation
@@ -448,6 +449,7 @@ class PersistentReservations:
         new_reservation: Reservation | None = res
         if res is not None and res.type.all_registrants and sakey == 0:
             # Preempting an all-registrants reservation: everyone else goes.
+            rtype = self._scope_and_type(pcdb)
             victims = [n for n in new.registrations if n != me]
             new_reservation = Reservation(rtype, None if rtype.all_registrants else me, LU_SCOPE)
         else:
@@ -463,6 +465,7 @@ class PersistentReservations:
                 and new.registrations[res.holder].key == sakey
             ):
                 # Preempting the holder's reservation: it moves to us, maybe re-typed.
+                rtype = self._scope_and_type(pcdb)
                 new_reservation = Reservation(
                     rtype, None if rtype.all_registrants else me, LU_SCOPE
                 )
