@@ -56,7 +56,7 @@ copy_with_libs() {
     for f in "$@"; do
         install -D -m 755 "$f" "$root$f"
         while read -r lib; do
-            [[ -e "$root$lib" ]] || install -D -m 644 "$(readlink -f "$lib")" "$root$lib"
+            [[ -e "$root$lib" ]] || install -D -m 755 "$(readlink -f "$lib")" "$root$lib"
         done < <(ldd "$f" 2>/dev/null | grep -Eo '/[^ ]+\.so[^ ]*' | sort -u)
     done
 }
