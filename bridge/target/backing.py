@@ -196,3 +196,14 @@ class Backing:
             return False, min(data, self.size) - offset
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         return True, min(hole, self.size) - offset
+
+
+def write_pattern_sync(backing: Backing, offset: int, block: bytes, nblocks: int) -> None:
+    """WRITE SAME without UNMAP: ``block`` repeated ``nblocks`` times (worker thread)."""
+    reps = max(1, min(nblocks, (1 << 20) // len(block)))
+    chunk = memoryview(block * reps)
+    done = 0
+    while done < nblocks:
+        n = min(reps, nblocks - done)
+        backing._pwritev_all([chunk[: n * len(block)]], offset + done * len(block), 0)
+        done += n

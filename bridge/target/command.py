@@ -97,6 +97,7 @@ class CommandInfo:
     usage: bytes  # SPC-4 6.35.3 CDB USAGE DATA: bit set = the device server evaluates it
     allowed_with_ua: bool = False  # SAM-5 5.14: INQUIRY, REPORT LUNS, REQUEST SENSE
     allowed_without_lu: bool = False  # answered on an unmapped LUN / the W-LUN
+    medium: bool = False  # needs the medium: NOT READY while stopped (SBC-3 5.25)
 
     @property
     def cdb_length(self) -> int:
@@ -110,8 +111,8 @@ COMMANDS: dict[tuple[int, int | None], CommandInfo] = {}
 
 
 def command(opcode: int, service_action: int | None, name: str, usage: str, *,
-            allowed_with_ua: bool = False, allowed_without_lu: bool = False
-            ) -> Callable[[Handler], Handler]:
+            allowed_with_ua: bool = False, allowed_without_lu: bool = False,
+            medium: bool = False) -> Callable[[Handler], Handler]:
     """Register a handler row; ``usage`` is the CDB usage data in hex (spaces allowed)."""
     raw = bytes.fromhex(usage)
     if raw[0] != opcode:
@@ -125,7 +126,7 @@ def command(opcode: int, service_action: int | None, name: str, usage: str, *,
         if key in COMMANDS:
             raise ValueError(f"{name}: duplicate row {key}")
         COMMANDS[key] = CommandInfo(opcode, service_action, name, fn, raw,
-                                    allowed_with_ua, allowed_without_lu)
+                                    allowed_with_ua, allowed_without_lu, medium)
         return fn
 
     return register

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .backing import Backing, create_sparse_image
 from .identity import parse_wwn, resolve_identity, store_sidecar
+from .io_gate import IoGate
 from .mode_pages import ModeParameters
 from .reservation_hooks import PersistentReservations
 from .task_set import TaskSet
@@ -80,6 +81,7 @@ class LogicalUnit:
             self.backing.close()
             raise
         self.tasks = TaskSet()
+        self.write_gate = IoGate()
         self.lbprz = True  # punched holes read back as zeros (fallocate PUNCH_HOLE)
         self.prevent_removal: set[str] = set()
         self.stopped = False

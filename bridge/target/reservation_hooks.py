@@ -13,6 +13,10 @@ from bridge.virtio.scsi_request import InitiatorPort
 from .sense import invalid_opcode
 
 
+class ReservationConflict(Exception):
+    """Raised by handle(): the command ends in RESERVATION CONFLICT."""
+
+
 class NoReservations:
     """No reservation support: nothing conflicts, every PR/RESERVE opcode is invalid."""
 
@@ -42,6 +46,9 @@ class NoReservations:
 # TODO(reservations): temporary fallback until bridge/target/reservations.py lands;
 # the reservations engineer deletes this try/except and imports it directly.
 try:
-    from .reservations import PersistentReservations  # type: ignore[assignment]
+    from .reservations import (  # type: ignore[assignment]  # noqa: F401, F811
+        PersistentReservations,
+        ReservationConflict,
+    )
 except ImportError:  # pragma: no cover - depends on the other engineer's file
     PersistentReservations = NoReservations  # type: ignore[misc,assignment]

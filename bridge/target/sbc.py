@@ -61,7 +61,8 @@ async def do_write(cmd: Command, lba: int, nblocks: int, len_byte: int, fua: boo
     views = cmd.out_views(nblocks * lu.block_size)
     try:
         # SBC-3 4.13 / 5.29: FUA or WCE=0 -> the data reach stable storage before GOOD.
-        await lu.backing.write_from(lba * lu.block_size, views, sync=fua or not lu.mode.wce)
+        async with lu.write_gate.shared():
+            await lu.backing.write_from(lba * lu.block_size, views, sync=fua or not lu.mode.wce)
     except OSError as e:
         raise medium_error("write", e) from None
 
@@ -97,50 +98,79 @@ async def read_capacity_16(cmd: Command) -> None:
 # have no protection information. GROUP NUMBER (bits 4-0 of its byte) accepted, ignored.
 
 
-@command(0x08, None, "READ(6)", "08 1f ff ff ff 00")
+@command(0x08, None, "READ(6)", "08 1f ff ff ff 00", medium=True)
 async def read_6(cmd: Command) -> None:
     """SBC-3 5.11: TRANSFER LENGTH 0 means 256 blocks."""
     c = cmd.cdb
     await do_read(cmd, u24(c, 1) & 0x1FFFFF, c[4] or 256, 4)
 
 
-@command(0x28, None, "READ(10)", "28 18 ff ff ff ff 1f ff ff 00")
+@command(0x28, None, "READ(10)", "28 18 ff ff ff ff 1f ff ff 00", medium=True)
 async def read_10(cmd: Command) -> None:
     c = cmd.cdb
     await do_read(cmd, u32(c, 2), u16(c, 7), 7)
 
 
-@command(0xA8, None, "READ(12)", "a8 18 ff ff ff ff ff ff ff ff 1f 00")
+@command(0xA8, None, "READ(12)", "a8 18 ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def read_12(cmd: Command) -> None:
     c = cmd.cdb
     await do_read(cmd, u32(c, 2), u32(c, 6), 6)
 
 
-@command(0x88, None, "READ(16)", "88 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00")
+@command(0x88, None, "READ(16)", "88 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def read_16(cmd: Command) -> None:
     c = cmd.cdb
     await do_read(cmd, u64(c, 2), u32(c, 10), 10)
 
 
-@command(0x0A, None, "WRITE(6)", "0a 1f ff ff ff 00")
+@command(0x0A, None, "WRITE(6)", "0a 1f ff ff ff 00", medium=True)
 async def write_6(cmd: Command) -> None:
     c = cmd.cdb
     await do_write(cmd, u24(c, 1) & 0x1FFFFF, c[4] or 256, 4, fua=False)
 
 
-@command(0x2A, None, "WRITE(10)", "2a 18 ff ff ff ff 1f ff ff 00")
+@command(0x2A, None, "WRITE(10)", "2a 18 ff ff ff ff 1f ff ff 00", medium=True)
 async def write_10(cmd: Command) -> None:
     c = cmd.cdb
     await do_write(cmd, u32(c, 2), u16(c, 7), 7, fua=bool(c[1] & 0x08))
 
 
-@command(0xAA, None, "WRITE(12)", "aa 18 ff ff ff ff ff ff ff ff 1f 00")
+@command(0xAA, None, "WRITE(12)", "aa 18 ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def write_12(cmd: Command) -> None:
     c = cmd.cdb
     await do_write(cmd, u32(c, 2), u32(c, 6), 6, fua=bool(c[1] & 0x08))
 
 
-@command(0x8A, None, "WRITE(16)", "8a 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00")
+@command(0x8A, None, "WRITE(16)", "8a 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def write_16(cmd: Command) -> None:
     c = cmd.cdb
     await do_write(cmd, u64(c, 2), u32(c, 10), 10, fua=bool(c[1] & 0x08))
+
+
+# -- SYNCHRONIZE CACHE -------------------------------------------------------------------
+
+
+async def synchronize_cache(cmd: Command, lba: int, nblocks: int) -> None:
+    """SBC-3 5.22: fdatasync (the whole file: a range sync would not cover metadata).
+
+    IMMED=1 is accepted and still completes only after the flush.
+    """
+    lu = cmd.lu
+    assert lu is not None
+    if lba > lu.num_blocks or lba + nblocks > lu.num_blocks:
+        raise lba_out_of_range()
+    try:
+        await lu.backing.flush()
+    except OSError as e:
+        raise medium_error("write", e) from None
+
+
+@command(0x35, None, "SYNCHRONIZE CACHE(10)", "35 02 ff ff ff ff 1f ff ff 00", medium=True)
+async def synchronize_cache_10(cmd: Command) -> None:
+    await synchronize_cache(cmd, u32(cmd.cdb, 2), u16(cmd.cdb, 7))
+
+
+@command(0x91, None, "SYNCHRONIZE CACHE(16)",
+         "91 02 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
+async def synchronize_cache_16(cmd: Command) -> None:
+    await synchronize_cache(cmd, u64(cmd.cdb, 2), u32(cmd.cdb, 10))

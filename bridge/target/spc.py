@@ -22,9 +22,10 @@ VERSION_DESCRIPTORS = (0x00A0, 0x0460, 0x04C0)
 REVISION = b"0001"
 
 
-@command(0x00, None, "TEST UNIT READY", "00 00 00 00 00 00", allowed_without_lu=True)
+@command(0x00, None, "TEST UNIT READY", "00 00 00 00 00 00", allowed_without_lu=True,
+         medium=True)
 async def test_unit_ready(cmd: Command) -> None:
-    """SPC-4 6.37. A stopped unit still answers GOOD: START STOP UNIT is advisory here."""
+    """SPC-4 6.37: GOOD, or NOT READY while stopped by START STOP UNIT (checked in dispatch)."""
     if cmd.lu is None and cmd.lun != REPORT_LUNS_WLUN_ADDR:
         raise lu_not_supported()
 

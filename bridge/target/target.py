@@ -37,11 +37,12 @@ from bridge.virtio.scsi_request import (
 )
 
 # Handler modules register their rows in the dispatch table on import.
-from . import sbc, spc  # noqa: F401
+from . import mode, pr, rsoc, sbc, sbc_provisioning, sbc_verify, spc, unit_state  # noqa: F401
 from .cdb import lu_not_supported
 from .command import Command, CommandInfo, Overrun, check_cdb, lookup
 from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
 from .logical_unit import LogicalUnit, LogicalUnitSpec
+from .pr import ReservationConflictStatus
 from .sense import SenseData, SenseError, SenseKey, invalid_opcode
 from .task_set import Task, TaskSet
 from .unit_attention import (
@@ -253,6 +254,9 @@ class Target:
         except SenseError as e:
             return self._check_condition(cmd, e.sense, lu)
         cmd.info = info
+        if lu.stopped and info.medium:
+            # SBC-3 5.25: stopped by START STOP UNIT until a START UNIT.
+            return self._check_condition(cmd, SenseData(SenseKey.NOT_READY, 0x04, 0x02), lu)
         # SPC-4 5.13: reservation conflicts answer RESERVATION CONFLICT without sense.
         if lu.reservations.conflicts(initiator, cmd.cdb):
             return ScsiResponse(VirtioScsiResponse.OK, ScsiStatus.RESERVATION_CONFLICT, b"",
@@ -276,6 +280,8 @@ class Target:
                     sense = e.sense
                 except Overrun:
                     overrun = True
+                except ReservationConflictStatus:
+                    status = ScsiStatus.RESERVATION_CONFLICT
         finally:
             tasks.remove(task)
         if task.aborted:
@@ -285,14 +291,6 @@ class Target:
         if sense is not None:
             return self._check_condition(cmd, sense, lu)
         return ScsiResponse(VirtioScsiResponse.OK, status or ScsiStatus.GOOD, b"", cmd.residual)
-
-    def abort_initiators(self, lu: LogicalUnit, initiators: list[str]) -> list[Task]:
-        """PREEMPT AND ABORT (SPC-4 5.13.11.2.4): abort those initiators' tasks on ``lu``."""
-        tasks = [t for ini in initiators for t in lu.tasks.matching(ini)]
-        for t in tasks:
-            t.aborted = True
-            t.scope.cancel()
-        return tasks
 
     # -- task management -----------------------------------------------------------
 
