@@ -1,0 +1,138 @@
+"""Command line: ``vscsi-bridge serve``, ``status``, ``xen attach|detach``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from bridge.config import BridgeConfig, ConfigError, demo_config, load_config
+
+log = logging.getLogger("bridge")
+
+DEFAULT_CACHE = Path(os.environ.get("VSCSI_CACHE", Path.home() / ".cache" / "vscsi-bridge"))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _describe(config: BridgeConfig) -> str:
+    lines = []
+    for lu in config.lus:
+        size = f"{lu.size} bytes" if lu.size is not None else "existing size"
+        ro = ", read-only" if lu.read_only else ""
+        lines.append(f"LU {lu.name}: {lu.path} ({size}, {lu.block_size}-byte blocks{ro})")
+    for v in config.vfio_user:
+        luns = ", ".join(f"LUN {n} = {name}" for n, name in sorted(v.luns.items()))
+        lines.append(f"vfio-user {v.socket}: initiator {v.initiator}: {luns}")
+    for x in config.xen:
+        luns = ", ".join(f"LUN {n} = {name}" for n, name in sorted(x.luns.items()))
+        lines.append(f"xen domain {x.domain} vscsi {x.devid}: initiator {x.initiator}: {luns}")
+    return "\n".join(lines)
+
+
+async def serve(config: BridgeConfig, ready_file: str | None = None) -> None:
+    """Run the target core and every configured transport until SIGINT/SIGTERM."""
+    from bridge.target.target import Target
+    from bridge.vfio_user.server import serve as serve_vfio_user
+    from bridge.virtio.scsi_device import VirtioScsiPciDevice
+    from bridge.virtio.scsi_request import InitiatorPort
+
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    target = Target(config.lus, config.lun_maps())
+    try:
+        async with trio.open_nursery() as nursery:
+            for att in config.vfio_user:
+                device = VirtioScsiPciDevice(
+                    target, InitiatorPort(att.initiator), num_queues=att.num_queues, queue_size=att.queue_size
+                )
+                await nursery.start(serve_vfio_user, att.socket, device)
+                log.info("serving vfio-user socket %s for %s", att.socket, att.initiator)
+            if config.xen:
+                from bridge.xen.runner import run_xen_backend
+
+                await nursery.start(run_xen_backend, target, config)
+            print(_describe(config), flush=True)
+            if ready_file:
+                Path(ready_file).write_text("ready\n")
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        target.close()
+
+
+def _load(args: argparse.Namespace) -> BridgeConfig:
+    if args.config:
+        return load_config(args.config)
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    return demo_config(cache)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vscsi-bridge",
+        description="SCSI target serving KVM guests (virtio-scsi over vfio-user) and Xen guests (vscsiif).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve the configured logical units")
+    p_serve.add_argument("--config", "-c", help="TOML configuration file (default: a demo configuration)")
+    p_serve.add_argument("--cache-dir", default=str(DEFAULT_CACHE / "demo"),
+                         help="where the demo configuration keeps its image and socket")
+    p_serve.add_argument("--ready-file", help="write this file once every transport listens")
+    p_check = sub.add_parser("check-config", help="validate a configuration file and print what it serves")
+    p_check.add_argument("config")
+    p_status = sub.add_parser("status", help="print LUs, initiator names and reservations of a configuration")
+    p_status.add_argument("--config", "-c", required=True)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "check-config":
+            print(_describe(load_config(args.config)))
+            return 0
+        if args.command == "status":
+            return _status(load_config(args.config))
+        config = _load(args)
+    except ConfigError as e:
+        print(f"vscsi-bridge: configuration error: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(config.log_level)
+    try:
+        trio.run(serve, config, args.ready_file)
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        print(f"vscsi-bridge: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(config: BridgeConfig) -> int:
+    """Initiator port names, TransportIDs and persistent-reservation state as stored on disk."""
+    out: dict[str, object] = {"initiators": {}, "logical_units": {}}
+    for att in [*config.vfio_user, *config.xen]:
+        out["initiators"][att.initiator] = {"luns": att.luns}  # type: ignore[index]
+    for lu in config.lus:
+        pr_path = Path(lu.path + ".pr.json")
+        state = json.loads(pr_path.read_text()) if pr_path.exists() else None
+        out["logical_units"][lu.name] = {"path": lu.path, "reservations": state}  # type: ignore[index]
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
