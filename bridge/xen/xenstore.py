@@ -41,6 +41,10 @@ class Watch:
         self._pending.add(path)
         self._event.set()
 
+    def poke(self, reason: str) -> None:
+        """Wake the waiter without a xenstore event (e.g. a target event)."""
+        self._fire(reason)
+
     async def wait(self) -> set[str]:
         while not self._pending:
             await self._event.wait()
@@ -104,7 +108,10 @@ class XenStore:
         self._waiting[req_id] = (event, box)
         try:
             async with self._send_lock:
-                await self._stream.send_all(xs_wire.encode(type_, req_id, tx_id, payload))
+                try:
+                    await self._stream.send_all(xs_wire.encode(type_, req_id, tx_id, payload))
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise ConnectionError(f"xenstore connection lost: {exc!r}") from exc
             await event.wait()
         finally:
             self._waiting.pop(req_id, None)
@@ -209,21 +216,27 @@ class XenStore:
 
     # ---- watches ------------------------------------------------------------
     @asynccontextmanager
-    async def watch(self, path: str) -> AsyncIterator[Watch]:
-        """Register a watch (xenstored fires it once at once) and drop it on exit."""
-        token = f"vscsi-bridge-{os.getpid()}-{next(self._tokens)}"
-        w = Watch(path, token)
-        self._watches[token] = w
+    async def watch(self, *paths: str) -> AsyncIterator[Watch]:
+        """Watch one or more paths with one ``Watch`` (xenstored fires each once at once)."""
+        w = Watch(paths[0] if paths else "", "")
+        registered: list[tuple[str, str]] = []
         try:
-            await self.request(XsType.WATCH, xs_wire.watch_payload(path, token), 0, path)
+            for path in paths:
+                token = f"vscsi-bridge-{os.getpid()}-{next(self._tokens)}"
+                self._watches[token] = w
+                await self.request(XsType.WATCH, xs_wire.watch_payload(path, token), 0, path)
+                registered.append((path, token))
             yield w
         finally:
-            self._watches.pop(token, None)
             with trio.CancelScope(shield=True):
-                try:
-                    await self.request(XsType.UNWATCH, xs_wire.watch_payload(path, token), 0, path)
-                except (XenStoreError, ConnectionError):
-                    pass
+                for path, token in registered:
+                    try:
+                        await self.request(XsType.UNWATCH, xs_wire.watch_payload(path, token),
+                                           0, path)
+                    except (XenStoreError, ConnectionError):
+                        pass
+            for token in [t for t, v in self._watches.items() if v is w]:
+                del self._watches[token]
 
 
 @asynccontextmanager

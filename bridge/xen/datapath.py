@@ -1,0 +1,132 @@
+"""How a request's granted data pages become buffers: the grant strategy.
+
+- ``MapPerRequest``: all data grants of a request mapped in one gntdev ioctl +
+  one mmap, read-only for TO_DEVICE; the target reads/writes guest pages in
+  place; unmapped before the response is pushed (xen-scsifront ends foreign
+  access right after the response, and a grant still mapped then disables the
+  whole host, so mappings can never outlive a request: no persistent grants).
+- ``GrantCopy``: one IOCTL_GNTDEV_GRANT_COPY into local buffers before the
+  command (TO_DEVICE) or from them after it (FROM_DEVICE).
+
+Both also read SG_GRANT indirect segment pages (always read-only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from bridge.xen.platform import PAGE_SIZE, GrantCopySegment, GrantMapping, GrantOps
+from bridge.xen.vscsiif import Segment
+
+
+class RequestBuffers(Protocol):
+    views: list[memoryview]
+
+    def finish(self) -> None:
+        """Copy back if needed and release everything; raises GrantError if copy-out failed."""
+
+
+class DataPath(Protocol):
+    name: str
+
+    def acquire(self, domid: int, segs: Sequence[Segment], writable: bool) -> RequestBuffers: ...
+
+    def read_pages(self, domid: int, segs: Sequence[Segment]) -> list[bytes]:
+        """The bytes [offset, offset+length) of each (read-only) granted page."""
+
+
+class _Mapped:
+    def __init__(self, mapping: GrantMapping, segs: Sequence[Segment]) -> None:
+        self._mapping = mapping
+        self.views = [mapping.pages[i][s.offset:s.offset + s.length] for i, s in enumerate(segs)]
+
+    def finish(self) -> None:
+        for v in self.views:
+            v.release()
+        self.views = []
+        self._mapping.close()
+
+
+class MapPerRequest:
+    name = "map"
+
+    def __init__(self, grants: GrantOps) -> None:
+        self.grants = grants
+
+    def acquire(self, domid: int, segs: Sequence[Segment], writable: bool) -> _Mapped:
+        mapping = self.grants.map(domid, [s.gref for s in segs], writable)
+        return _Mapped(mapping, segs)
+
+    def read_pages(self, domid: int, segs: Sequence[Segment]) -> list[bytes]:
+        mapping = self.grants.map(domid, [s.gref for s in segs], False)
+        try:
+            return [bytes(mapping.pages[i][s.offset:s.offset + s.length])
+                    for i, s in enumerate(segs)]
+        finally:
+            mapping.close()
+
+
+class _Copied:
+    def __init__(self, grants: GrantOps, domid: int, segs: Sequence[Segment], to_guest: bool
+                 ) -> None:
+        self._grants = grants
+        self._domid = domid
+        self._segs = segs
+        self._to_guest = to_guest
+        total = sum(s.length for s in segs)
+        self._buf = bytearray(total)
+        mv = memoryview(self._buf)
+        self.views = []
+        pos = 0
+        for s in segs:
+            self.views.append(mv[pos:pos + s.length])
+            pos += s.length
+
+    def _segments(self) -> list[GrantCopySegment]:
+        return [GrantCopySegment(self._domid, s.gref, s.offset, v, self._to_guest)
+                for s, v in zip(self._segs, self.views, strict=True) if s.length]
+
+    def finish(self) -> None:
+        try:
+            if self._to_guest:
+                self._grants.copy(self._segments())
+        finally:
+            for v in self.views:
+                v.release()
+            self.views = []
+
+
+class GrantCopy:
+    name = "copy"
+
+    def __init__(self, grants: GrantOps) -> None:
+        self.grants = grants
+
+    def acquire(self, domid: int, segs: Sequence[Segment], writable: bool) -> _Copied:
+        bufs = _Copied(self.grants, domid, segs, to_guest=writable)
+        if not writable:
+            try:
+                self.grants.copy(bufs._segments())
+            except BaseException:
+                bufs._to_guest = False
+                bufs.finish()
+                raise
+        return bufs
+
+    def read_pages(self, domid: int, segs: Sequence[Segment]) -> list[bytes]:
+        out = [bytearray(s.length) for s in segs]
+        self.grants.copy([GrantCopySegment(domid, s.gref, s.offset, memoryview(b), False)
+                          for s, b in zip(segs, out, strict=True)])
+        return [bytes(b) for b in out]
+
+
+def make_datapath(name: str, grants: GrantOps) -> DataPath:
+    if name == "map":
+        return MapPerRequest(grants)
+    if name == "copy":
+        return GrantCopy(grants)
+    raise ValueError(f"unknown grant strategy {name!r} (map or copy)")
+
+
+assert PAGE_SIZE == 4096

@@ -1,0 +1,198 @@
+"""The toolstack's part of PV-SCSI, which xl/libxl 4.17 lacks: the xenstore nodes.
+
+Nodes and permissions as libxl writes them for other PV devices (and as SUSE's
+libxl_vscsi.c writes them for vscsi):
+  backend  /local/domain/<be>/backend/vscsi/<domid>/<devid>   perms n<be>, r<domid>
+      frontend, frontend-id, online=1, state=1, feature-host=0,
+      vscsi-devs/dev-N/{p-dev, p-devname, v-dev, state=1}
+  frontend /local/domain/<domid>/device/vscsi/<devid>         perms n<domid>, r<be>
+      backend, backend-id, state=1
+Removal: online=0 and backend state Closing, wait for Closed, remove both.
+LUN hotplug: dev-N state 1 (add) or 5 (remove), then backend state 7.
+
+Usage around xl:  xl create -p guest.cfg; vscsi-bridge xen attach --domid N ...;
+xl unpause N.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from bridge.xen.devices import VDev, parse_pdev, vdev_for_lun
+from bridge.xen.xenbus import XenbusState as S
+from bridge.xen.xenstore import XenStore
+from bridge.xen.xs_wire import Permission, XenStoreError
+
+log = logging.getLogger(__name__)
+
+
+def backend_path(domid: int, devid: int, backend_domid: int = 0) -> str:
+    return f"/local/domain/{backend_domid}/backend/vscsi/{domid}/{devid}"
+
+
+def frontend_path(domid: int, devid: int) -> str:
+    return f"/local/domain/{domid}/device/vscsi/{devid}"
+
+
+@dataclass(frozen=True)
+class VDevSpec:
+    """One LUN of a vscsi device: the target LUN and the guest's "h:c:t:l" for it."""
+
+    lun: int
+    vdev: str | None = None
+
+    def resolved(self) -> VDev:
+        if self.vdev is None:
+            return vdev_for_lun(self.lun)
+        v = VDev.parse(self.vdev)
+        if v is None:
+            raise ValueError(f"v-dev {self.vdev!r} is not h:c:t:l")
+        return v
+
+
+def _specs(vdevs: Sequence[int | VDevSpec | tuple[int, str]]) -> list[VDevSpec]:
+    out = []
+    for v in vdevs:
+        if isinstance(v, VDevSpec):
+            out.append(v)
+        elif isinstance(v, tuple):
+            out.append(VDevSpec(v[0], v[1]))
+        else:
+            out.append(VDevSpec(int(v)))
+    nexuses = [s.resolved().nexus for s in out]
+    if len(set(nexuses)) != len(nexuses):
+        raise ValueError("two LUNs share a v-dev channel:target:lun")
+    return out
+
+
+async def _write_dev(xs: XenStore, be: str, index: int, spec: VDevSpec, tx: int) -> None:
+    base = f"{be}/vscsi-devs/dev-{index}"
+    await xs.write(f"{base}/p-dev", str(spec.lun), tx)
+    await xs.write(f"{base}/p-devname", f"vscsi-bridge-lun{spec.lun}", tx)
+    await xs.write(f"{base}/v-dev", str(spec.resolved()), tx)
+    await xs.write(f"{base}/state", str(int(S.INITIALISING)), tx)
+
+
+async def attach(xs: XenStore, domid: int, devid: int,
+                 vdevs: Sequence[int | VDevSpec | tuple[int, str]],
+                 backend_domid: int = 0) -> None:
+    """Write the frontend and backend nodes of vscsi device ``devid`` of ``domid``."""
+    specs = _specs(vdevs)
+    be = backend_path(domid, devid, backend_domid)
+    fe = frontend_path(domid, devid)
+    if not await xs.exists(f"/local/domain/{domid}"):
+        raise ValueError(f"domain {domid} does not exist in xenstore")
+    be_perms = [Permission(backend_domid, "n"), Permission(domid, "r")]
+    fe_perms = [Permission(domid, "n"), Permission(backend_domid, "r")]
+
+    async def body(tx: int) -> None:
+        await xs.rm(be, tx)
+        await xs.rm(fe, tx)
+        await xs.mkdir(be, tx)
+        await xs.set_perms(be, be_perms, tx)
+        await xs.mkdir(fe, tx)
+        await xs.set_perms(fe, fe_perms, tx)
+        # Children created below inherit the directory's permissions.
+        await xs.write(f"{fe}/backend", be, tx)
+        await xs.write(f"{fe}/backend-id", str(backend_domid), tx)
+        await xs.write(f"{fe}/state", str(int(S.INITIALISING)), tx)
+        await xs.write(f"{be}/frontend", fe, tx)
+        await xs.write(f"{be}/frontend-id", str(domid), tx)
+        await xs.write(f"{be}/online", "1", tx)
+        await xs.write(f"{be}/feature-host", "0", tx)
+        for i, spec in enumerate(specs):
+            await _write_dev(xs, be, i, spec, tx)
+        await xs.write(f"{be}/state", str(int(S.INITIALISING)), tx)
+
+    await xs.transact(body)
+    log.info("attached vscsi %d of dom%d: LUNs %s", devid, domid, [s.lun for s in specs])
+
+
+async def _wait_state(xs: XenStore, path: str, states: Sequence[int], timeout: float) -> bool:
+    with trio.move_on_after(timeout):
+        async with xs.watch(path) as w:
+            while True:
+                st = await xs.read_int(path)
+                if st is None or st in states:
+                    return True
+                await w.wait()
+    return False
+
+
+async def detach(xs: XenStore, domid: int, devid: int, backend_domid: int = 0,
+                 timeout: float = 10.0) -> bool:
+    """Close the device (online=0, Closing, wait Closed) and remove both directories.
+
+    Returns False when the backend did not reach Closed in time (the nodes are
+    removed anyway, as ``xl`` does with force).
+    """
+    be = backend_path(domid, devid, backend_domid)
+    fe = frontend_path(domid, devid)
+    clean = True
+    if await xs.exists(be):
+        await xs.write(f"{be}/online", "0")
+        state = await xs.read_int(f"{be}/state", 0)
+        fe_state = await xs.read_int(f"{fe}/state", 0)
+        if state not in (S.CLOSED, S.UNKNOWN) and fe_state not in (S.UNKNOWN, S.INITIALISING):
+            await xs.write(f"{be}/state", str(int(S.CLOSING)))
+            clean = await _wait_state(xs, f"{be}/state", (S.CLOSED,), timeout)
+    await xs.rm(fe)
+    await xs.rm(be)
+    return clean
+
+
+async def hotplug_lun(xs: XenStore, domid: int, devid: int, spec: int | VDevSpec,
+                      add: bool, backend_domid: int = 0) -> None:
+    """Add (dev state 1) or remove (dev state 5) one LUN of a running device, then state 7."""
+    (s,) = _specs([spec])
+    be = backend_path(domid, devid, backend_domid)
+
+    async def body(tx: int) -> None:
+        names = await xs.directory(f"{be}/vscsi-devs", tx, missing_ok=True)
+        found = False
+        for name in names:
+            base = f"{be}/vscsi-devs/{name}"
+            if parse_pdev(await xs.read_str(f"{base}/p-dev", "", tx) or "") == s.lun and \
+                    await xs.read_int(f"{base}/state", 0, tx) in (S.INITIALISED, S.CONNECTED,
+                                                                   S.INITIALISING):
+                found = True
+                if not add:
+                    await xs.write(f"{base}/state", str(int(S.CLOSING)), tx)
+        if add and not found:
+            used = [int(n[4:]) for n in names if n.startswith("dev-") and n[4:].isdigit()]
+            await _write_dev(xs, be, max(used, default=-1) + 1, s, tx)
+        await xs.write(f"{be}/state", str(int(S.RECONFIGURING)), tx)
+
+    await xs.transact(body)
+
+
+async def reap_destroyed_domains(xs: XenStore, backend_domid: int = 0) -> None:
+    """Remove vscsi backend nodes of domains that no longer exist (watch @releaseDomain).
+
+    ``xl destroy`` removes /local/domain/<domid> but leaves our backend
+    directory behind at state 6; this runs forever.
+    """
+    root = f"/local/domain/{backend_domid}/backend/vscsi"
+    async with xs.watch("@releaseDomain") as w:
+        while True:
+            await w.wait()
+            await reap_once(xs, root)
+
+
+async def reap_once(xs: XenStore, root: str) -> list[int]:
+    gone = []
+    for d in await xs.directory(root, missing_ok=True):
+        if not d.isdigit():
+            continue
+        if not await xs.exists(f"/local/domain/{d}"):
+            try:
+                await xs.rm(f"{root}/{d}")
+                gone.append(int(d))
+                log.info("removed vscsi backend nodes of destroyed dom%s", d)
+            except XenStoreError as exc:
+                log.warning("cannot remove %s/%s: %s", root, d, exc)
+    return gone

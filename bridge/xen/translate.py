@@ -1,0 +1,98 @@
+"""vscsiif request <-> virtio-scsi currency: checks and conversions, no I/O.
+
+Hostile-input rules (each answered with XEN_VSCSIIF_RSLT_HOST_ERROR, as
+xen-scsiback answers DID_ERROR): cmd_len 0 or > VSCSIIF_MAX_COMMAND_SIZE,
+a direction other than TO_DEVICE/FROM_DEVICE/NONE, data segments with NONE,
+more than VSCSIIF_SG_TABLESIZE seg[] entries, SG_GRANT when not offered or
+beyond feature-sg-grant, indirect arrays not a multiple of the segment size,
+any offset + length beyond the page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bridge.virtio.scsi_request import ScsiResponse, VirtioScsiResponse
+from bridge.xen import vscsiif
+from bridge.xen.vscsiif import RsltHost, Segment, VscsiifRequest, VscsiifResponse
+
+
+class RequestError(Exception):
+    def __init__(self, host: RsltHost, reason: str) -> None:
+        super().__init__(reason)
+        self.host = host
+
+
+def _check_in_page(segs: Sequence[Segment], what: str) -> None:
+    for s in segs:
+        if s.offset + s.length > vscsiif.VSCSIIF_PAGE_SIZE:
+            raise RequestError(RsltHost.ERROR,
+                               f"{what} offset {s.offset} + length {s.length} beyond the page")
+
+
+def check_cdb_request(req: VscsiifRequest, sg_grant_max: int) -> None:
+    if not 1 <= req.cmd_len <= vscsiif.VSCSIIF_MAX_COMMAND_SIZE:
+        raise RequestError(RsltHost.ERROR, f"cmd_len {req.cmd_len}")
+    if req.sc_data_direction not in (vscsiif.DMA_TO_DEVICE, vscsiif.DMA_FROM_DEVICE,
+                                     vscsiif.DMA_NONE):
+        raise RequestError(RsltHost.ERROR, f"sc_data_direction {req.sc_data_direction}")
+    if req.seg_count > vscsiif.VSCSIIF_SG_TABLESIZE:
+        raise RequestError(RsltHost.ERROR, f"nr_segments {req.nr_segments:#x}")
+    if req.sg_grant and not sg_grant_max:
+        raise RequestError(RsltHost.ERROR, "VSCSIIF_SG_GRANT without feature-sg-grant")
+    if req.seg_count and req.sc_data_direction == vscsiif.DMA_NONE:
+        raise RequestError(RsltHost.ERROR, "data segments with DMA_NONE")
+    entries = req.seg[: req.seg_count]
+    _check_in_page(entries, "seg[]")
+    if req.sg_grant:
+        total = 0
+        for s in entries:
+            if s.length % vscsiif.SEGMENT.size:
+                raise RequestError(RsltHost.ERROR, f"indirect length {s.length} not a multiple of 8")
+            total += s.length // vscsiif.SEGMENT.size
+        if total > sg_grant_max:
+            raise RequestError(RsltHost.ERROR,
+                               f"{total} indirect segments beyond feature-sg-grant {sg_grant_max}")
+
+
+def indirect_segments(pages: Sequence[bytes]) -> list[Segment]:
+    """The data segments listed in the (already read) indirect pages; bounds-checked."""
+    segs: list[Segment] = []
+    for raw in pages:
+        segs.extend(vscsiif.decode_segments(raw, 0, len(raw)))
+    _check_in_page(segs, "indirect segment")
+    return segs
+
+
+# virtio 1.2 5.6.6.1 response codes -> XEN_VSCSIIF_RSLT_HOST (as Linux maps them to DID_*).
+HOST_FOR_RESPONSE = {
+    VirtioScsiResponse.OK: RsltHost.OK,
+    VirtioScsiResponse.OVERRUN: RsltHost.ERROR,
+    VirtioScsiResponse.ABORTED: RsltHost.ABORT,
+    VirtioScsiResponse.BAD_TARGET: RsltHost.BAD_TARGET,
+    VirtioScsiResponse.RESET: RsltHost.RESET,
+    VirtioScsiResponse.BUSY: RsltHost.BUS_BUSY,
+    VirtioScsiResponse.TRANSPORT_FAILURE: RsltHost.TRANSPORT_DISRUPTED,
+    VirtioScsiResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE,
+    VirtioScsiResponse.NEXUS_FAILURE: RsltHost.NEXUS_FAILURE,
+    VirtioScsiResponse.FAILURE: RsltHost.ERROR,
+    VirtioScsiResponse.INCORRECT_LUN: RsltHost.NO_CONNECT,
+}
+
+
+def response_for(rqid: int, resp: ScsiResponse, data_len: int) -> VscsiifResponse:
+    host = HOST_FOR_RESPONSE.get(VirtioScsiResponse(resp.response), RsltHost.ERROR) \
+        if resp.response in VirtioScsiResponse._value2member_map_ else RsltHost.ERROR
+    sense = bytes(resp.sense[: vscsiif.VSCSIIF_SENSE_BUFFERSIZE])
+    residual = min(max(resp.residual, 0), data_len) if host == RsltHost.OK else data_len
+    return VscsiifResponse(rqid, vscsiif.rslt(host, resp.status if host == RsltHost.OK
+                                              else resp.status), sense, residual)
+
+
+def error_response(rqid: int, host: RsltHost) -> VscsiifResponse:
+    return VscsiifResponse(rqid, vscsiif.rslt(host, 0))
+
+
+def tmf_succeeded(response: int) -> bool:
+    """virtio TMF: OK (FUNCTION COMPLETE) and FUNCTION_SUCCEEDED both mean done."""
+    return response in (VirtioScsiResponse.OK, VirtioScsiResponse.FUNCTION_SUCCEEDED)
