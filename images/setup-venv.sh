@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's venv outside the checkout and print its path.
+# Keyed by pyproject.toml: a change of dependencies rebuilds it. Used by tests/run and images/demo.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export VSCSI_CACHE="${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}"
+VENV="$VSCSI_CACHE/venv"
+need_apt=()
+command -v gcc >/dev/null || need_apt+=(gcc libc6-dev)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+[ -f /usr/include/xen/io/vscsiif.h ] || need_apt+=(libxen-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "[setup] apt-get install ${need_apt[*]}" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+stamp="$VENV/.inputs-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "[setup] creating venv $VENV" >&2
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >&2
+    "$VENV/bin/pip" install -q -e '.[test]' >&2
+    touch "$stamp"
+else
+    # The checkout may have moved (CI clones afresh): point the editable install here.
+    "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >&2
+fi
+echo "$VENV"
