@@ -8,6 +8,9 @@ I_T nexus identity: a single target port (relative target port identifier
 1), so an I_T nexus is named by its initiator port name alone; ALL_TG_PT=1
 is accepted and means that one port.
 
+Not thread-safe: call every method from one thread (the trio loop). With
+APTPL active, a PR OUT writes and fsyncs the state file before it returns.
+
 Decisions where the standard leaves room (documented, tested):
 - CRH=1 (SPC-4 5.13.3): while any registration exists, RESERVE/RELEASE(6/10)
   from a reservation holder, or from a registrant under a registrants-only or
@@ -201,10 +204,20 @@ class PersistentReservations:
     # --------------------------------------------------------------- handle
 
     def handle(
-        self, initiator: InitiatorPort, cdb: bytes, data_out: bytes, alloc_len_in: int
+        self,
+        initiator: InitiatorPort,
+        cdb: bytes,
+        data_out: bytes | memoryview | list[memoryview],
+        alloc_len_in: int,
     ) -> tuple[bytes, list[str]]:
-        """Run PR IN/OUT or RESERVE/RELEASE(6/10); returns (data-in, initiators to abort)."""
+        """Run PR IN/OUT or RESERVE/RELEASE(6/10); returns (data-in, initiators to abort).
+
+        ``data_out`` may be bytes, a memoryview or a list of them (the
+        request's data-out buffers); it is copied once, never kept.
+        """
         cdb = bytes(cdb)
+        if isinstance(data_out, (list, tuple)):
+            data_out = b"".join(bytes(b) for b in data_out)
         if not cdb or cdb[0] not in HANDLED_OPCODES:
             raise invalid_opcode()
         op = cdb[0]
