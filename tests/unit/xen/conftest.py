@@ -29,6 +29,8 @@ def make_target(tmp_path, luns: dict[int, str] | None = None, extra: dict[str, s
              LogicalUnitSpec(name="disk1", path=str(tmp_path / "disk1.img"), size=2 * MiB),
              LogicalUnitSpec(name="disk2", path=str(tmp_path / "disk2.img"), size=1 * MiB)]
     maps = {INITIATOR: luns if luns is not None else {0: "disk0"}}
+    for other in ("victim", "bystander", "other"):
+        maps[f"iqn.2026-11.org.vscsi-bridge:xen.{other}.0"] = {0: "disk2"}
     maps.update({k: {0: v} for k, v in (extra or {}).items()})
     return Target(specs, maps)
 
