@@ -65,12 +65,14 @@ REGION_INFO = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size,
 IRQ_INFO = struct.Struct("=IIII")  # argsz, flags, index, count
 IRQ_SET = struct.Struct("=IIIII")  # argsz, flags, index, start, count
 REGION_RW = struct.Struct("=QII")  # offset, region, count, then data
-# QEMU's VFIOUserDMARW is {hdr, u64 offset, u32 count, char data[]}: the data
-# starts at byte 28 of the message and sizeof() is 32, so QEMU requires
-# size >= 32 and reads/writes the data at byte 28 (hw/vfio-user/pci.c).
-DMA_RW = struct.Struct("=QI")  # offset, count
-DMA_RW_DATA_OFFSET = HEADER_SIZE + DMA_RW.size  # 28
-DMA_RW_SIZEOF = 32
+# DMA_READ/DMA_WRITE: {u64 address, u64 count, data} as vfio-user.rst and
+# libvfio-user's vfio_user_dma_region_access have it; data at byte 32 of the
+# message. QEMU's protocol.h declares {u64 offset, u32 count, char data[]}
+# (data at 28), but QEMU 11.1.3 was observed on the wire to put DMA_READ
+# reply data at byte 32 (tests/integration/test_vfio_user_qemu.py checks it
+# against HMP xp); a u32 count followed by 4 zero bytes reads the same either way.
+DMA_RW = struct.Struct("=QQ")  # address, count
+DMA_RW_DATA_OFFSET = HEADER_SIZE + DMA_RW.size  # 32
 WRITE_MULTI_COUNT = struct.Struct("=Q")
 WRITE_MULTI_ONE = struct.Struct("=QII8s")  # offset, region, count, data[8]
 WRITE_MULTI_MAX = 200
@@ -505,13 +507,13 @@ def encode_write_multi(writes: list[tuple[int, int, bytes]]) -> bytes:
 
 
 def encode_dma_read_request(address: int, count: int) -> bytes:
-    """DMA_READ payload in QEMU's layout (32-byte message, 4 bytes of padding)."""
-    return DMA_RW.pack(address, count) + bytes(DMA_RW_SIZEOF - DMA_RW_DATA_OFFSET)
+    """DMA_READ payload: a 32-byte message."""
+    return DMA_RW.pack(address, count)
 
 
 def encode_dma_write_request(address: int, data: bytes) -> bytes:
-    """DMA_WRITE payload in QEMU's layout: data at byte 28, size >= 32 + count."""
-    return DMA_RW.pack(address, len(data)) + data + bytes(DMA_RW_SIZEOF - DMA_RW_DATA_OFFSET)
+    """DMA_WRITE payload: data at byte 32, message size 32 + count."""
+    return DMA_RW.pack(address, len(data)) + data
 
 
 def parse_dma_read_reply(payload: bytes, count: int) -> bytes:

@@ -17,6 +17,7 @@ import logging
 import os
 import socket as stdsocket
 import stat
+from collections.abc import Callable
 
 import trio
 
@@ -41,15 +42,17 @@ def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-class ClientGone(Exception):
-    pass
+# Called with every decoded message before it is handled (tests, debugging).
+TraceFn = Callable[["p.Message | p.OversizedMessage"], None]
 
 
 class Connection:
     """One connected client: socket I/O, request/reply routing for DMA_READ/WRITE."""
 
-    def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
+    def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice,
+                 trace: TraceFn | None = None) -> None:
         self.sock = sock
+        self.trace = trace
         self.device = device
         self.dma = DmaSpaceImpl()
         self.session = Session(device, self.dma)
@@ -140,6 +143,8 @@ class Connection:
                 if isinstance(event, p.FramingError):
                     log.warning("closing client: %s", event.reason)
                     return
+                if self.trace is not None:
+                    self.trace(event)
                 if isinstance(event, p.OversizedMessage):
                     out = self.session.handle_oversized(event.header)
                 elif event.header.is_reply:
@@ -184,6 +189,7 @@ async def serve(
     device: VfioUserDevice,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    trace: TraceFn | None = None,
 ) -> None:
     """Serve ``device`` over vfio-user on ``socket_path`` until cancelled.
 
@@ -199,7 +205,7 @@ async def serve(
         task_status.started()
         while True:
             sock, _ = await listener.accept()
-            await _serve_client(sock, device)
+            await _serve_client(sock, device, trace)
     finally:
         listener.close()
         try:
@@ -208,8 +214,9 @@ async def serve(
             pass
 
 
-async def _serve_client(sock: trio.socket.SocketType, device: VfioUserDevice) -> None:
-    conn = Connection(sock, device)
+async def _serve_client(sock: trio.socket.SocketType, device: VfioUserDevice,
+                        trace: TraceFn | None) -> None:
+    conn = Connection(sock, device, trace)
     log.info("client connected")
     try:
         async with trio.open_nursery() as nursery:

@@ -31,6 +31,12 @@ PGSIZES = 4096
 # Room above max_data_xfer_size for headers and fixed fields (WRITE_MULTI is < 5 KiB).
 MESSAGE_HEADROOM = 64 * 1024
 MAX_MESSAGE_SIZE = MAX_DATA_XFER_SIZE + MESSAGE_HEADROOM
+# Largest DMA_READ/DMA_WRITE we ask of the client. QEMU 11.1 sends a reply
+# with one non-blocking writev and treats a short write as complete
+# (proxy.c vfio_user_send_qio), so a reply larger than its socket send buffer
+# (wmem_default, 208 KiB here) arrives truncated and breaks the stream: a
+# 1 MiB DMA_READ was seen to hang. Keep transfers well below that.
+DMA_TRANSFER_CHUNK = 64 * 1024
 
 
 # The only commands that carry file descriptors (vfio-user.rst).
@@ -202,7 +208,7 @@ class Session:
             payload = p.encode_version(0, 0, ours)
         self.client = client
         self.dma.max_maps = int(ours.get("max_dma_maps", MAX_DMA_MAPS))  # type: ignore[call-overload]
-        self.dma.max_transfer = max(1, min(client.max_data_xfer_size, MAX_DATA_XFER_SIZE))
+        self.dma.max_transfer = max(1, min(client.max_data_xfer_size, DMA_TRANSFER_CHUNK))
         self.negotiated = True
         log.info("VERSION %d.%d negotiated: client %s, server %s", v.major, v.minor,
                  caps, ours)

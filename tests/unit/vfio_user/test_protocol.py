@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import pytest
 
@@ -109,14 +110,17 @@ def test_region_access_and_write_multi_round_trip() -> None:
         p.parse_write_multi(p.WRITE_MULTI_COUNT.pack(201) + bytes(201 * 24))
 
 
-def test_dma_rw_layout_matches_qemu() -> None:
-    # QEMU VFIOUserDMARW: data at byte 28, sizeof 32 (hw/vfio-user/protocol.h).
+def test_dma_rw_layout_as_qemu_11_1_uses_it() -> None:
+    # {u64 address, u64 count, data}: data at byte 32, as seen from QEMU 11.1.3
+    # (tests/integration/test_vfio_user_qemu.py) and as vfio-user.rst specifies.
     req = p.encode_message(1, p.Command.DMA_READ, p.encode_dma_read_request(0x1000, 64))
-    assert len(req) == 32
+    assert len(req) == 32 and struct.unpack_from("=QQ", req, 16) == (0x1000, 64)
     wr = p.encode_message(2, p.Command.DMA_WRITE, p.encode_dma_write_request(0x2000, b"data"))
-    assert len(wr) == 32 + 4 and wr[28:32] == b"data"
-    reply_payload = p.DMA_RW.pack(0x1000, 4) + b"abcd" + bytes(4)
+    assert len(wr) == 32 + 4 and wr[32:36] == b"data"
+    reply_payload = struct.pack("=QQ", 0x1000, 4) + b"abcd"
     assert p.parse_dma_read_reply(reply_payload, 4) == b"abcd"
+    with pytest.raises(p.ProtocolError):
+        p.parse_dma_read_reply(reply_payload[:-1], 4)
 
 
 def _msg(cmd: int, payload: bytes = b"", msg_id: int = 1) -> bytes:

@@ -518,15 +518,15 @@ async def test_device_reaches_fdless_memory_with_dma_read_write(tmp_path: Path) 
         await c.call(p.Command.DMA_MAP, dma_map(0xF0000, 0x10000))  # no fd
         await c.send_raw(p.encode_message(9, p.Command.REGION_WRITE,
                                           struct.pack("=QII", 0, 0, 1) + b"\1", p.FLAG_NO_REPLY))
-        # DMA_READ in QEMU's VFIOUserDMARW layout: 32 bytes, offset u64, count u32.
+        # DMA_READ as QEMU 11.1 reads it: 32 bytes, address u64, count u64.
         hdr, body, _ = await c.recv()
         assert hdr.command == p.Command.DMA_READ and hdr.size == 32
-        assert struct.unpack_from("=QI", body) == (0xF0010, 6)
+        assert struct.unpack_from("=QQ", body) == (0xF0010, 6)
         reply = p.HEADER.pack(hdr.msg_id, hdr.command, 32 + 6, p.TYPE_REPLY, 0)
-        await c.send_raw(reply + struct.pack("=QI", 0xF0010, 6) + b"romdat" + bytes(4))
+        await c.send_raw(reply + struct.pack("=QQ", 0xF0010, 6) + b"romdat")
         hdr, body, _ = await c.recv()
         assert hdr.command == p.Command.DMA_WRITE and hdr.size == 32 + 3
-        assert struct.unpack_from("=QI", body) == (0xF0020, 3) and body[12:15] == b"out"
+        assert struct.unpack_from("=QQ", body) == (0xF0020, 3) and body[16:19] == b"out"
         await c.send_raw(p.HEADER.pack(hdr.msg_id, hdr.command, 16, p.TYPE_REPLY, 0))
         await wait_for(lambda: len(results) == 2)
         assert results == [b"romdat", "written"]
