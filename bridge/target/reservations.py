@@ -369,13 +369,11 @@ class PersistentReservations:
                 names = [me]
                 if p.spec_i_pt:
                     # All or nothing: every TransportID must name an unregistered nexus.
-                    offset = 28
-                    for name in p.transport_ids:
+                    for name, offset in zip(p.transport_ids, p.transport_id_offsets, strict=True):
                         if name != me and name in new.registrations:
                             raise invalid_field_in_parameter_list(offset)
                         if name not in names:
                             names.append(name)
-                        offset += len(encode_iscsi_transport_id(name))
                 if len(new.registrations) + len(names) > MAX_REGISTRATIONS:
                     raise _insufficient_registration_resources()
                 for name in names:
@@ -456,41 +454,45 @@ class PersistentReservations:
         sakey = p.service_action_key
         res = new.reservation
 
-        def matching(key: int) -> list[str]:
-            return [n for n, r in new.registrations.items() if r.key == key]
-
-        new_reservation: Reservation | None = res
-        if res is not None and res.type.all_registrants and sakey == 0:
-            # Preempting an all-registrants reservation: everyone else goes.
+        # SPC-4 5.13.11.4.1 (figure "PREEMPT service action"): either the
+        # reservation is preempted (5.13.11.4.3) or only registrations are
+        # removed (5.13.11.4.4).
+        preempts_reservation = res is not None and (
+            (res.type.all_registrants and sakey == 0)
+            or (res.holder is not None and new.registrations[res.holder].key == sakey)
+        )
+        if sakey == 0 and not preempts_reservation:
+            raise invalid_field_in_parameter_list(8)
+        if preempts_reservation:
+            assert res is not None
             rtype = self._scope_and_type(pcdb)
-            victims = [n for n in new.registrations if n != me]
-            new_reservation = Reservation(rtype, None if rtype.all_registrants else me, LU_SCOPE)
-        else:
-            if sakey == 0:
-                raise invalid_field_in_parameter_list(8)
-            matched = matching(sakey)
-            if not matched:
-                raise ReservationConflict("SERVICE ACTION RESERVATION KEY matches no registrant")
-            victims = [n for n in matched if n != me]
-            if (
-                res is not None
-                and res.holder is not None
-                and new.registrations[res.holder].key == sakey
-            ):
-                # Preempting the holder's reservation: it moves to us, maybe re-typed.
-                rtype = self._scope_and_type(pcdb)
-                new_reservation = Reservation(
-                    rtype, None if rtype.all_registrants else me, LU_SCOPE
-                )
-        for n in victims:
-            del new.registrations[n]
-        fx.ua(victims, ASCQ_REGISTRATIONS_PREEMPTED)
-        if new_reservation is not res and res is not None:
-            assert new_reservation is not None
-            if (new_reservation.type, new_reservation.scope) != (res.type, res.scope):
+            # Every registration named by the key (every one, for an all-registrants
+            # reservation preempted with key 0) goes, except the caller's.
+            victims = [
+                n
+                for n, r in new.registrations.items()
+                if n != me and (sakey == 0 or r.key == sakey)
+            ]
+            for n in victims:
+                del new.registrations[n]
+            new.reservation = Reservation(rtype, None if rtype.all_registrants else me, LU_SCOPE)
+            fx.ua(victims, ASCQ_REGISTRATIONS_PREEMPTED)
+            if (rtype, LU_SCOPE) != (res.type, res.scope):
                 fx.ua([n for n in new.registrations if n != me], ASCQ_RESERVATIONS_RELEASED)
-        new.reservation = new_reservation
+        else:
+            # Removing registrations: every I_T nexus with the key, the caller's
+            # own included; the UA goes to the others only.
+            victims = [n for n, r in new.registrations.items() if r.key == sakey]
+            if not victims:
+                raise ReservationConflict("SERVICE ACTION RESERVATION KEY matches no registrant")
+            for n in victims:
+                del new.registrations[n]
+            victims = [n for n in victims if n != me]
+            fx.ua(victims, ASCQ_REGISTRATIONS_PREEMPTED)
+            if res is not None and res.type.all_registrants and not new.registrations:
+                new.reservation = None  # the last all-registrants holder is gone
         if abort:
+            # The caller's own tasks (this PR OUT among them) are left alone.
             fx.aborts.extend(victims)
         new.bump_generation()
 

@@ -102,17 +102,17 @@ def encode_iscsi_transport_id(name: str) -> bytes:
     return struct.pack(">BBH", PROTOCOL_ID_ISCSI, 0, len(raw)) + raw
 
 
-def parse_transport_id_list(buf: bytes, start: int, length: int) -> tuple[str, ...]:
-    """The TransportIDs packed in buf[start:start+length] (SPEC_I_PT, SPC-4 6.16.3)."""
+def parse_transport_id_list(buf: bytes, start: int, length: int) -> tuple[tuple[str, int], ...]:
+    """(name, offset) of each TransportID in buf[start:start+length] (SPEC_I_PT, SPC-4 6.16.3)."""
     end = start + length
-    names: list[str] = []
+    found: list[tuple[str, int]] = []
     pos = start
     view = buf[:end]
     while pos < end:
         name, used = parse_iscsi_transport_id(view, pos)
-        names.append(name)
+        found.append((name, pos))
         pos += used
-    return tuple(names)
+    return tuple(found)
 
 
 # ----------------------------------------------------------- PR OUT parameters
@@ -148,6 +148,7 @@ class PrOutParameters:
     all_tg_pt: bool
     aptpl: bool
     transport_ids: tuple[str, ...] = ()
+    transport_id_offsets: tuple[int, ...] = ()  # parameter-list offset of each TransportID
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,10 @@ def parse_pr_out_parameters(cdb: PrOutCdb, data_out: bytes) -> PrOutParameters:
     (tpdl,) = struct.unpack_from(">I", buf, 24)
     if 28 + tpdl != len(buf):
         raise parameter_list_length_error()
-    names = parse_transport_id_list(buf, 28, tpdl)
-    return PrOutParameters(rkey, sakey, True, all_tg_pt, aptpl, names)
+    found = parse_transport_id_list(buf, 28, tpdl)
+    names = tuple(n for n, _ in found)
+    offsets = tuple(o for _, o in found)
+    return PrOutParameters(rkey, sakey, True, all_tg_pt, aptpl, names, offsets)
 
 
 def parse_register_and_move_parameters(cdb: PrOutCdb, data_out: bytes) -> RegisterAndMoveParameters:

@@ -305,14 +305,42 @@ def test_preempt_non_holder_key_leaves_reservation():
     assert h.take_uas() == [(C.name, 0x2A, REG_PREEMPTED)]
 
 
-def test_preempt_removes_every_nexus_sharing_the_key_but_the_caller():
+def test_preempt_own_key_without_reservation_removes_the_caller_too():
+    """SPC-4 5.13.11.4.4: removing registrations spares nobody (fence_scsi re-registers)."""
     h = make()
     h.register(A, KEY_A)
-    h.register(B, KEY_A)  # same key on two nexuses (fence_scsi stale path)
+    h.register(B, KEY_A)  # same key on two nexuses (a stale path)
     h.register(C, KEY_C)
     h.out(A, PREEMPT, KEY_A, KEY_A)
+    assert h.keys()[1] == [KEY_C]
+    assert h.take_uas() == [(B.name, 0x2A, REG_PREEMPTED)]  # not to the caller
+
+
+def test_preempt_own_key_while_holding_keeps_the_caller():
+    """SPC-4 5.13.11.4.3: preempting the reservation removes the key's others, not the caller."""
+    h = make()
+    h.register(A, KEY_A)
+    h.register(B, KEY_A)
+    h.register(C, KEY_C)
+    h.reserve(A, KEY_A, T.WRITE_EXCLUSIVE_REGISTRANTS_ONLY)
+    aborts = h.out(A, PREEMPT_AND_ABORT, KEY_A, KEY_A, T.WRITE_EXCLUSIVE_REGISTRANTS_ONLY)
+    assert aborts == [B.name]
     assert h.keys()[1] == [KEY_A, KEY_C]
     assert h.pr.status()["registrants"][0]["initiator"] == A.name
+    assert h.reservation() == (KEY_A, 0, T.WRITE_EXCLUSIVE_REGISTRANTS_ONLY)
+    assert h.take_uas() == [(B.name, 0x2A, REG_PREEMPTED)]  # same type: no RELEASED
+
+
+def test_preempt_all_registrants_removing_the_last_other_keeps_reservation():
+    h = make()
+    h.register(A, KEY_A)
+    h.register(B, KEY_B)
+    h.reserve(A, KEY_A, T.WRITE_EXCLUSIVE_ALL_REGISTRANTS)
+    h.out(A, PREEMPT, KEY_A, KEY_A, 0)  # own key: removes the caller, B keeps it alive
+    assert h.keys()[1] == [KEY_B]
+    assert h.reservation() == (0, 0, T.WRITE_EXCLUSIVE_ALL_REGISTRANTS)
+    h.out(B, PREEMPT, KEY_B, KEY_B, 0)  # the last registrant goes: reservation goes
+    assert h.reservation() is None
 
 
 def test_preempt_all_registrants_with_zero_key():
@@ -630,3 +658,15 @@ def test_preempt_of_the_holder_checks_the_type_field():
         h.out(A, PREEMPT, KEY_A, KEY_B, 0x2)
     assert field_pointer(e) == (True, 2, 3)
     assert h.reservation() == (KEY_B, 0, T.WRITE_EXCLUSIVE)
+
+
+def test_spec_i_pt_pointer_names_the_offending_transport_id():
+    h = make()
+    h.register(C, KEY_C)
+    first = encode_iscsi_transport_id(B.name) + bytes(8)  # over-padded TransportID
+    first = first[:2] + struct.pack(">H", len(first) - 4) + first[4:]
+    blob = first + encode_iscsi_transport_id(C.name)
+    data = _spec_list(blob)
+    with pytest.raises(SenseError) as e:
+        h.pr.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
+    assert field_pointer(e) == (False, 28 + len(first), None)
