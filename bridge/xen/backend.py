@@ -190,6 +190,7 @@ class VscsiBackend:
                 await self._disconnect()
                 self._latched_close = False
                 log.info("%s: frontend re-initialising, InitWait for a reconnect", self.be)
+                await self._reset_devs()
                 await self._init_wait()
         elif fe_state == S.INITIALISED:
             if self.conn is None and not self._latched_close:
@@ -263,6 +264,13 @@ class VscsiBackend:
         await conn.done.wait()
         conn.evtchn.close()
         _close_mapping(conn.mapping, f"{self.be} ring")
+        # SAM-5 6.3.4: the transport connection is gone, an I_T nexus loss.
+        nexus_loss = getattr(self.target, "nexus_loss", None)
+        if nexus_loss is not None:
+            try:
+                nexus_loss(self.initiator.name)
+            except Exception:
+                log.exception("%s: nexus loss", self.be)
 
     # ---- the ring -------------------------------------------------------------
     async def _serve_ring(self, conn: _Connection) -> None:
@@ -440,6 +448,14 @@ class VscsiBackend:
                 if vdev is not None:
                     self.luns.pop(vdev.nexus, None)
                 await self.xs.write(node, str(int(S.CLOSED)))
+
+    async def _reset_devs(self) -> None:
+        """Before a reconnect: every live device is offered again (3/4 -> 1), as at attach."""
+        self.luns.clear()
+        for name, state, _, _ in await self._devs():
+            if state in (S.INITIALISED, S.CONNECTED):
+                await self.xs.write(f"{self.be}/vscsi-devs/{name}/state",
+                                    str(int(S.INITIALISING)))
 
     async def _update_dev_states(self) -> None:
         """VSCSIBACK_OP_UPDATEDEV_STATE: devs 3 -> 4."""
