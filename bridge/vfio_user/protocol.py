@@ -209,7 +209,8 @@ class MessageDecoder:
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
         self._buf = bytearray()
-        self._base = 0  # absolute stream position of _buf[0]
+        self._pos = 0  # first unconsumed byte of _buf
+        self._base = 0  # absolute stream position of _buf[_pos]
         self._skip = 0  # body bytes of an oversized message still to drop
         self._fd_groups: deque[_FdGroup] = deque()
         self._broken: str | None = None
@@ -218,48 +219,51 @@ class MessageDecoder:
         if self._broken is not None:
             _close_fds(fds or [])
             return
-        start = self._base + len(self._buf)
+        if self._pos:  # compact once per chunk, not once per message
+            del self._buf[: self._pos]
+            self._pos = 0
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             self._base += dropped
             data = data[dropped:]
-            start += dropped
         self._buf += data
         if fds or truncated:
-            end = start + len(data) if data else start
+            end = self._base + len(self._buf)
             self._fd_groups.append(_FdGroup(end, list(fds or []), truncated))
         self._drop_orphan_fds()
 
     def next_event(self) -> Event | None:
         if self._broken is not None:
             return None
-        if len(self._buf) < HEADER_SIZE:
+        pos = self._pos
+        available = len(self._buf) - pos
+        if available < HEADER_SIZE:
             return None
-        header = parse_header(self._buf)
-        if header.size < HEADER_SIZE:
-            self._broken = f"message size {header.size} smaller than the header"
+        header = parse_header(self._buf, pos)
+        size = header.size
+        if size < HEADER_SIZE:
+            self._broken = f"message size {size} smaller than the header"
             self.close()
             return FramingError(self._broken)
-        if header.size > self.max_message_size:
-            available = len(self._buf)
-            consumed = min(available, header.size)
-            self._skip = header.size - consumed
-            del self._buf[:consumed]
+        if size > self.max_message_size:
+            consumed = min(available, size)
+            self._skip = size - consumed
+            self._pos += consumed
             self._base += consumed
             self._drop_orphan_fds()
             return OversizedMessage(header)
-        if len(self._buf) < header.size:
+        if available < size:
             return None
-        payload = bytes(self._buf[HEADER_SIZE : header.size])
-        end = self._base + header.size
+        payload = bytes(self._buf[pos + HEADER_SIZE : pos + size])
+        end = self._base + size
         fds: list[int] = []
         truncated = False
         while self._fd_groups and self._fd_groups[0].end <= end:
             group = self._fd_groups.popleft()
             fds.extend(group.fds)
             truncated = truncated or group.truncated
-        del self._buf[: header.size]
+        self._pos = pos + size
         self._base = end
         return Message(header, payload, fds, truncated)
 
@@ -273,6 +277,7 @@ class MessageDecoder:
         while self._fd_groups:
             _close_fds(self._fd_groups.popleft().fds)
         self._buf.clear()
+        self._pos = 0
 
 
 # --- payloads ---------------------------------------------------------------

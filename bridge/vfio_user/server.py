@@ -227,4 +227,4 @@ async def _serve_client(sock: trio.socket.SocketType, device: VfioUserDevice,
         log.exception("client session failed")
     finally:
         conn.close()
-        log.info("client disconnected (%s)", conn.session.stats)
+        log.info("client disconnected (%s)", conn.session.stats_by_name())

@@ -73,7 +73,10 @@ class Session:
         self.negotiated = False
         self.client = ClientCaps()
         # Counters for tests and the log; cheap.
-        self.stats: dict[str, int] = {}
+        self.stats: dict[int | str, int] = {}  # per command number, and "errors"
+        # regions() is read once per client (on first use): PCI regions do not
+        # change while a client is connected.
+        self._regions: list[RegionInfo] | None = None
         self._handlers = {
             p.Command.VERSION: self._version,
             p.Command.DMA_MAP: self._dma_map,
@@ -101,8 +104,8 @@ class Session:
     def handle(self, msg: p.Message) -> Outgoing | None:
         """Act on one client command; return its reply unless NO_REPLY was asked."""
         hdr = msg.header
-        name = p.command_name(hdr.command)
-        self.stats[name] = self.stats.get(name, 0) + 1
+        stats = self.stats
+        stats[hdr.command] = stats.get(hdr.command, 0) + 1
         fds = msg.fds
         try:
             if hdr.flags & p.FLAG_TYPE_MASK != p.TYPE_COMMAND:
@@ -121,12 +124,12 @@ class Session:
             fds = []  # from here the handler owns msg.fds
             reply = handler(msg)
         except p.ProtocolError as exc:
-            log.warning("%s (id %d): refused with %s: %s", name, hdr.msg_id,
+            log.warning("%s (id %d): refused with %s: %s", p.command_name(hdr.command), hdr.msg_id,
                         errno.errorcode.get(exc.errno, exc.errno), exc.reason)
             self.stats["errors"] = self.stats.get("errors", 0) + 1
             reply = Outgoing(p.encode_error(hdr, exc.errno))
         except Exception:  # a device bug must not take the server down
-            log.exception("%s (id %d): device failed", name, hdr.msg_id)
+            log.exception("%s (id %d): device failed", p.command_name(hdr.command), hdr.msg_id)
             self.stats["errors"] = self.stats.get("errors", 0) + 1
             reply = Outgoing(p.encode_error(hdr, errno.EIO))
         finally:
@@ -145,8 +148,16 @@ class Session:
 
     # --- helpers ------------------------------------------------------------------------
 
+    def regions(self) -> list[RegionInfo]:
+        if self._regions is None:
+            self._regions = list(self.device.regions())
+        return self._regions
+
+    def stats_by_name(self) -> dict[str, int]:
+        return {k if isinstance(k, str) else p.command_name(k): v for k, v in self.stats.items()}
+
     def _region(self, index: int) -> RegionInfo:
-        regions = self.device.regions()
+        regions = self.regions()
         if index >= len(regions):
             raise p.ProtocolError(errno.EINVAL, f"region {index} out of range")
         return regions[index]
@@ -246,7 +257,7 @@ class Session:
     def _device_info(self, msg: p.Message) -> Outgoing:
         p.parse_device_info(msg.payload)
         body = p.encode_device_info(p.DEVICE_FLAGS_PCI | p.DEVICE_FLAGS_RESET,
-                                    len(self.device.regions()), len(self.device.irqs()))
+                                    len(self.regions()), len(self.device.irqs()))
         return Outgoing(p.encode_reply(msg.header, body))
 
     def _region_info(self, msg: p.Message) -> Outgoing:
