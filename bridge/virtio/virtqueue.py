@@ -103,6 +103,9 @@ class SplitVirtqueue:
             raise VirtqueueBroken("misaligned ring address")
         self.size = size
         self._dma = dma
+        # DmaSpaceImpl.views: a buffer of physically contiguous guest pages may
+        # cross the boundary between two of the client's DMA maps.
+        self._views = getattr(dma, "views", None)
         self._event_idx = event_idx
         self._indirect = indirect
         try:
@@ -183,7 +186,7 @@ class SplitVirtqueue:
                 view_ok = True
                 if length:
                     try:
-                        chain.writable.append(self._dma.view(addr, length, True))
+                        chain.writable.extend(self._buffer(addr, length, True))
                     except DmaError:
                         chain.fail("writable buffer outside guest memory or read-only")
                         view_ok = False
@@ -195,7 +198,7 @@ class SplitVirtqueue:
                 chain.fail("device-readable descriptor after a device-writable one")
             elif length:
                 try:
-                    chain.readable.append(self._dma.view(addr, length, False))
+                    chain.readable.extend(self._buffer(addr, length, False))
                 except DmaError:
                     chain.fail("readable buffer outside guest memory")
             if not flags & VIRTQ_DESC_F_NEXT:
@@ -207,6 +210,12 @@ class SplitVirtqueue:
         if not seen_writable:
             chain.response_usable = False
         return chain
+
+    def _buffer(self, addr: int, length: int, writable: bool) -> list[memoryview]:
+        """A data buffer as views; it may span adjacent DMA maps when the space allows."""
+        if self._views is not None:
+            return self._views(addr, length, writable)
+        return [self._dma.view(addr, length, writable)]
 
     def _indirect_problem(self, in_indirect: bool, length: int, flags: int) -> str | None:
         if not self._indirect:

@@ -302,3 +302,23 @@ class Driver:
 async def settle() -> None:
     """Let the device's tasks run until all of them wait."""
     await trio.testing.wait_all_tasks_blocked()
+
+
+class SplitDma(FakeDma):
+    """Guest memory made of two DMA maps meeting at ``boundary`` (like QEMU's RAM split)."""
+
+    def __init__(self, boundary: int = MEM_SIZE // 2, **kw) -> None:
+        super().__init__(**kw)
+        self.boundary = boundary
+
+    def view(self, iova: int, length: int, writable: bool) -> memoryview:
+        if iova < self.boundary < iova + length:
+            raise DmaError("range crosses two DMA maps")
+        return super().view(iova, length, writable)
+
+    def views(self, iova: int, length: int, writable: bool) -> list[memoryview]:
+        if iova < self.boundary < iova + length:
+            first = self.boundary - iova
+            return [self.view(iova, first, writable),
+                    self.view(self.boundary, length - first, writable)]
+        return [self.view(iova, length, writable)]

@@ -326,3 +326,25 @@ async def test_detach_keeps_state_and_reattach_resumes(nursery):
     await settle()
     assert g.drv.status() == status
     assert len(g.drv.used(RQ)) == 1  # the chain posted while detached was served on reattach
+
+
+async def test_buffer_spanning_two_dma_maps(nursery):
+    from .fakes import SplitDma
+
+    g = Guest(nursery)
+    g.dma = SplitDma()
+    g.dev.detach()
+    g.dev.attach(nursery, g.dma)
+    g.drv = type(g.drv)(g.dev, g.dma)
+    g.drv.init()
+    g.target.disk[0:BLOCK * 2] = bytes(range(256)) * 4
+    req = g.dma.alloc(51)
+    g.dma.write(req, cmd_req(READ10(0, 2)))
+    resp = g.dma.alloc(RESP_LEN)
+    din = g.dma.boundary - 100  # the data-in buffer crosses the boundary
+    g.drv.add_chain(RQ, [(req, 51)], [(resp, RESP_LEN), (din, 2 * BLOCK)])
+    g.drv.kick(RQ)
+    await settle()
+    assert parse_resp(g.dma.read(resp, RESP_LEN))["response"] == VirtioScsiResponse.OK
+    assert g.dma.read(din, 2 * BLOCK) == bytes(range(256)) * 4
+    assert len(g.target.requests[0].data_in) == 2  # two views, no copy
