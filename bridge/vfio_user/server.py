@@ -29,6 +29,9 @@ from bridge.vfio_user.session import MAX_MESSAGE_SIZE, Outgoing, Session
 log = logging.getLogger("bridge.vfio_user")
 
 RECV_SIZE = 256 * 1024
+# How long a DMA_READ/DMA_WRITE may wait for the client's reply; QEMU's own
+# default reply timeout is 5 s (x-msg-timeout).
+DMA_REQUEST_TIMEOUT = 5.0
 ANCILLARY_SIZE = stdsocket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
 
 
@@ -87,12 +90,15 @@ class Connection:
         slot: list[p.Message] = []
         self._pending[msg_id] = (event, slot)
         try:
-            await self.send(Outgoing(p.encode_message(msg_id, command, payload)))
-            await event.wait()
+            with trio.move_on_after(DMA_REQUEST_TIMEOUT):
+                await self.send(Outgoing(p.encode_message(msg_id, command, payload)))
+                await event.wait()
         finally:
             self._pending.pop(msg_id, None)
         if not slot:
-            raise DmaError("vfio-user client disconnected")
+            if self._closed:
+                raise DmaError("vfio-user client disconnected")
+            raise DmaError(f"{p.command_name(command)}: no reply in {DMA_REQUEST_TIMEOUT} s")
         reply = slot[0]
         if reply.header.flags & p.FLAG_ERROR:
             raise DmaError(f"{p.command_name(command)} refused by client: "

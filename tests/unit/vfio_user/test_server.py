@@ -545,3 +545,39 @@ async def test_stale_socket_is_replaced_but_a_regular_file_is_not(tmp_path: Path
     with pytest.raises(FileExistsError):
         await serve(str(other), DummyDevice())
     assert other.read_text() == "x"
+
+
+async def test_dma_read_refused_or_unanswered_becomes_dma_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bridge.vfio_user.server as server_mod
+
+    monkeypatch.setattr(server_mod, "DMA_REQUEST_TIMEOUT", 0.2)
+    dev = DummyDevice()
+    errors: list[str] = []
+    doorbell = trio.Event()
+    dev.region_write = lambda index, offset, data: doorbell.set()  # type: ignore[method-assign]
+
+    async def device_task(dma) -> None:
+        await doorbell.wait()
+        for _ in range(2):
+            try:
+                await dma.read(0xF0000, 4)
+            except DmaError as exc:
+                errors.append(str(exc))
+
+    dev.on_attach = device_task
+    async with running(tmp_path, dev) as path:
+        c = await connect(path)
+        await c.handshake()
+        await c.call(p.Command.DMA_MAP, dma_map(0xF0000, 0x1000))  # no fd
+        await c.send_raw(p.encode_message(9, p.Command.REGION_WRITE,
+                                          struct.pack("=QII", 0, 0, 1) + b"\1", p.FLAG_NO_REPLY))
+        hdr, _, _ = await c.recv()  # first DMA_READ: refused like QEMU without bus master
+        assert hdr.command == p.Command.DMA_READ
+        await c.send_raw(p.HEADER.pack(hdr.msg_id, hdr.command, 16,
+                                       p.TYPE_REPLY | p.FLAG_ERROR, errno.ENODEV))
+        hdr, _, _ = await c.recv()  # second: never answered
+        assert hdr.command == p.Command.DMA_READ
+        await wait_for(lambda: len(errors) == 2)
+        assert "No such device" in errors[0] and "no reply" in errors[1]
+        assert await c.info() == (3, 9, 5)  # the connection still serves
