@@ -173,9 +173,11 @@ class PersistentReservations:
         """True when this command from this I_T nexus must get RESERVATION CONFLICT."""
         if not cdb:
             return False
-        cdb = bytes(cdb)
         op = cdb[0]
         st = self._state
+        if self._spc2_holder is None and st.reservation is None and op not in SPC2_OPCODES:
+            return False  # the common case, on every I/O: nothing reserved
+        cdb = bytes(cdb)
         if self._spc2_holder is not None:
             if op in (PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT):
                 return True  # SPC-2 5.5.1: regardless of initiator
