@@ -140,6 +140,8 @@ class VirtioScsiPciDevice:
         self._active: _Activation | None = None
         self._events_missed = False
         self._event_vq: SplitVirtqueue | None = None
+        # chains taken from each virtqueue since creation (tests, benchmarks)
+        self.requests_per_queue = [0] * self.pci.num_queues
         # ring positions kept across a client disconnect (no reset happened)
         self._positions: dict[int, tuple[int, int]] = {}
         subscribe = getattr(target, "subscribe", None)
@@ -333,6 +335,7 @@ class VirtioScsiPciDevice:
                     continue
                 return
             qs.inflight += 1
+            self.requests_per_queue[queue] += 1
             act.nursery.start_soon(handler, act, queue, chain)
 
     def _complete(self, act: _Activation, queue: int, chain: DescriptorChain, written: int) -> None:
