@@ -202,10 +202,10 @@ class Session:
         # Our answer: a subset of the client's offer, kept short because QEMU's
         # receive buffer is the size of its own request (proxy.c).
         ours: dict[str, object] = {
-            "max_msg_fds": min(p.MAX_MSG_FDS, max(client.max_msg_fds, 1)),
-            "max_data_xfer_size": min(MAX_DATA_XFER_SIZE, max(client.max_data_xfer_size, 4096)),
+            "max_msg_fds": min(p.MAX_MSG_FDS, client.max_msg_fds) or 1,
+            "max_data_xfer_size": min(MAX_DATA_XFER_SIZE, client.max_data_xfer_size) or 4096,
             "pgsizes": PGSIZES,
-            "max_dma_maps": min(MAX_DMA_MAPS, max(client_maps, 1)),
+            "max_dma_maps": min(MAX_DMA_MAPS, client_maps) or 1,
         }
         if client.write_multiple:
             ours["write_multiple"] = True
@@ -332,10 +332,12 @@ class Session:
         return Outgoing(p.encode_reply(
             msg.header, p.encode_region_access(acc.offset, acc.region, acc.count, data)))
 
-    def _region_write(self, msg: p.Message) -> Outgoing:
+    def _region_write(self, msg: p.Message) -> Outgoing | None:
         acc = p.parse_region_access(msg.payload, True, "REGION_WRITE")
         self._check_access(acc, REGION_FLAG_WRITE)
         self.device.region_write(acc.region, acc.offset, acc.data)
+        if msg.header.no_reply:  # posted write: the common doorbell case
+            return None
         return Outgoing(p.encode_reply(
             msg.header, p.encode_region_access(acc.offset, acc.region, acc.count)))
 
@@ -345,6 +347,8 @@ class Session:
             self._check_access(acc, REGION_FLAG_WRITE)
         for acc in writes:
             self.device.region_write(acc.region, acc.offset, acc.data)
+        if msg.header.no_reply:  # posted write: the common doorbell case
+            return None
         return Outgoing(p.encode_reply(msg.header))
 
     def _reset(self, msg: p.Message) -> Outgoing:

@@ -581,3 +581,32 @@ async def test_dma_read_refused_or_unanswered_becomes_dma_error(
         await wait_for(lambda: len(errors) == 2)
         assert "No such device" in errors[0] and "no reply" in errors[1]
         assert await c.info() == (3, 9, 5)  # the connection still serves
+
+
+async def test_version_reply_is_a_subset_of_the_client_offer(tmp_path: Path) -> None:
+    async with running(tmp_path, DummyDevice()) as path:
+        c = await connect(path)
+        caps = {"capabilities": {"max_msg_fds": 4, "max_data_xfer_size": 65536,
+                                 "max_dma_maps": 100, "pgsizes": 4096}}
+        payload = struct.pack("=HH", 0, 0) + json.dumps(caps).encode() + b"\0"
+        hdr, body, _ = await c.call(p.Command.VERSION, payload)
+        assert not hdr.flags & p.FLAG_ERROR
+        got = json.loads(body[4:-1])["capabilities"]
+        assert got == {"max_msg_fds": 4, "max_data_xfer_size": 65536, "pgsizes": 4096,
+                       "max_dma_maps": 100}
+
+
+@pytest.mark.parametrize("caps, want", [
+    (b'{"capabilities":{"max_msg_fds":"x"}}', errno.EINVAL),
+    (b'{"capabilities":{"pgsizes":8192}}', errno.EINVAL),
+    (b'{"capabilities":[]}', errno.EINVAL),
+])
+async def test_bad_version_requests_are_refused_then_a_good_one_works(
+        tmp_path: Path, caps: bytes, want: int) -> None:
+    async with running(tmp_path, DummyDevice()) as path:
+        c = await connect(path)
+        assert await c.expect_error(p.Command.VERSION, struct.pack("=HH", 0, 0) + caps + b"\0") \
+            == want
+        assert await c.expect_error(p.Command.VERSION, struct.pack("=HH", 1, 0) + b"{}\0") \
+            == errno.ENOTSUP
+        await c.handshake()
