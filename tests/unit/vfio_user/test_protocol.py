@@ -189,3 +189,47 @@ def test_decoder_size_below_header_is_fatal() -> None:
     assert isinstance(ev, p.FramingError)
     d.feed(_msg(p.Command.DEVICE_RESET))
     assert d.next_event() is None
+
+
+@pytest.mark.parametrize("recv_size", [7, 16, 40, 65536])
+def test_decoder_pairs_fds_correctly_with_the_real_kernel(recv_size: int) -> None:
+    """Back-to-back sendmsg()s, some with fds, read with recvmsg() of any size:
+    each message must get exactly the fds it was sent with."""
+    import array
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pipes = [os.pipe() for _ in range(3)]
+    plan = [(1, []), (2, [pipes[0][0]]), (3, [pipes[1][0], pipes[2][0]]), (4, []),
+            (5, [pipes[0][1]])]
+    for msg_id, fds in plan:
+        raw = p.encode_message(msg_id, p.Command.DMA_MAP, bytes(32))
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        a.sendmsg([raw], anc)
+    a.close()
+    d = p.MessageDecoder(4096)
+    got: dict[int, list[int]] = {}
+    while True:
+        data, anc, flags, _ = b.recvmsg(recv_size, socket.CMSG_SPACE(16 * 4))
+        fds = []
+        for _level, _kind, raw in anc:
+            arr = array.array("i")
+            arr.frombytes(raw)
+            fds.extend(arr)
+        if not data:
+            break
+        d.feed(data, fds)
+        while (ev := d.next_event()) is not None:
+            assert isinstance(ev, p.Message)
+            got[ev.header.msg_id] = ev.fds
+    b.close()
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for msg_id, sent in plan:
+        received = got[msg_id]
+        assert len(received) == len(sent), (msg_id, received)
+        for s_fd, r_fd in zip(sent, received, strict=True):
+            assert os.fstat(s_fd).st_ino == os.fstat(r_fd).st_ino
+            os.close(r_fd)
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
