@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +126,7 @@ def _guest_image_cached() -> GuestImage:
         directory=d,
         kernel=vmlinux if vmlinux.exists() else d / "vmlinuz",
         initramfs=d / "initramfs.cpio.gz",
-        fio_layer=d / "fio.cpio.gz",
+        fio_layer=d / "fio.cpio",
     )
 
 
@@ -386,6 +386,7 @@ async def run_guest(
     append: str = "",
     extra_args: Sequence[str] = (),
     log_path: Path | None = None,
+    on_start: Callable[[trio.Process], Awaitable[None] | None] | None = None,
 ) -> GuestResult:
     """Boot a guest, run ``script`` (busybox sh) in it, return its exit status and output.
 
@@ -393,8 +394,10 @@ async def run_guest(
     "builtin" (QEMU's own virtio-scsi-pci + scsi-hd on ``image``) or "none".
     fio: append the fio layer to the initramfs (None: only if the script names fio).
     The script may use the helpers in images/guest/helpers.sh (vscsi_wait_disks,
-    vscsi_lsscsi). Raises GuestTimeout (QEMU killed) or GuestError with the last
-    console lines when the guest does not report an exit status.
+    vscsi_lsscsi). on_start(process) is called once QEMU runs (e.g. to sample
+    /proc/<pid>/task/*/stat for CPU accounting). Raises GuestTimeout (QEMU
+    killed) or GuestError with the last console lines when the guest does not
+    report an exit status.
     """
     qemu, img = await ensure_images()
     accel = accel or await trio.to_thread.run_sync(detect_accel)
@@ -415,6 +418,10 @@ async def run_guest(
             assert process.stdout is not None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(console.pump, process.stdout)
+                if on_start is not None:
+                    started = on_start(process)
+                    if started is not None:
+                        await started
                 with trio.move_on_after(timeout) as scope:
                     await process.wait()
                 timed_out = scope.cancelled_caught

@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import trio
 
 from tests.integration.guest import (
     CONFIG_DIR,
+    ensure_images,
     guest_session,
     load_args,
     newc_archive,
@@ -118,3 +120,50 @@ def test_script_output_between_markers() -> None:
     console = "boot noise\nVSCSI-BEGIN\nline 1\nline 2\nVSCSI-EXIT 3\nVSCSI-POWEROFF\n"
     assert script_output(console) == "line 1\nline 2\n"
     assert script_output("no markers") == ""
+
+
+TOOLS_SCRIPT = r"""
+vscsi_wait_disks 1 30
+echo "--- fio"
+fio --name=verify --filename=/dev/sda --direct=1 --ioengine=libaio --rw=randwrite --bs=4k \
+    --size=8M --offset_increment=8M --iodepth=32 --numjobs=2 --verify=crc32c \
+    --group_reporting >/tmp/fio.out 2>&1
+echo "fio-rc $?"
+grep -E 'err=|IOPS' /tmp/fio.out
+echo "--- iscsi-test-cu"
+iscsi-test-cu -d -s -t ALL.Inquiry /dev/sg0 2>&1 | grep -E '^ +tests'
+echo "--- ext4"
+mkfs.ext4 -q -F /dev/sda && mount -t ext4 /dev/sda /mnt && echo data >/mnt/file && umount /mnt
+e2fsck -fn /dev/sda >/dev/null 2>&1; echo "e2fsck-rc $?"
+"""
+
+
+@pytest.mark.booted
+async def test_guest_tools_fio_iscsi_test_cu_ext4(sparse_image) -> None:
+    """The initramfs' tools run: fio (verify), iscsi-test-cu over SG_IO, mkfs/mount/fsck."""
+    image = sparse_image(64 << 20)
+    result = await run_guest(TOOLS_SCRIPT, attach="builtin", image=image, timeout=400)
+    out = result.output
+    print(out)
+    assert result.rc == 0, out
+    assert "fio-rc 0" in out and re.search(r"jobs=2\): err= 0", out), out
+    assert re.search(r"write: IOPS=", out) and re.search(r"read: IOPS=", out), out
+    m = re.search(r"^ +tests +(\d+) +(\d+) +(\d+) +(\d+)", out, re.MULTILINE)
+    assert m and int(m.group(2)) > 0, out  # iscsi-test-cu ran its Inquiry tests over /dev/sg0
+    assert "e2fsck-rc 0" in out, out
+
+
+async def test_qemu_accepts_vfio_user_config(tmp_path) -> None:
+    """QEMU 11 parses qemu-configs/vfio-user.args and gets as far as connecting to the socket."""
+    qemu, image = await ensure_images()
+    sock = tmp_path / "absent.sock"
+    values = {
+        "ACCEL": "tcg", "CPU": "max", "SMP": "1", "MEM": "128M", "KERNEL": str(image.kernel),
+        "INITRD": str(image.initramfs), "APPEND": "console=ttyS0", "SERIAL": "none",
+        "SOCKET": str(sock),
+    }  # fmt: skip
+    argv = [str(qemu), *load_args("guest.args", values), *load_args("vfio-user.args", values)]
+    proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert f"Failed to connect to '{sock}'" in err, err
