@@ -304,18 +304,22 @@ def test_kill_9_at_random_points_keeps_the_last_acknowledged_state(tmp_path):
     killed_at: list[int] = []
     for r in range(rounds):
         path = str(tmp_path / f"round{r}.pr.json")
-        steps = _script(r, 400)
+        steps = _script(r, 600)
         expected = _expected_statuses(steps)
         proc = subprocess.Popen(
             [sys.executable, "-c", _CHILD_CODE, root, path, json.dumps(steps)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        # Let it get going (imports take ~0.1-0.3 s), then kill at a random moment.
-        time.sleep(0.25 + rnd.random() * 0.3)
+        # Wait for the first acknowledgement (start-up time varies with load),
+        # then kill at a random moment inside the workload.
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        time.sleep(rnd.random() * 0.3)
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate()
-        lines = [ln for ln in out.decode().splitlines() if ln.strip()]
+        lines = [ln for ln in (first + out).decode().splitlines() if ln.strip()]
+        assert first, err.decode()
         acked = -1
         for ln in lines:
             try:
