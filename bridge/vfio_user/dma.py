@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import gc
 import logging
 import mmap
 import os
@@ -155,8 +156,13 @@ class DmaSpaceImpl:
         pending = self._zombies + regions
         self._zombies = [r for r in pending if not r.release()]
         if self._zombies:
-            log.warning("%d DMA mapping(s) still referenced by the device; unmap deferred",
-                        len(self._zombies))
+            # Views dropped by the device may still sit in reference cycles
+            # (e.g. a traceback's frames): collect once before giving up.
+            gc.collect()
+            self._zombies = [r for r in self._zombies if not r.release()]
+        if self._zombies:
+            log.warning("DMA unmap deferred: the device still holds views into %s",
+                        ", ".join(f"{r.iova:#x}+{r.size:#x}" for r in self._zombies))
 
     @property
     def deferred_unmaps(self) -> int:

@@ -138,3 +138,18 @@ async def test_read_write_fall_back_to_remote(memfd: int) -> None:
     assert os.pread(memfd, 6, 0x10) == b"direct"
     assert await dma.read(0x10, 6) == b"direct"
     dma.unmap_all()
+
+
+def test_views_kept_alive_only_by_a_garbage_cycle_do_not_defer_unmap(memfd: int) -> None:
+    dma = DmaSpaceImpl()
+    dma.map(0, 0x1000, True, True, memfd, 0)
+
+    class Holder:
+        pass
+
+    h = Holder()
+    h.view = dma.view(0, 8, True)  # type: ignore[attr-defined]
+    h.me = h  # type: ignore[attr-defined]  # a cycle: freed only by the collector
+    del h
+    dma.unmap(0, 0x1000)
+    assert dma.deferred_unmaps == 0
