@@ -610,3 +610,21 @@ async def test_bad_version_requests_are_refused_then_a_good_one_works(
         assert await c.expect_error(p.Command.VERSION, struct.pack("=HH", 1, 0) + b"{}\0") \
             == errno.ENOTSUP
         await c.handshake()
+
+
+async def test_cancelling_serve_detaches_the_client_and_removes_the_socket(
+        tmp_path: Path) -> None:
+    dev = DummyDevice()
+    ram = memfd(1 << 16)
+    path = str(tmp_path / "vfu.sock")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, path, dev)
+        c = await connect(path)
+        await c.handshake()
+        await c.call(p.Command.DMA_MAP, dma_map(0, 1 << 16), (ram,))
+        dma = dev.dma
+        nursery.cancel_scope.cancel()
+    assert dev.detached == 1 and not os.path.exists(path)
+    with pytest.raises(DmaError):
+        dma.view(0, 1, False)
+    os.close(ram)
