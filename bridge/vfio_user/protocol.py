@@ -215,7 +215,8 @@ class MessageDecoder:
         self._fd_groups: deque[_FdGroup] = deque()
         self._broken: str | None = None
 
-    def feed(self, data: bytes, fds: list[int] | None = None, truncated: bool = False) -> None:
+    def feed(self, data: bytes | memoryview, fds: list[int] | None = None,
+             truncated: bool = False) -> None:
         if self._broken is not None:
             _close_fds(fds or [])
             return

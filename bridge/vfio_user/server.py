@@ -64,6 +64,9 @@ class Connection:
         self._next_id = 0
         self._pending: dict[int, tuple[trio.Event, list[p.Message]]] = {}
         self._closed = False
+        # One receive buffer for the connection: no 256 KiB allocation per recvmsg.
+        self._recv_buf = bytearray(RECV_SIZE)
+        self._recv_view = memoryview(self._recv_buf)
         self.dma.set_remote(self._remote_read, self._remote_write, self.dma.max_transfer)
 
     # --- sending -----------------------------------------------------------------
@@ -133,15 +136,15 @@ class Connection:
         """Receive and handle messages until EOF or an unrecoverable framing error."""
         while True:
             try:
-                data, ancdata, flags, _ = await self.sock.recvmsg(
-                    RECV_SIZE, ANCILLARY_SIZE, stdsocket.MSG_CMSG_CLOEXEC)
+                nbytes, ancdata, flags, _ = await self.sock.recvmsg_into(
+                    [self._recv_buf], ANCILLARY_SIZE, stdsocket.MSG_CMSG_CLOEXEC)
             except OSError as exc:
                 log.info("client socket error: %s", exc)
                 return
             fds = _parse_fds(ancdata)
-            if not data and not fds:
+            if not nbytes and not fds:
                 return
-            self.decoder.feed(data, fds, bool(flags & stdsocket.MSG_CTRUNC))
+            self.decoder.feed(self._recv_view[:nbytes], fds, bool(flags & stdsocket.MSG_CTRUNC))
             while True:
                 event = self.decoder.next_event()
                 if event is None:
