@@ -3,9 +3,17 @@
 Data goes straight between the file and the request's memoryviews (guest memory):
 no intermediate bytes objects. Reads are tried inline with RWF_NOWAIT (a page-cache
 hit never blocks the trio loop) and fall back to a worker thread on EAGAIN or a short
-read. Writes are tried inline with RWF_NOWAIT as well (buffered-write NOWAIT support
-is filesystem dependent; when the kernel refuses with EOPNOTSUPP once we go straight
-to threads): see tests/bench/core_read_bench.py for the measurements behind that.
+read.
+
+Writes (measured with tests/bench/core_read_bench.py; a worker-thread hop costs about
+100 us of CPU here, a buffered 4 KiB pwritev a few us):
+1. where the kernel supports RWF_NOWAIT for buffered writes, inline with it, the
+   rest in a thread on EAGAIN;
+2. otherwise (ext4 on this kernel answers EOPNOTSUPP) page-aligned writes of at most
+   INLINE_WRITE_MAX on a regular file go inline, timed: one that took longer than
+   INLINE_WRITE_SLOW (dirty-page throttling, memory pressure) sends every write to
+   threads for INLINE_WRITE_BACKOFF seconds. Unaligned writes may need a page read
+   first and always go to a thread, as do block devices and synchronous writes.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections.abc import Sequence
 
 import trio
@@ -31,6 +40,10 @@ RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 BLKDISCARD = 0x1277  # linux/fs.h _IO(0x12, 119)
+PAGE = 4096
+INLINE_WRITE_MAX = 128 << 10
+INLINE_WRITE_SLOW = 0.002  # seconds
+INLINE_WRITE_BACKOFF = 0.05  # seconds
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -64,6 +77,8 @@ class Backing:
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self.nowait_reads = RWF_NOWAIT != 0
         self.nowait_writes = RWF_NOWAIT != 0
+        self.inline_writes = not self.is_block_device
+        self._inline_backoff_until = 0.0
         self.closed = False
 
     def close(self) -> None:
@@ -146,9 +161,20 @@ class Backing:
         """Write ``views`` at ``offset``; returns only after pwritev returned (and after
         fdatasync when ``sync``: WCE=0, FUA, SBC-3 4.13)."""
         done = 0
-        if self.nowait_writes and not sync:
-            done = self._pwritev_all(views, offset, RWF_NOWAIT)
-        if done < sum(len(v) for v in views) or sync:
+        total = sum(len(v) for v in views)
+        if not sync:
+            if self.nowait_writes:
+                done = self._pwritev_all(views, offset, RWF_NOWAIT)
+            if (done == 0 and not self.nowait_writes and self.inline_writes
+                    and total <= INLINE_WRITE_MAX and not (offset | total) % PAGE):
+                now = time.perf_counter()
+                if now >= self._inline_backoff_until:
+                    done = self._pwritev_all(views, offset, 0)
+                    took = time.perf_counter() - now
+                    if took > INLINE_WRITE_SLOW:
+                        self._inline_backoff_until = now + took + INLINE_WRITE_BACKOFF
+                        log.debug("inline write took %.0f us: threads for a while", took * 1e6)
+        if done < total or sync:
             await trio.to_thread.run_sync(self._write_rest_sync, skip(views, done), offset + done, sync)
 
     def _write_rest_sync(self, views: Sequence[memoryview], offset: int, sync: bool) -> None:

@@ -51,6 +51,7 @@ def scatter(views: Sequence[memoryview], data: bytes | memoryview) -> int:
     for v in views:
         if done >= total:
             break
+        v = as_bytes_view(v)
         n = min(len(v), total - done)
         v[:n] = data[done : done + n]
         done += n
