@@ -13,6 +13,8 @@ import os
 import shutil
 import socket as stdsocket
 import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,14 @@ from tests.integration.dummy_pci import DEVICE_ID, VENDOR_ID, DummyPci
 QEMU = os.environ.get("VSCSI_QEMU",
                       "/root/.cache/vscsi-bridge/bin/qemu-system-x86_64")
 log = logging.getLogger(__name__)
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A short directory: unix socket paths are limited to 108 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="vfu-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _require_qemu() -> None:

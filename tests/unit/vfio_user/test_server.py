@@ -6,9 +6,11 @@ import array
 import errno
 import json
 import os
+import shutil
 import socket as stdsocket
 import struct
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,6 +31,14 @@ from bridge.vfio_user.device import (
 from bridge.vfio_user.server import serve
 
 RW = REGION_FLAG_READ | REGION_FLAG_WRITE
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A short directory: unix socket paths are limited to 108 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="vfu-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 BUG_OFFSET = 0xFF0  # region_write here raises, to check device bugs become EIO
 
 
