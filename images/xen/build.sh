@@ -3,7 +3,8 @@
 #   OUT/xen                Xen 4.17 hypervisor (multiboot, gunzipped from xen-hypervisor-4.17-amd64)
 #   OUT/vmlinuz            dom0 and domU kernel (Debian linux-image-amd64, PV-capable)
 #   OUT/dom0-initrd.gz     busybox initramfs: loads virtio_pci + 9p, mounts the 9p shares, switch_root
-#   OUT/domu-initrd.gz     base initramfs of the PV domU (xen-scsifront, sd_mod, sg, sg3-utils, fio)
+#   OUT/domu-initrd.gz     base initramfs of the PV domU (xen-scsifront, sd_mod, sg, sg3-utils)
+#   OUT/domu-fio.cpio.gz   fio layer, appended to the base for guests that run fio
 #   OUT/rootfs ->          debootstrapped bookworm dom0 root (xen-utils-4.17, python3-trio, ...), a cache
 #                          stage of its own: CACHE/xen-rootfs-<hash of its recipe>/rootfs
 # OUT = ${VSCSI_CACHE:-/root/.cache/vscsi-bridge}/xen-<hash of the inputs>. Idempotent: a finished OUT
@@ -126,7 +127,7 @@ stage_initramfs() { # DIR INIT MODULES...
     local dir=$1 init=$2; shift 2
     mkdir -p "$dir"/{bin,sbin,dev,proc,sys,tmp,mnt,newroot,lib/modules}
     cp /bin/busybox "$dir/bin/busybox"
-    for app in $(/bin/busybox --list); do ln -sf busybox "$dir/bin/$app"; done
+    for app in $(/bin/busybox --list); do [ "$app" = busybox ] || ln -sf busybox "$dir/bin/$app"; done
     : >"$dir/modules.order"
     for ko in $(mods_for "$@"); do
         cp "$ROOT$ko" "$dir/lib/modules/"
@@ -142,22 +143,34 @@ stage_initramfs "$WORK/dom0-initrd" "$HERE/dom0-initramfs-init.sh" virtio_pci 9p
 pack "$WORK/dom0-initrd" "$WORK/dom0-initrd.gz"
 
 # ---- 3. domU base initramfs: xen-scsifront, sg3-utils, fio -----------------------------------
-say "domU initramfs (xen-scsifront, sd_mod, sg, sg3-utils, fio)"
+# Two archives: the base (busybox, modules, sg3-utils: about 3 MB, unpacks fast under TCG) and a
+# fio layer (fio and its ~80 MB of libraries) appended only for guests that run fio: the kernel
+# unpacks concatenated cpio archives in order.
+add_bins() { # DIR SEEN_LIST BINARY...: copy binaries and the libraries ldd lists, minus SEEN_LIST
+    local dir=$1 seen=$2; shift 2
+    mkdir -p "$dir/usr/bin"
+    : >"$WORK/libs.new"
+    for b in "$@"; do
+        cp "$ROOT/usr/bin/$b" "$dir/usr/bin/"
+        # the libraries, resolved by the rootfs' own loader (the loader itself included)
+        in_root ldd "/usr/bin/$b" | awk '/=> \//{print $3} /^\t\/lib/{print $1}' >>"$WORK/libs.new"
+    done
+    sort -u "$WORK/libs.new" | comm -23 - "$seen" | while read -r lib; do
+        mkdir -p "$dir$(dirname "$lib")"
+        cp -L "$ROOT$lib" "$dir$lib"
+        echo "$lib"
+    done >>"$seen"
+    sort -u -o "$seen" "$seen"
+}
+say "domU initramfs (xen-scsifront, sd_mod, sg, sg3-utils) + fio layer"
 D=$WORK/domu-initrd
 stage_initramfs "$D" "$HERE/domu-init.sh" xen-scsifront sd_mod sg
-mkdir -p "$D/usr/bin"
-BINS="fio $(cd "$ROOT/usr/bin" && ls sg_* sginfo 2>/dev/null | tr '\n' ' ')"
-for b in $BINS; do
-    cp "$ROOT/usr/bin/$b" "$D/usr/bin/"
-    # copy the shared libraries the binary needs (resolved by the rootfs' own loader)
-    in_root ldd "/usr/bin/$b" | awk '/=> \//{print $3} /^\t\/lib/{print $1}' >>"$WORK/libs"
-done
-sort -u "$WORK/libs" | while read -r lib; do
-    mkdir -p "$D$(dirname "$lib")"
-    cp -L "$ROOT$lib" "$D$lib"
-done
-mkdir -p "$D/lib64" && ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$D/lib64/ld-linux-x86-64.so.2"
+: >"$WORK/libs.seen"
+# shellcheck disable=SC2046
+add_bins "$D" "$WORK/libs.seen" $(cd "$ROOT/usr/bin" && ls sg_* sginfo)
 pack "$D" "$WORK/out/domu-initrd.gz"
+add_bins "$WORK/domu-fio" "$WORK/libs.seen" fio
+pack "$WORK/domu-fio" "$WORK/out/domu-fio.cpio.gz"
 
 # ---- 4. the hypervisor and the kernel ------------------------------------------------------
 gunzip -c "$ROOT"/opt/vscsi/xen-hypervisor/boot/xen-4.17-amd64.gz >"$WORK/out/xen"
@@ -166,6 +179,7 @@ mv "$WORK/dom0-initrd.gz" "$WORK/out/"
 cp "$ROOT/opt/vscsi/versions" "$WORK/out/versions"
 echo "rootfs=$ROOT" >>"$WORK/out/versions"
 echo "domu-initrd-bytes=$(stat -c %s "$WORK/out/domu-initrd.gz")" >>"$WORK/out/versions"
+echo "domu-fio-layer-bytes=$(stat -c %s "$WORK/out/domu-fio.cpio.gz")" >>"$WORK/out/versions"
 ln -s "$ROOT" "$WORK/out/rootfs"
 rm -rf "$OUT"
 mv "$WORK/out" "$OUT"

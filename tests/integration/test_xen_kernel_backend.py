@@ -22,7 +22,7 @@ truncate -s 64M /tmp/disk.img
 printf '{PATTERN}' | dd of=/tmp/disk.img conv=notrunc status=none
 lio_fileio_pvscsi /tmp/disk.img $((64 << 20)) {WWN} 0 || {{ echo "LIO configuration failed"; exit 10; }}
 echo "lio: $(ls /sys/kernel/config/target/xen-pvscsi/{WWN}/tpgt_1/lun) nexus=$(cat /sys/kernel/config/target/xen-pvscsi/{WWN}/tpgt_1/nexus)"
-dom=$(domu_create domu /vscsi/run/guest.sh 256) || exit 11
+dom=$(domu_create domu /vscsi/run/guest.sh) || exit 11
 echo "domu created: domid $dom"
 vscsi_write_nodes "$dom" 0 {WWN}:0 0:0:0:0
 t0=$(date +%s.%N)
