@@ -21,11 +21,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import logging
 import os
 import stat
-import struct
 import time
 from collections.abc import Sequence
 
@@ -39,7 +37,7 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-BLKDISCARD = 0x1277  # linux/fs.h _IO(0x12, 119)
+FALLOC_FL_ZERO_RANGE = 0x10
 PAGE = 4096
 INLINE_WRITE_MAX = 128 << 10
 INLINE_WRITE_SLOW = 0.002  # seconds
@@ -190,13 +188,26 @@ class Backing:
     # -- provisioning ----------------------------------------------------------------
 
     def _punch_sync(self, offset: int, length: int) -> None:
-        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-            return
-        err = ctypes.get_errno()
-        if self.is_block_device and err in (errno.EOPNOTSUPP, errno.EINVAL):
-            fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
-            return
-        raise OSError(err, os.strerror(err))
+        """Deallocate so that the range reads back as zeros (LBPRZ=1).
+
+        fallocate PUNCH_HOLE|KEEP_SIZE (files; on a block device the kernel zeroes by
+        unmapping when the device guarantees zeros). Where that is refused, ZERO_RANGE
+        (a block device then writes zeros if it must), and last, plain zero writes.
+        BLKDISCARD is not used: a discarded range need not read back as zeros.
+        """
+        for mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+            if _libc.fallocate(self.fd, mode, offset, length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
+                raise OSError(err, os.strerror(err))
+        zeros = memoryview(bytes(min(length, 1 << 20)))
+        done = 0
+        while done < length:
+            n = min(len(zeros), length - done)
+            self._pwritev_all([zeros[:n]], offset + done, 0)
+            done += n
 
     async def punch_hole(self, offset: int, length: int) -> None:
         """Deallocate a range (UNMAP, WRITE SAME with UNMAP): reads return zeros after it."""
