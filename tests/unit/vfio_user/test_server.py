@@ -638,3 +638,27 @@ async def test_cancelling_serve_detaches_the_client_and_removes_the_socket(
     with pytest.raises(DmaError):
         dma.view(0, 1, False)
     os.close(ram)
+
+
+async def test_a_crashing_device_task_ends_that_client_only(tmp_path: Path) -> None:
+    dev = DummyDevice()
+    doorbell = trio.Event()
+    dev.region_write = lambda index, offset, data: doorbell.set()  # type: ignore[method-assign]
+
+    async def device_task(dma) -> None:
+        await doorbell.wait()
+        raise RuntimeError("device task bug")
+
+    dev.on_attach = device_task
+    async with running(tmp_path, dev) as path:
+        c = await connect(path)
+        await c.handshake()
+        await c.send_raw(p.encode_message(9, p.Command.REGION_WRITE,
+                                          struct.pack("=QII", 0, 0, 1) + b"\1", p.FLAG_NO_REPLY))
+        with pytest.raises(EOFError):
+            await c.recv()
+        assert dev.detached == 1
+        dev.on_attach = None
+        c2 = await connect(path)
+        await c2.handshake()
+        assert await c2.info() == (3, 9, 5)
