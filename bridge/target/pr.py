@@ -6,7 +6,12 @@ from __future__ import annotations
 from .cdb import u16, u32
 from .command import Command, command
 from .reservation_hooks import ReservationConflict
+from .sense import parameter_list_length_error
 from .task_set import TaskSet
+
+
+# Bounds what a guest can make us gather into memory: 24 bytes plus TransportIDs.
+MAX_PR_OUT_PARAMETER_LIST = 64 << 10
 
 
 class ReservationConflictStatus(Exception):
@@ -23,7 +28,10 @@ async def persistent_reservation(cmd: Command) -> None:
     if op == 0x5E:
         alloc = u16(c, 7)
     elif op == 0x5F:
-        data_out = cmd.receive(u32(c, 5))
+        plen = u32(c, 5)
+        if plen > MAX_PR_OUT_PARAMETER_LIST:
+            raise parameter_list_length_error()
+        data_out = cmd.receive(plen)
     try:
         data_in, abort = lu.reservations.handle(cmd.req.initiator, c, data_out, alloc)
     except ReservationConflict:
