@@ -467,6 +467,8 @@ class GuestSession:
         self._buffer = b""
         self._next_id = 1
         self._lock = trio.Lock()
+        self._rebooting = False
+        self.boot_timeout = 180.0
 
     async def _readline(self) -> str:
         while b"\n" not in self._buffer:
@@ -478,12 +480,31 @@ class GuestSession:
         return line.decode(errors="replace").strip("\r")
 
     async def wait_hello(self) -> None:
+        """Wait until the guest's command loop has (re)started and greeted us."""
         while (await self._readline()) != "HELLO":
             pass
+        self._rebooting = False
+
+    async def reboot(self, timeout: float | None = None) -> None:
+        """Reset the machine (QMP system_reset) and wait until the guest serves again."""
+        await self.qmp("system_reset")
+        await self._wait_rebooted(timeout)
+
+    async def _wait_rebooted(self, timeout: float | None) -> None:
+        limit = self.boot_timeout if timeout is None else timeout
+        with trio.move_on_after(limit) as scope:
+            await self.wait_hello()
+        if scope.cancelled_caught:
+            raise GuestTimeout(
+                f"guest did not come back within {limit} s of a reset",
+                self.console.text, self.log_path,
+            )  # fmt: skip
 
     async def run(self, script: str, timeout: float = 120) -> CommandResult:
         """Run ``script`` (busybox sh, helpers loaded) in the guest; its rc and output."""
         async with self._lock:
+            if self._rebooting:  # after a system_reset: wait for the new boot's loop
+                await self._wait_rebooted(None)
             cid = self._next_id
             self._next_id += 1
             payload = base64.b64encode(
@@ -534,6 +555,8 @@ class GuestSession:
             reply = await message()
         if "error" in reply:
             raise GuestError(f"QMP {command} failed: {reply['error']}")
+        if command == "system_reset":
+            self._rebooting = True
         return reply.get("return")
 
     async def poweroff(self, timeout: float = 30) -> int | None:
@@ -568,8 +591,10 @@ async def guest_session(
 
     Commands go over a second serial port (ttyS1, a unix socket QEMU serves);
     the console log is kept as in run_guest. ``session.qmp(...)`` talks to
-    QEMU's monitor (device_add/device_del, system_reset, ...). On exit the
-    guest is powered off (QEMU killed if it does not stop).
+    QEMU's monitor (device_add/device_del, system_reset, ...). Resets reboot
+    the guest here (not power off): after ``qmp("system_reset")`` the next
+    ``run`` waits for the rebooted guest; ``session.reboot()`` does both. On
+    exit the guest is powered off (QEMU killed if it does not stop).
     """
     qemu, img = await ensure_images()
     accel = accel or await trio.to_thread.run_sync(detect_accel)
@@ -580,6 +605,9 @@ async def guest_session(
         "-chardev", f"socket,id=vscsictl,path={control_path},server=on,wait=on",
         "-serial", "chardev:vscsictl",
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        # Long-lived guests may be reset (system_reset); this overrides guest.args'
+        # -no-reboot, with which a reset would end QEMU.
+        "-action", "reboot=reset",
     ]  # fmt: skip
     launch = _prepare(
         qemu=qemu, image=img, script=None, attach=attach, socket=socket, disk_image=image,
@@ -609,6 +637,7 @@ async def guest_session(
                         except OSError:
                             await trio.sleep(0.05)
                     session = GuestSession(process, console, control, qmp_path, launch.log_path)
+                    session.boot_timeout = boot_timeout
                     await session.wait_hello()
                 if scope.cancelled_caught:
                     raise GuestTimeout(

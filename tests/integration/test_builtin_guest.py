@@ -84,6 +84,12 @@ async def test_guest_session_runs_commands_and_qmp(sparse_image) -> None:
         assert failing.output == "to-stderr\n"
         status = await guest.qmp("query-status")
         assert isinstance(status, dict) and status["status"] == "running"
+        # A reset reboots the guest (QEMU stays up) and the session follows it.
+        await guest.run("echo kept >/tmp/marker")
+        await guest.qmp("system_reset")
+        after = await guest.run("cat /tmp/marker 2>/dev/null || echo fresh-boot")
+        assert after.output == "fresh-boot\n", after.output
+        assert guest.process.returncode is None
     assert guest.process.returncode is not None
 
 
