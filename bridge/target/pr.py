@@ -9,7 +9,6 @@ from .reservation_hooks import ReservationConflict
 from .sense import parameter_list_length_error
 from .task_set import TaskSet
 
-
 # Bounds what a guest can make us gather into memory: 24 bytes plus TransportIDs.
 MAX_PR_OUT_PARAMETER_LIST = 64 << 10
 

@@ -500,3 +500,9 @@ async def test_persistent_reservations_through_the_core(target):
     assert r.resp.response == VirtioScsiResponse.OK
     assert r.status == ScsiStatus.RESERVATION_CONFLICT and r.resp.sense == b""
     assert_good(await run(target, write10(0, 1), data_out=bytes(BS)))
+
+
+async def test_huge_pr_out_parameter_list_is_refused(target):
+    cdb = struct.pack(">BBB2xIB", 0x5F, 0, 0, (64 << 10) + 1, 0)
+    r = await run(target, cdb, data_out=bytes((64 << 10) + 1))
+    assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x1A)
