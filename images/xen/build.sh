@@ -172,7 +172,19 @@ pack "$D" "$WORK/out/domu-initrd.gz"
 add_bins "$WORK/domu-fio" "$WORK/libs.seen" fio
 pack "$WORK/domu-fio" "$WORK/out/domu-fio.cpio.gz"
 
-# ---- 4. the hypervisor and the kernel ------------------------------------------------------
+# ---- 4. Python libraries for the bridge in dom0 (bookworm's python3-trio 0.22 is older than
+# pyproject's trio>=0.24): pure-Python wheels, PYTHONPATH=/vscsi/img/pylib in dom0.
+TRIO_VERSION=0.35.0
+say "pylib: trio==$TRIO_VERSION (pip --target)"
+PIP_PY=
+for py in "${VSCSI_PYTHON:-}" /root/.cache/vscsi-venv/bin/python python3; do
+    [ -n "$py" ] && "$py" -m pip --version >/dev/null 2>&1 && { PIP_PY=$py; break; }
+done
+[ -n "$PIP_PY" ] || { say "no python with pip on the host (set VSCSI_PYTHON)"; exit 1; }
+"$PIP_PY" -m pip install -q --disable-pip-version-check --no-compile --target "$WORK/out/pylib" \
+    --python-version 3.11 --only-binary=:all: "trio==$TRIO_VERSION" >&2
+
+# ---- 5. the hypervisor and the kernel ------------------------------------------------------
 gunzip -c "$ROOT"/opt/vscsi/xen-hypervisor/boot/xen-4.17-amd64.gz >"$WORK/out/xen"
 cp "$ROOT/boot/vmlinuz-$KVER" "$WORK/out/vmlinuz"
 mv "$WORK/dom0-initrd.gz" "$WORK/out/"

@@ -4,7 +4,7 @@
 # Brings up the Xen toolstack daemons, runs /vscsi/run/test.sh (with lib.sh sourced) and reports
 # its exit status on the console between markers, then powers the machine off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin
-export LC_ALL=C PYTHONDONTWRITEBYTECODE=1 HOME=/root
+export LC_ALL=C PYTHONDONTWRITEBYTECODE=1 HOME=/root PYTHONPATH=/vscsi/img/pylib
 say() { echo "vscsi-dom0: $*"; }
 
 # The root share is read-only (several runs may share one image): everything written goes to tmpfs.

@@ -111,3 +111,45 @@ lio_fileio_pvscsi() {
     ln -s "$_bs" "$_tpg/lun/lun_$_lun/vscsi_port" || return 1
     [ -n "$(cat "$_tpg/nexus" 2>/dev/null)" ] || echo "${_wwn%?}f" >"$_tpg/nexus" || return 1
 }
+
+# ---- the bridge (from the checkout /vscsi/src), through dom0-bridge.py ----------------------
+# bridge_attach DOMID DEVID LUN[:h:c:t:l]...: the bridge's own toolstack code writes the nodes.
+bridge_attach() {
+    _dom=$1 _dev=$2; shift 2
+    _a=""
+    for _l in "$@"; do _a="$_a --lun $_l"; done
+    # shellcheck disable=SC2086
+    python3 "$VSCSI_RUN/dom0-bridge.py" attach --domid "$_dom" --devid "$_dev" $_a
+}
+
+# bridge_start LOG DOMAIN_NAME IMAGE SIZE [more serve options]: start the backend in the
+# background (its pid in BRIDGE_PID), wait until it watches xenstore (30 s at most).
+bridge_start() {
+    _log=$1 _name=$2 _img=$3 _size=$4; shift 4
+    rm -f /tmp/bridge.ready
+    python3 "$VSCSI_RUN/dom0-bridge.py" --log-level "${BRIDGE_LOG_LEVEL:-info}" serve \
+        --image "$_img" --size "$_size" --domain "$_name" --ready /tmp/bridge.ready "$@" \
+        >"$_log" 2>&1 &
+    BRIDGE_PID=$!
+    _i=0
+    while [ ! -f /tmp/bridge.ready ]; do
+        _i=$((_i + 1))
+        if [ $_i -gt 300 ] || ! kill -0 "$BRIDGE_PID" 2>/dev/null; then
+            echo "vscsi-dom0: the bridge did not start"; cat "$_log"; return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# bridge_stop: SIGTERM the backend started by bridge_start, wait for it (10 s), then SIGKILL.
+bridge_stop() {
+    [ -n "${BRIDGE_PID:-}" ] || return 0
+    kill -TERM "$BRIDGE_PID" 2>/dev/null
+    _i=0
+    while kill -0 "$BRIDGE_PID" 2>/dev/null && [ $_i -lt 100 ]; do sleep 0.1; _i=$((_i + 1)); done
+    kill -KILL "$BRIDGE_PID" 2>/dev/null
+    wait "$BRIDGE_PID" 2>/dev/null
+    _rc=$?
+    BRIDGE_PID=
+    return $_rc
+}

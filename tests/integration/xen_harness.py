@@ -39,6 +39,8 @@ IMAGES = REPO / "images" / "xen"
 BEGIN = "VSCSI-XEN-DOM0-SCRIPT-BEGIN"
 END = "VSCSI-XEN-DOM0-SCRIPT-END"
 RC_RE = re.compile(r"VSCSI-XEN-DOM0-RC=(\d+)")
+# Copied into every run directory (so editing them never rebuilds the image).
+DOM0_HELPERS = ("dom0-init.sh", "lib.sh", "dom0-bridge.py")
 
 
 class XenEnvironmentError(RuntimeError):
@@ -187,8 +189,8 @@ async def run_xen(
     keep = os.environ.get("VSCSI_XEN_KEEP") == "1" if keep is None else keep
     run_dir = Path(tempfile.mkdtemp(prefix="xen-run-", dir=env.parent))
     try:
-        shutil.copy(IMAGES / "dom0-init.sh", run_dir / "dom0-init.sh")
-        shutil.copy(IMAGES / "lib.sh", run_dir / "lib.sh")
+        for helper in DOM0_HELPERS:
+            shutil.copy(IMAGES / helper, run_dir / helper)
         (run_dir / "test.sh").write_text(dom0_script)
         (run_dir / "console").mkdir()
         for name, content in (files or {}).items():
