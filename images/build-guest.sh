@@ -43,9 +43,11 @@ kernel_package() {
     echo "$pkg"
 }
 KPKG=$(kernel_package)
-candidate() { apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }
-VERSIONS=("$KPKG=$(candidate "$KPKG")")
-for p in "${USER_PACKAGES[@]}"; do VERSIONS+=("$p=$(candidate "$p")"); done
+# One apt-cache call for all candidate versions ("pkg=version" lines).
+mapfile -t VERSIONS < <(apt-cache policy "$KPKG" "${USER_PACKAGES[@]}" \
+    | awk '/^[^ ].*:$/ {p = substr($0, 1, length($0) - 1)} /Candidate:/ {print p "=" $2}')
+(( ${#VERSIONS[@]} == 1 + ${#USER_PACKAGES[@]} )) || die "apt-cache policy: ${VERSIONS[*]}"
+candidate() { printf '%s\n' "${VERSIONS[@]}" | awk -F= -v p="$1" '$1 == p {print $2}'; }
 
 HASH=$(input_hash "${BASH_SOURCE[0]}" "$IMAGES_DIR/lib.sh" "$IMAGES_DIR"/guest/* -- \
        "${VERSIONS[@]}" "${MODULES[@]}" "${XEN_MODULES[@]}")
@@ -170,6 +172,7 @@ build() {
     rm -rf "$OUT"
     mv "$tmp" "$OUT"
     trap - EXIT
+    prune_other_entries guest "$OUT"
 }
 
 # extract_vmlinux BZIMAGE OUT: the ELF kernel inside the bzImage's compressed

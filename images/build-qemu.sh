@@ -67,6 +67,11 @@ EOF
     trap - EXIT
 }
 
+# Old trees are removed only once the wrappers point at the new one.
+prune() {
+    prune_other_entries qemu "$OUT"
+}
+
 # write_wrapper NAME: $BIN/NAME runs $ROOT/usr/bin/NAME through the tree's loader.
 write_wrapper() {
     local name=$1 extra=$2
@@ -105,6 +110,7 @@ main() {
     build_tree
     install_wrappers
     check
+    prune
     echo "$BIN/qemu-system-x86_64"
 }
 

@@ -37,10 +37,11 @@ apt_update_once() {
 
 # ensure_host_pkgs PKG...: install missing host prerequisites with apt-get.
 ensure_host_pkgs() {
-    local missing=() p
+    local missing=() p installed
+    installed=" $(dpkg-query -W -f='${Package}:${Status}\n' "$@" 2>/dev/null \
+                 | awk -F: '/install ok installed/ {printf "%s ", $1}')"
     for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
-            || missing+=("$p")
+        [[ "$installed" == *" $p "* ]] || missing+=("$p")
     done
     if (( ${#missing[@]} )); then
         [[ $(id -u) -eq 0 ]] || die "need root to apt-get install ${missing[*]}"
@@ -89,4 +90,18 @@ with_lock() {
     flock -u "$lockfd"
     exec {lockfd}>&-
     return $rc
+}
+
+# prune_other_entries PREFIX CURRENT: remove older cache entries PREFIX-* other
+# than CURRENT (run under the entry's lock, after CURRENT is complete). Files a
+# running QEMU already opened stay readable until it exits.
+prune_other_entries() {
+    local prefix=$1 current=$2 d
+    for d in "$VSCSI_CACHE/$prefix"-*; do
+        [[ -d "$d" && "$d" != "$current" && "$d" != *.tmp.* ]] || continue
+        # Still mapped by a running process (a QEMU from that tree): keep it.
+        if grep -qsF "$d/" /proc/[0-9]*/maps; then continue; fi
+        echo "[images] removing old cache entry $d" >&2
+        rm -rf "$d"
+    done
 }
