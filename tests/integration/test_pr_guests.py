@@ -1,0 +1,224 @@
+"""Booted fence_scsi scenario: three QEMU guests share one LU through one bridge.
+
+One in-process Target holds ONE logical unit; three VirtioScsiPciDevice instances
+(three I_T nexuses, each with its own iSCSI initiator port name) are served on
+three vfio-user sockets, and three Linux guests (QEMU 11 vfio-user-pci, TCG) run
+sg_persist / dd / sg_raw against the shared disk, step by step as fence_scsi and
+Pacemaker do it (SPC-4 5.13):
+
+1. every node registers (REGISTER AND IGNORE EXISTING KEY, its own key);
+2. node A reserves Write Exclusive - Registrants Only (type 5);
+3. node A fences node C with PREEMPT AND ABORT (C's key removed);
+4. C sees UNIT ATTENTION REGISTRATIONS PREEMPTED (2Ah/05h) on its nexus, its writes
+   end in RESERVATION CONFLICT (dd fails, sg_raw shows the status, nothing reaches
+   the image), its reads still work; A's and B's writes succeed;
+5. READ FULL STATUS shows every registrant's iSCSI TransportID name;
+6. A sets APTPL; the bridge is stopped (guests powered off), a new Target is
+   built on the same image and sockets, fresh guests boot and find the
+   reservation, the keys and the fence (C's writes still conflict).
+
+Every step is asserted from the guests' own output (and the image on the host).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from bridge.target.logical_unit import LogicalUnitSpec
+from bridge.target.target import Target
+from bridge.vfio_user.server import serve
+from bridge.virtio.scsi_device import VirtioScsiPciDevice
+from bridge.virtio.scsi_request import InitiatorPort
+from tests.integration.guest import CommandResult, GuestSession, guest_session
+
+NODES = {
+    "a": ("iqn.2026-11.org.vscsi-bridge:node-a", 0xAAA1),
+    "b": ("iqn.2026-11.org.vscsi-bridge:node-b", 0xBBB2),
+    "c": ("iqn.2026-11.org.vscsi-bridge:node-c", 0xCCC3),
+}
+DISK_SIZE = 16 << 20
+BLOCK_A = 100  # 4 KiB blocks: A writes here, C reads it back
+BLOCK_C = 101  # C's fenced write must never land here
+BLOCK_C_BEFORE = 102  # C writes here while still registered
+BLOCK_B = 103
+WERO = 5  # SPC-4 table 212: Write Exclusive - Registrants Only
+GUEST_MEM = "256M"
+
+
+@pytest.fixture
+def run_dir():
+    # unix socket paths are limited to 108 bytes: keep them short
+    d = Path(tempfile.mkdtemp(prefix="vscsi-pr-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@asynccontextmanager
+async def bridge(run_dir: Path, nodes: list[str]) -> AsyncIterator[Target]:
+    """One Target with one LU ``lu0`` seen as LUN 0 by every node; one vfio-user socket each."""
+    image = run_dir / "lu0.img"
+    target = Target([LogicalUnitSpec(name="lu0", path=str(image), size=DISK_SIZE, serial="PRSHARED")],
+                    {NODES[n][0]: {0: "lu0"} for n in NODES})
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in nodes:
+                device = VirtioScsiPciDevice(target, InitiatorPort(NODES[n][0]), num_queues=1)
+                await nursery.start(serve, str(run_dir / f"{n}.sock"), device)
+            yield target
+            nursery.cancel_scope.cancel()
+    finally:
+        target.close()
+
+
+@asynccontextmanager
+async def guests(run_dir: Path, nodes: list[str]) -> AsyncIterator[dict[str, GuestSession]]:
+    """Boot one guest per node concurrently (smp=1, small RAM); power them all off at the end."""
+    sessions: dict[str, GuestSession] = {}
+    stop = trio.Event()
+
+    async def hold(n: str, *, task_status: trio.TaskStatus[GuestSession]) -> None:
+        async with guest_session(attach="vfio-user", socket=run_dir / f"{n}.sock", smp=1,
+                                 mem=GUEST_MEM, boot_timeout=240) as g:
+            task_status.started(g)
+            await stop.wait()
+
+    async with trio.open_nursery() as holders:
+        async with trio.open_nursery() as booting:
+            for n in nodes:
+                async def boot(n: str = n) -> None:
+                    sessions[n] = await holders.start(hold, n)
+                booting.start_soon(boot)
+        try:
+            yield sessions
+        finally:
+            stop.set()
+
+
+async def run(g: GuestSession, script: str, timeout: float = 90) -> CommandResult:
+    r = await g.run(script, timeout=timeout)
+    print(f"$ {script}\n{r.output}(rc={r.rc})")
+    return r
+
+
+async def ok(g: GuestSession, script: str) -> str:
+    r = await run(g, script)
+    assert r.rc == 0, f"{script!r} failed (rc={r.rc}):\n{r.output}"
+    return r.output
+
+
+def keys_in(out: str) -> list[int]:
+    """Keys listed by ``sg_persist -n -k``."""
+    assert "registered reservation keys follow" in out or "there are NO registered" in out, out
+    return [int(k, 16) for k in re.findall(r"^\s+(0x[0-9a-f]+)\s*$", out, re.MULTILINE)]
+
+
+def write_block(block: int, tag: str) -> str:
+    """Shell: write one 4 KiB block of ``tag`` lines with O_DIRECT; prints WRITE-RC=<rc>."""
+    return (f"printf '{tag}-%026d\\n' $(seq 1 128) | head -c 4096 >/tmp/{tag}.blk; "
+            f"dd if=/tmp/{tag}.blk of=/dev/sda bs=4096 count=1 seek={block} oflag=direct 2>&1; "
+            "echo WRITE-RC=$?")
+
+
+def read_block(block: int) -> str:
+    return f"dd if=/dev/sda bs=4096 count=1 skip={block} iflag=direct 2>/dev/null | head -c 37"
+
+
+PROUT = "sg_persist -n --out"
+WAIT = "vscsi_wait_disks 1 60 && [ -c /dev/sg0 ]"
+
+
+@pytest.mark.booted
+async def test_fence_scsi_three_guests_and_aptpl_restart(run_dir: Path) -> None:
+    started = time.monotonic()
+    ka, kb, kc = (NODES[n][1] for n in "abc")
+    image = run_dir / "lu0.img"
+    async with bridge(run_dir, ["a", "b", "c"]) as target:
+        async with guests(run_dir, ["a", "b", "c"]) as g:
+            booted = time.monotonic()
+            for n in "abc":
+                await ok(g[n], WAIT)
+            # 1. every node registers its own key (REGISTER AND IGNORE EXISTING KEY)
+            for n in "abc":
+                await ok(g[n], f"{PROUT} --register-ignore --param-sark=0x{NODES[n][1]:x} /dev/sg0")
+            assert sorted(keys_in(await ok(g["b"], "sg_persist -n -k /dev/sg0"))) == [ka, kb, kc]
+            # 2. A reserves Write Exclusive - Registrants Only
+            await ok(g["a"], f"{PROUT} --reserve --param-rk=0x{ka:x} --prout-type={WERO} /dev/sg0")
+            out = await ok(g["c"], "sg_persist -n -r /dev/sg0")
+            assert re.search(rf"Key=0x{ka:x}\b", out), out
+            assert "type: Write Exclusive, registrants only" in out, out
+            # a registrant that is not the holder may write under WERO
+            out = await ok(g["c"], write_block(BLOCK_C_BEFORE, "C-BEFORE"))
+            assert "WRITE-RC=0" in out, out
+            # 3. A fences C: PREEMPT AND ABORT with C's key as SERVICE ACTION RESERVATION KEY
+            await ok(g["a"], f"{PROUT} --preempt-abort --param-rk=0x{ka:x} --param-sark=0x{kc:x} "
+                             f"--prout-type={WERO} /dev/sg0")
+            assert sorted(keys_in(await ok(g["a"], "sg_persist -n -k /dev/sg0"))) == [ka, kb]
+            # 4. C's next command reports the preemption on C's nexus (SPC-4 5.13.11.2.4)
+            r = await run(g["c"], "sg_turs -v /dev/sg0")
+            assert r.rc != 0 and re.search(r"[Rr]egistrations preempted", r.output), r.output
+            # ... C's writes conflict, through the block layer and as raw SCSI status
+            out = await ok(g["c"], write_block(BLOCK_C, "C-FENCED"))
+            assert "WRITE-RC=0" not in out and re.search(r"WRITE-RC=[1-9]", out), out
+            r = await run(g["c"], f"sg_raw -s 512 -i /tmp/C-FENCED.blk /dev/sg0 "
+                                  f"2a 00 00 00 {BLOCK_C * 8 >> 8 & 0xFF:02x} {BLOCK_C * 8 & 0xFF:02x} "
+                                  "00 00 01 00")
+            assert r.rc != 0 and re.search(r"SCSI Status: Reservation Conflict", r.output, re.I), r.output
+            # ... while the reservation holder and the other registrant write
+            for n, block in (("a", BLOCK_A), ("b", BLOCK_B)):
+                out = await ok(g[n], write_block(block, f"{n.upper()}-WRITES"))
+                assert "WRITE-RC=0" in out, out
+            # ... and C still reads (WERO allows reads from anyone), seeing A's data
+            out = await ok(g["c"], "echo 3 >/proc/sys/vm/drop_caches; " + read_block(BLOCK_A))
+            assert out.startswith("A-WRITES-00000000000000000000000001"), out
+            # 5. READ FULL STATUS: every registrant with its iSCSI TransportID name
+            out = await ok(g["b"], "sg_persist -n -s /dev/sg0")
+            for n in "ab":
+                assert NODES[n][0] in out, out
+            assert NODES["c"][0] not in out, out
+            assert "Reservation holder" in out and "registrants only" in out, out
+            # 6. APTPL: A re-registers its own key with APTPL=1 (SPC-4 5.13.5)
+            await ok(g["a"], f"{PROUT} --register-ignore --param-sark=0x{ka:x} --param-aptpl /dev/sg0")
+            out = await ok(g["a"], "sg_persist -n -c /dev/sg0")
+            assert "Persist Through Power Loss Active(PTPL_A): 1" in out, out
+            steps_done = time.monotonic()
+        assert target.logical_unit("lu0").reservations.status()["aptpl"] is True
+    # the bridge is gone; the state file next to the image holds the APTPL state
+    assert (run_dir / "lu0.img.pr.json").exists()
+    with image.open("rb") as f:
+        f.seek(BLOCK_C * 4096)
+        assert f.read(4096) == bytes(4096), "a fenced write reached the image"
+        for block, tag in ((BLOCK_A, b"A-WRITES"), (BLOCK_C_BEFORE, b"C-BEFORE"), (BLOCK_B, b"B-WRITES")):
+            f.seek(block * 4096)
+            assert f.read(len(tag)) == tag, block
+    first_bridge = time.monotonic()
+
+    # restart: a new Target on the same image and sockets, fresh guests
+    async with bridge(run_dir, ["a", "c"]) as target:
+        status = target.logical_unit("lu0").reservations.status()
+        assert (status["type"], status["holder"], status["aptpl"]) == ("WERO", NODES["a"][0], True), status
+        async with guests(run_dir, ["a", "c"]) as g:
+            for n in "ac":
+                await ok(g[n], WAIT)
+            out = await ok(g["c"], "sg_persist -n -r /dev/sg0")
+            assert re.search(rf"Key=0x{ka:x}\b", out), out
+            assert "type: Write Exclusive, registrants only" in out, out
+            assert sorted(keys_in(await ok(g["c"], "sg_persist -n -k /dev/sg0"))) == [ka, kb]
+            out = await ok(g["a"], "sg_persist -n -c /dev/sg0")
+            assert "Persist Through Power Loss Active(PTPL_A): 1" in out, out
+            out = await ok(g["c"], write_block(BLOCK_C, "C-AFTER"))
+            assert re.search(r"WRITE-RC=[1-9]", out), out  # still fenced
+            out = await ok(g["a"], write_block(BLOCK_A + 4, "A-AFTER"))
+            assert "WRITE-RC=0" in out, out
+    done = time.monotonic()
+    print(f"TIMING boot(3 guests) {booted - started:.1f} s, fence steps {steps_done - booted:.1f} s, "
+          f"first bridge total {first_bridge - started:.1f} s, restart+2 guests {done - first_bridge:.1f} s, "
+          f"whole test {done - started:.1f} s")
