@@ -298,8 +298,22 @@ def _prepare(
     if log_path is None:
         logs = CACHE / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        _prune_logs(logs)
         log_path = logs / f"guest-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{workdir.name}.log"
     return _Launch(argv=argv, workdir=workdir, log_path=log_path)
+
+
+def _prune_logs(logs: Path, keep: int = 200) -> None:
+    """Keep only the newest ``keep`` console logs."""
+    def mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:  # pruned by a concurrent run
+            return 0.0
+
+    entries = sorted(logs.glob("guest-*.log"), key=mtime, reverse=True)
+    for old in entries[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def _cleanup(workdir: Path) -> None:
