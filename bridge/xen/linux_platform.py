@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import trio
 
-from bridge.xen.platform import PAGE_SIZE, GrantCopySegment, GrantError
+from bridge.xen.platform import PAGE_SIZE, GrantCopySegment, GrantError, XenPlatform
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,5 @@ class EvtchnDevice:
         return EvtchnPort(fd, port)
 
 
-def linux_platform(backend_domid: int = 0):  # -> XenPlatform
-    from bridge.xen.platform import XenPlatform
-
+def linux_platform(backend_domid: int = 0) -> XenPlatform:
     return XenPlatform(GntdevGrants(), EvtchnDevice(), backend_domid)

@@ -78,6 +78,10 @@ class XenStore:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError,
                 xs_wire.XsProtocolError) as exc:
             self._closed = exc
+        finally:
+            # Also when cancelled: nobody will read replies any more, so wake every waiter.
+            if self._closed is None:
+                self._closed = ConnectionError("xenstore reader stopped")
             for event, _ in self._waiting.values():
                 event.set()
 
@@ -228,7 +232,7 @@ class XenStore:
                 registered.append((path, token))
             yield w
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
                 for path, token in registered:
                     try:
                         await self.request(XsType.UNWATCH, xs_wire.watch_payload(path, token),

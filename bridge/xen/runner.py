@@ -1,0 +1,129 @@
+"""Runs one VscsiBackend per vscsi backend directory of the configured domains.
+
+Watches /local/domain/<backend>/backend/vscsi; each <domid>/<devid> found
+gets its own task, so that a crash in one backend ends that backend alone
+(logged), never the process. A backend that ended is not restarted until its
+directory disappears and comes back (a new attach). Nodes left by destroyed
+domains are removed (toolstack.reap_destroyed_domains).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from bridge.xen.backend import BackendConfig, TargetLike, VscsiBackend
+from bridge.xen.platform import XenPlatform
+from bridge.xen.toolstack import reap_destroyed_domains, reap_once
+from bridge.xen.xenstore import XenStore, connect_xenstored, open_xenstore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class XenDomainConfig:
+    """A guest the bridge serves, by domain name (stable across reboots) or domid."""
+
+    name: str | None = None
+    domid: int | None = None
+    initiator: str | None = None  # default: iqn.2026-11.org.vscsi-bridge:xen.<name>.<devid>
+
+
+@dataclass
+class XenConfig:
+    backend_domid: int = 0
+    grant_strategy: str = "map"
+    sg_grant: int = 128
+    domains: list[XenDomainConfig] | None = None  # None: every vscsi device of any domain
+    reap_destroyed: bool = True
+    xenstore_path: str | None = None  # default: xenstored socket, else /dev/xen/xenbus
+
+
+class XenBackendRunner:
+    def __init__(self, xs: XenStore, target: TargetLike, platform: XenPlatform,
+                 config: XenConfig) -> None:
+        self.xs = xs
+        self.target = target
+        self.platform = platform
+        self.config = config
+        self.root = f"/local/domain/{config.backend_domid}/backend/vscsi"
+        self.running: dict[tuple[int, int], VscsiBackend] = {}
+        self.ended: set[tuple[int, int]] = set()
+        self.crashes: list[tuple[tuple[int, int], str]] = []
+
+    async def _domain_config(self, domid: int) -> XenDomainConfig | None:
+        if self.config.domains is None:
+            return XenDomainConfig()
+        name = await self.xs.read_str(f"/local/domain/{domid}/name")
+        for d in self.config.domains:
+            if (d.domid is not None and d.domid == domid) or (d.name is not None and d.name == name):
+                return d
+        return None
+
+    async def scan(self, nursery: trio.Nursery) -> None:
+        present: set[tuple[int, int]] = set()
+        for dom in await self.xs.directory(self.root, missing_ok=True):
+            if not dom.isdigit():
+                continue
+            devs = await self.xs.directory(f"{self.root}/{dom}", missing_ok=True)
+            for dev in devs:
+                if dev.isdigit():
+                    present.add((int(dom), int(dev)))
+        self.ended &= present
+        for key in sorted(present - set(self.running) - self.ended):
+            dconf = await self._domain_config(key[0])
+            if dconf is None:
+                self.ended.add(key)  # not ours; looked at again only after a re-attach
+                continue
+            cfg = BackendConfig(sg_grant=self.config.sg_grant,
+                                grant_strategy=self.config.grant_strategy,
+                                initiator=dconf.initiator)
+            backend = VscsiBackend(self.xs, self.platform, self.target,
+                                   f"{self.root}/{key[0]}/{key[1]}", cfg)
+            self.running[key] = backend
+            nursery.start_soon(self._run_one, key, backend)
+
+    async def _run_one(self, key: tuple[int, int], backend: VscsiBackend) -> None:
+        try:
+            await backend.run()
+        except Exception as exc:  # one device's failure must not end the others
+            log.exception("vscsi backend dom%d/%d crashed; that device is stopped", *key)
+            self.crashes.append((key, repr(exc)))
+        finally:
+            self.running.pop(key, None)
+            self.ended.add(key)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.config.reap_destroyed:
+                await reap_once(self.xs, self.root)
+                nursery.start_soon(reap_destroyed_domains, self.xs, self.config.backend_domid)
+            async with self.xs.watch(self.root) as watch:
+                task_status.started()
+                while True:
+                    fired = await watch.wait()
+                    # Only directory-level changes (a device added or removed) need a scan.
+                    if any(p.count("/") <= self.root.count("/") + 2 for p in fired):
+                        await self.scan(nursery)
+
+
+async def run_xen_backend(target: TargetLike, platform: XenPlatform | None = None,
+                          config: XenConfig | None = None, xs: XenStore | None = None,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve Xen guests' vscsi devices until cancelled.
+
+    Without ``platform``/``xs`` it uses the real dom0 interfaces
+    (/dev/xen/gntdev, /dev/xen/evtchn, the xenstored socket or /dev/xen/xenbus).
+    """
+    config = config or XenConfig()
+    if platform is None:
+        from bridge.xen.linux_platform import linux_platform
+
+        platform = linux_platform(config.backend_domid)
+    if xs is None:
+        async with open_xenstore(await connect_xenstored(config.xenstore_path)) as own:
+            await XenBackendRunner(own, target, platform, config).run(task_status=task_status)
+    else:
+        await XenBackendRunner(xs, target, platform, config).run(task_status=task_status)
