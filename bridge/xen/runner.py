@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -29,6 +30,13 @@ class XenDomainConfig:
     name: str | None = None
     domid: int | None = None
     initiator: str | None = None  # default: iqn.2026-11.org.vscsi-bridge:xen.<name>.<devid>
+    devid: int | None = None  # None: every vscsi device of the domain
+
+    def matches(self, domid: int, name: str | None, devid: int) -> bool:
+        if self.devid is not None and self.devid != devid:
+            return False
+        return (self.domid is not None and self.domid == domid) or \
+            (self.name is not None and self.name == name)
 
 
 @dataclass
@@ -53,12 +61,12 @@ class XenBackendRunner:
         self.ended: set[tuple[int, int]] = set()
         self.crashes: list[tuple[tuple[int, int], str]] = []
 
-    async def _domain_config(self, domid: int) -> XenDomainConfig | None:
+    async def _domain_config(self, domid: int, devid: int) -> XenDomainConfig | None:
         if self.config.domains is None:
             return XenDomainConfig()
         name = await self.xs.read_str(f"/local/domain/{domid}/name")
         for d in self.config.domains:
-            if (d.domid is not None and d.domid == domid) or (d.name is not None and d.name == name):
+            if d.matches(domid, name, devid):
                 return d
         return None
 
@@ -73,7 +81,7 @@ class XenBackendRunner:
                     present.add((int(dom), int(dev)))
         self.ended &= present
         for key in sorted(present - set(self.running) - self.ended):
-            dconf = await self._domain_config(key[0])
+            dconf = await self._domain_config(*key)
             if dconf is None:
                 self.ended.add(key)  # not ours; looked at again only after a re-attach
                 continue
@@ -109,15 +117,35 @@ class XenBackendRunner:
                         await self.scan(nursery)
 
 
-async def run_xen_backend(target: TargetLike, platform: XenPlatform | None = None,
-                          config: XenConfig | None = None, xs: XenStore | None = None,
+def xen_config_from(bridge_config: Any) -> XenConfig:
+    """XenConfig from the bridge configuration's [[xen]] attachments (bridge.config.XenAttachment:
+    domain name or numeric domid, devid, initiator)."""
+    domains = []
+    for att in getattr(bridge_config, "xen", []):
+        dom = str(att.domain)
+        domains.append(XenDomainConfig(name=None if dom.isdigit() else dom,
+                                       domid=int(dom) if dom.isdigit() else None,
+                                       initiator=att.initiator, devid=att.devid))
+    return XenConfig(domains=domains)
+
+
+async def run_xen_backend(target: TargetLike, platform: XenPlatform | Any = None,
+                          config: XenConfig | Any = None, xs: XenStore | None = None,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve Xen guests' vscsi devices until cancelled.
 
-    Without ``platform``/``xs`` it uses the real dom0 interfaces
-    (/dev/xen/gntdev, /dev/xen/evtchn, the xenstored socket or /dev/xen/xenbus).
+    Called as ``run_xen_backend(target, platform, config)``; ``platform=None``
+    uses the real dom0 interfaces (/dev/xen/gntdev, /dev/xen/evtchn, the
+    xenstored socket or /dev/xen/xenbus). ``config`` is a XenConfig or the
+    bridge's BridgeConfig (its ``xen`` attachments); ``run_xen_backend(target,
+    bridge_config)`` is accepted too.
     """
-    config = config or XenConfig()
+    if platform is not None and not isinstance(platform, XenPlatform):
+        platform, config = None, platform
+    if config is None:
+        config = XenConfig()
+    elif not isinstance(config, XenConfig):
+        config = xen_config_from(config)
     if platform is None:
         from bridge.xen.linux_platform import linux_platform
 

@@ -264,3 +264,10 @@ async def connect_xenstored(path: str | None = None) -> trio.abc.Stream:
         return await trio.open_unix_socket(sock)
     fd = os.open(XENBUS_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     return trio.lowlevel.FdStream(fd)
+
+
+@asynccontextmanager
+async def open_dom0_xenstore(path: str | None = None) -> AsyncIterator[XenStore]:
+    """A client on the real xenstore (for `vscsi-bridge xen attach|detach`)."""
+    async with open_xenstore(await connect_xenstored(path)) as xs:
+        yield xs

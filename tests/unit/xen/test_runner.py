@@ -70,3 +70,19 @@ async def test_runner_serves_configured_domains_and_isolates_crashes(env, monkey
         assert r.rslt == 0
         n.cancel_scope.cancel()
 
+
+
+def test_config_from_bridge_configuration():
+    from types import SimpleNamespace
+
+    from bridge.xen.runner import xen_config_from
+
+    bridge_cfg = SimpleNamespace(xen=[
+        SimpleNamespace(domain="domu1", devid=0, initiator="iqn.x:a", luns={0: "d"}),
+        SimpleNamespace(domain="7", devid=2, initiator="iqn.x:b", luns={1: "d"})])
+    cfg = xen_config_from(bridge_cfg)
+    a, b = cfg.domains
+    assert (a.name, a.domid, a.devid, a.initiator) == ("domu1", None, 0, "iqn.x:a")
+    assert (b.name, b.domid, b.devid) == (None, 7, 2)
+    assert a.matches(3, "domu1", 0) and not a.matches(3, "domu1", 1)
+    assert b.matches(7, "whatever", 2) and not b.matches(8, "whatever", 2)
