@@ -52,15 +52,20 @@ ensure_host_pkgs() {
     fi
 }
 
+# _apt_uris: every archive URI in the host's apt sources (one-line and deb822).
+_apt_uris() {
+    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+        | sed -E 's/\[[^]]*\]//' | awk '$1 == "deb" {print $2}'
+    cat /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | awk 'tolower($1) == "uris:" {for (i = 2; i <= NF; i++) print $i}'
+}
+
 # debian_mirror: the Debian archive URI the host's apt already uses, so no
 # mirror is hard-coded here. VSCSI_DEBIAN_MIRROR overrides it.
 debian_mirror() {
     if [[ -n "${VSCSI_DEBIAN_MIRROR:-}" ]]; then echo "$VSCSI_DEBIAN_MIRROR"; return; fi
     local uri
-    uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
-              /etc/apt/sources.list.d/*.list 2>/dev/null \
-          | grep -Eo '(https?|file)://[^ ]*/debian/?( |$)' | grep -v security | head -n1 \
-          | tr -d ' ')
+    uri=$(_apt_uris | grep -i debian | grep -v -- '-security' | head -n1)
     [[ -n "$uri" ]] || die "no Debian mirror in the host's apt sources; set VSCSI_DEBIAN_MIRROR"
     echo "${uri%/}"
 }
@@ -71,10 +76,8 @@ debian_security_mirror() {
         echo "$VSCSI_DEBIAN_SECURITY_MIRROR"; return
     fi
     local uri
-    uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
-              /etc/apt/sources.list.d/*.list 2>/dev/null \
-          | grep -Eo '(https?|file)://[^ ]*/debian-security/?( |$)' | head -n1 | tr -d ' ')
-    if [[ -z "$uri" ]]; then uri="$(debian_mirror)-security"; fi
+    uri=$(_apt_uris | grep -- '-security' | head -n1)
+    [[ -n "$uri" ]] || uri="$(debian_mirror)-security"
     echo "${uri%/}"
 }
 
