@@ -81,12 +81,11 @@ HOST_FOR_RESPONSE = {
 
 
 def response_for(rqid: int, resp: ScsiResponse, data_len: int) -> VscsiifResponse:
-    host = HOST_FOR_RESPONSE.get(VirtioScsiResponse(resp.response), RsltHost.ERROR) \
-        if resp.response in VirtioScsiResponse._value2member_map_ else RsltHost.ERROR
+    host = HOST_FOR_RESPONSE.get(resp.response, RsltHost.ERROR)  # type: ignore[call-overload]
     sense = bytes(resp.sense[: vscsiif.VSCSIIF_SENSE_BUFFERSIZE])
+    # Nothing was transferred when the transport failed the command.
     residual = min(max(resp.residual, 0), data_len) if host == RsltHost.OK else data_len
-    return VscsiifResponse(rqid, vscsiif.rslt(host, resp.status if host == RsltHost.OK
-                                              else resp.status), sense, residual)
+    return VscsiifResponse(rqid, vscsiif.rslt(host, resp.status), sense, residual)
 
 
 def error_response(rqid: int, host: RsltHost) -> VscsiifResponse:
