@@ -173,3 +173,28 @@ async def test_qemu_accepts_vfio_user_config(tmp_path) -> None:
     err = proc.stderr.decode()
     assert proc.returncode != 0
     assert f"Failed to connect to '{sock}'" in err, err
+
+
+def test_detect_accel(monkeypatch) -> None:
+    from pathlib import Path
+
+    from tests.integration import guest
+
+    guest.detect_accel.cache_clear()
+    monkeypatch.setenv("VSCSI_ACCEL", "kvm")
+    assert guest.detect_accel() == "kvm"
+    guest.detect_accel.cache_clear()
+    monkeypatch.delenv("VSCSI_ACCEL")
+    if Path("/sys/module/kvm_pvm").exists() or not Path("/dev/kvm").exists():
+        # A PVM host's /dev/kvm runs only PVM guest kernels: TCG without a probe boot.
+        assert guest.detect_accel() == "tcg,thread=multi"
+    guest.detect_accel.cache_clear()
+
+
+def test_fio_layer_only_for_scripts_that_use_fio() -> None:
+    from tests.integration.guest import _wants_fio
+
+    assert _wants_fio("fio --name=x")
+    assert _wants_fio("vscsi_wait_disks 1 && fio --rw=read")
+    assert not _wants_fio("sg_inq /dev/sg0 # no profiler here")
+    assert not _wants_fio("echo fiona")
