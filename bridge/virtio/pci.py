@@ -15,6 +15,7 @@ device type: its features, its config bytes, what a notify or DRIVER_OK does.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +24,7 @@ from bridge.vfio_user.device import (
     IRQ_INFO_EVENTFD,
     PCI_CONFIG_REGION_INDEX,
     PCI_MSIX_IRQ_INDEX,
+    REGION_FLAG_MMAP,
     REGION_FLAG_READ,
     REGION_FLAG_WRITE,
     IrqInfo,
@@ -150,7 +152,7 @@ def _le(value: int, size: int) -> bytes:
 class VirtioPciTransport:
     def __init__(
         self, model: VirtioDeviceModel, num_queues: int, max_queue_size: int,
-        subsystem_id: int | None = None,
+        subsystem_id: int | None = None, *, mmap_notify: bool = False,
     ) -> None:
         if not queue_size_valid(max_queue_size):
             raise ValueError(f"queue size {max_queue_size} must be a power of 2 up to 1024")
@@ -167,6 +169,14 @@ class VirtioPciTransport:
         self._wmask = bytearray(PCI_CONFIG_SIZE)
         self._build_config_space()
         self.config_generation = 0
+        # Polled doorbells: BAR4 is backed by a memfd and only its notify window
+        # is offered for mmap (sparse area), so the guest's notify writes land in
+        # memory the client mapped and never reach us; the device polls the
+        # available rings instead (as SPDK's vfio-user virtio devices do).
+        self.notify_memfd: int | None = None
+        if mmap_notify:
+            self.notify_memfd = os.memfd_create("vscsi-virtio-bar4", os.MFD_CLOEXEC)
+            os.ftruncate(self.notify_memfd, VIRTIO_BAR_SIZE)
         self._reset_registers()
 
     # ---- state -------------------------------------------------------
@@ -180,6 +190,11 @@ class VirtioPciTransport:
         self.queues = [QueueConfig(self.max_queue_size) for _ in range(self.num_queues)]
         self.isr = 0
         self.msix.reset()
+
+    def close(self) -> None:
+        if self.notify_memfd is not None:
+            os.close(self.notify_memfd)
+            self.notify_memfd = None
 
     def reset(self) -> None:
         """Device reset (status 0 written, or DEVICE_RESET from the client)."""
@@ -207,7 +222,13 @@ class VirtioPciTransport:
         out = [RegionInfo(0) for _ in range(9)]
         out[MSIX_TABLE_BAR] = RegionInfo(MSIX_BAR_SIZE, rw)
         out[MSIX_PBA_BAR] = RegionInfo(MSIX_BAR_SIZE, rw)
-        out[VIRTIO_BAR] = RegionInfo(VIRTIO_BAR_SIZE, rw)
+        if self.notify_memfd is not None:
+            out[VIRTIO_BAR] = RegionInfo(
+                VIRTIO_BAR_SIZE, rw | REGION_FLAG_MMAP, mmap_fd=self.notify_memfd,
+                sparse_areas=[(NOTIFY_OFFSET, WINDOW_SIZE)],
+            )
+        else:
+            out[VIRTIO_BAR] = RegionInfo(VIRTIO_BAR_SIZE, rw)
         out[PCI_CONFIG_REGION_INDEX] = RegionInfo(PCI_CONFIG_SIZE, rw)
         return out
 

@@ -17,6 +17,7 @@ driver:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class _QueueState:
     vq: SplitVirtqueue | None = None
     wake: trio.Event = field(default_factory=trio.Event)
     inflight: int = 0
+    idle_wait: bool = True  # the worker waits for a doorbell without a poll timer
 
 
 @dataclass
@@ -123,13 +125,23 @@ class VirtioScsiPciDevice:
         seg_max: int | None = None,
         max_sectors: int = 2048,
         cmd_per_lun: int | None = None,
+        doorbell: str = "trap",
     ) -> None:
         if num_queues < 1:
             raise ValueError("virtio-scsi needs at least one request queue")
+        if doorbell not in ("trap", "poll"):
+            raise ValueError("doorbell must be 'trap' (notify writes reach us) or 'poll'")
         self.target = target
         self.initiator = initiator
         self.num_request_queues = num_queues
-        self.pci = VirtioPciTransport(self, num_queues + FIRST_REQUEST_QUEUE, queue_size)
+        self.doorbell = doorbell
+        self.pci = VirtioPciTransport(
+            self, num_queues + FIRST_REQUEST_QUEUE, queue_size, mmap_notify=doorbell == "poll"
+        )
+        # Polled doorbells: spin (yielding) this long after the last new chain,
+        # then sleep in steps doubling from 1 ms (epoll's resolution) up to poll_max.
+        self.poll_hot = 0.0002
+        self.poll_max = 0.004
         self.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
         self.max_sectors = max_sectors
         self.cmd_per_lun = cmd_per_lun if cmd_per_lun is not None else queue_size
@@ -140,6 +152,10 @@ class VirtioScsiPciDevice:
         self._active: _Activation | None = None
         self._events_missed = False
         self._event_vq: SplitVirtqueue | None = None
+        # Doorbell policy (see _drain): suppress notifications while requests are
+        # in flight and look at the ring on completions and every interval.
+        self.suppress_notify_while_busy = True
+        self.busy_poll_interval = 0.001
         # chains taken from each virtqueue since creation (tests, benchmarks)
         self.requests_per_queue = [0] * self.pci.num_queues
         # ring positions kept across a client disconnect (no reset happened)
@@ -241,7 +257,12 @@ class VirtioScsiPciDevice:
         if queue == EVENTQ:
             self._flush_missed_events()
         elif queue in act.queues:
-            act.queues[queue].wake.set()
+            if act.nursery is not None:
+                # Doorbell (trapped notify write): take the new chains now, in the
+                # server's task, rather than one scheduler pass later in the worker.
+                self._drain(act, queue)
+            else:
+                act.queues[queue].wake.set()
 
     # ---- activation --------------------------------------------------
     def _activate(self) -> None:
@@ -280,6 +301,33 @@ class VirtioScsiPciDevice:
                 act.nursery = nursery
                 for q in act.queues:
                     nursery.start_soon(self._queue_worker, act, q)
+                if self.doorbell == "poll":
+                    nursery.start_soon(self._poller, act)
+
+    async def _poller(self, act: _Activation) -> None:
+        """Doorbells we never see: look at the available rings adaptively."""
+        last_activity = trio.current_time()
+        delay = 0.0
+        while True:
+            found = False
+            for q, qs in act.queues.items():
+                vq = qs.vq or self._vq(act, q)
+                if vq is not None and vq.has_available():
+                    found = True
+                    self._drain(act, q)
+            if self._events_missed:
+                self._flush_missed_events()
+            now = trio.current_time()
+            if found:
+                last_activity = now
+                delay = 0.0
+            elif now - last_activity > self.poll_hot:
+                delay = min(self.poll_max, max(0.001, delay * 2))
+            await trio.sleep(delay)
+
+    def close(self) -> None:
+        """Release what the device holds beyond a client (the polled-doorbell memfd)."""
+        self.pci.close()
 
     def _vq(self, act: _Activation, queue: int) -> SplitVirtqueue | None:
         if queue == EVENTQ:
@@ -312,11 +360,24 @@ class VirtioScsiPciDevice:
     async def _queue_worker(self, act: _Activation, queue: int) -> None:
         qs = act.queues[queue]
         while True:
-            await qs.wake.wait()
+            # While requests are in flight, doorbells are suppressed and the ring is
+            # looked at on each completion; this timer bounds the wait of a chain
+            # that arrives while every request in flight is slow.
+            qs.idle_wait = not qs.inflight
+            timeout = math.inf if qs.idle_wait else self.busy_poll_interval
+            with trio.move_on_after(timeout):
+                await qs.wake.wait()
             qs.wake = trio.Event()
             self._drain(act, queue)
 
     def _drain(self, act: _Activation, queue: int) -> None:
+        """Start every available chain (up to the queue depth), then decide about doorbells.
+
+        virtio 1.2 2.7.10: with requests in flight the driver need not notify us
+        (we come back to the ring on each completion), so notifications stay
+        off; they are re-enabled when the queue goes idle, and the ring is
+        checked once more after that to close the race with the driver.
+        """
         qs = act.queues[queue]
         vq = self._vq(act, queue)
         if vq is None or act.nursery is None:
@@ -330,6 +391,11 @@ class VirtioScsiPciDevice:
                 self.pci.set_needs_reset(f"queue {queue}: {e}")
                 return
             if chain is None:
+                if qs.inflight and self.suppress_notify_while_busy:
+                    if qs.idle_wait:
+                        qs.idle_wait = False
+                        qs.wake.set()  # the worker must start its busy poll timer
+                    return
                 if vq.enable_notification():
                     vq.disable_notification()
                     continue
@@ -344,11 +410,12 @@ class VirtioScsiPciDevice:
         if self._active is not act or qs.vq is None:
             return
         vq = qs.vq
-        if qs.inflight == vq.size - 1:
-            qs.wake.set()  # we had stopped popping at the queue depth
         vq.push(chain.head, written)
         if vq.should_interrupt():
             self.pci.interrupt_queue(queue)
+        # new chains may have arrived without a doorbell (suppressed while busy),
+        # or we may have stopped popping at the queue depth
+        self._drain(act, queue)
 
     # ---- request queues ---------------------------------------------
     async def _serve_command(self, act: _Activation, queue: int, chain: DescriptorChain) -> None:

@@ -348,3 +348,45 @@ async def test_buffer_spanning_two_dma_maps(nursery):
     assert parse_resp(g.dma.read(resp, RESP_LEN))["response"] == VirtioScsiResponse.OK
     assert g.dma.read(din, 2 * BLOCK) == bytes(range(256)) * 4
     assert len(g.target.requests[0].data_in) == 2  # two views, no copy
+
+
+async def test_doorbells_suppressed_while_busy(nursery):
+    g = await booted(nursery)
+    g.target.hold = trio.Event()
+    g.post_cmd(b"\x00")
+    g.drv.kick(RQ)
+    await settle()
+    assert len(g.target.requests) == 1
+    # busy: avail_event stays behind, so a Linux driver would not kick for the next chain
+    assert g.drv.avail_event(RQ) == 0
+    g.post_cmd(b"\x00")  # no kick
+    await trio.sleep(0.02)  # the busy poll interval (1 ms) finds it anyway
+    assert len(g.target.requests) == 2
+    g.post_cmd(b"\x00")  # no kick either: picked up when a request completes
+    g.dev.busy_poll_interval = 3600
+    await trio.sleep(0.002)
+    await settle()
+    g.target.hold.set()
+    await settle()
+    assert len(g.target.requests) == 3 and len(g.drv.used(RQ)) == 3
+    assert g.drv.avail_event(RQ) == 3  # idle again: notifications re-enabled
+
+
+async def test_polled_doorbells(nursery):
+    from bridge.vfio_user.device import REGION_FLAG_MMAP
+
+    g = Guest(nursery, doorbell="poll")
+    bar4 = g.dev.regions()[4]
+    assert bar4.flags & REGION_FLAG_MMAP and bar4.mmap_fd is not None
+    assert bar4.sparse_areas == [(0x3000, 0x1000)]  # only the notify window is mapped
+    assert __import__("os").fstat(bar4.mmap_fd).st_size == 0x4000
+    g.drv.init()
+    await settle()
+    g.post_cmd(b"\x00")  # no kick: the guest's notify write would land in the memfd
+    with trio.fail_after(2):
+        while not g.drv.used(RQ):
+            await trio.sleep(0.001)
+    assert len(g.target.requests) == 1
+    g.dev.detach()
+    g.dev.close()
+    assert g.dev.pci.notify_memfd is None
