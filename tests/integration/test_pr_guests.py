@@ -117,7 +117,7 @@ async def ok(g: GuestSession, script: str) -> str:
 
 def keys_in(out: str) -> list[int]:
     """Keys listed by ``sg_persist -n -k``."""
-    assert "registered reservation keys follow" in out or "there are NO registered" in out, out
+    assert "registered reservation key" in out or "there are NO registered" in out, out
     return [int(k, 16) for k in re.findall(r"^\s+(0x[0-9a-f]+)\s*$", out, re.MULTILINE)]
 
 
@@ -222,3 +222,130 @@ async def test_fence_scsi_three_guests_and_aptpl_restart(run_dir: Path) -> None:
     print(f"TIMING boot(3 guests) {booted - started:.1f} s, fence steps {steps_done - booted:.1f} s, "
           f"first bridge total {first_bridge - started:.1f} s, restart+2 guests {done - first_bridge:.1f} s, "
           f"whole test {done - started:.1f} s")
+
+
+# --- the two-initiator checks that iscsi-test-cu skips over SG_IO -------------------------
+# (test_pr_iscsi_test_cu.EXPECTED_SKIPS): the same checks, each initiator a booted guest.
+
+PRELUDE = r"""
+dev=/dev/sg0
+head -c 512 /dev/zero >/tmp/z
+# TEST UNIT READY until GOOD or RESERVATION CONFLICT (sg3_utils exit status 24, an
+# SPC-2 reservation held elsewhere): consumes pending unit attentions
+tur() { n=0; while :; do sg_turs $dev >/dev/null 2>&1; case $? in 0|24) return 0;; esac
+        n=$((n+1)); [ $n -ge 8 ] && { echo TUR-STUCK; return 1; }; done; }
+st() { o=$("$@" 2>&1); rc=$?; case "$o" in *"Reservation Conflict"*) echo "$1 CONFLICT";;
+       *) if [ $rc -eq 0 ]; then echo "$1 OK"; else echo "$1 ERR rc=$rc"; echo "$o"; fi;; esac; }
+rd() { tur; st sg_raw -r 512 -o /dev/null $dev 28 00 00 00 00 40 00 00 01 00; }
+wr() { tur; st sg_raw -s 512 -i /tmp/z $dev 2a 00 00 00 00 40 00 00 01 00; }
+po() { tur; sg_persist -n --out "$@" $dev; }
+reserve6() { tur; st sg_raw $dev 16 00 00 00 00 00; }
+release6() { tur; st sg_raw $dev 17 00 00 00 00 00; }
+msense() { tur; st sg_raw -r 252 -o /dev/null $dev 1a 00 3f 00 fc 00; }
+"""
+# SPC-4 table 212 / 5.13.1: (name printed by sg_persist, all-registrants type,
+# registered other: read, write; unregistered other: read, write)
+TYPES = {
+    1: ("Write Exclusive", False, (True, False), (True, False)),
+    3: ("Exclusive Access", False, (False, False), (False, False)),
+    5: ("Write Exclusive, registrants only", False, (True, True), (True, False)),
+    6: ("Exclusive Access, registrants only", False, (True, True), (False, False)),
+    7: ("Write Exclusive, all registrants", True, (True, True), (True, False)),
+    8: ("Exclusive Access, all registrants", True, (True, True), (False, False)),
+}
+
+
+async def sh(g: GuestSession, script: str) -> str:
+    return await ok(g, PRELUDE + script)
+
+
+def access(out: str) -> tuple[bool, bool]:
+    """(read allowed, write allowed) from the ``rd; wr`` lines."""
+    verdicts = re.findall(r"^sg_raw (OK|CONFLICT|ERR.*)$", out, re.MULTILINE)
+    assert len(verdicts) == 2 and not any(v.startswith("ERR") for v in verdicts), out
+    return verdicts[0] == "OK", verdicts[1] == "OK"
+
+
+def reservation_of(out: str) -> tuple[int, str] | None:
+    """(key, type name) from ``sg_persist -n -r``, None when nothing is reserved."""
+    if "there is NO reservation held" in out:
+        return None
+    key = re.search(r"Key=(0x[0-9a-f]+)", out)
+    rtype = re.search(r"type: (.+?)\s*$", out, re.MULTILINE)
+    assert key and rtype, out
+    return int(key.group(1), 16), rtype.group(1)
+
+
+@pytest.mark.booted
+async def test_two_initiator_access_ownership_preempt_reserve6(run_dir: Path) -> None:
+    """Reservation access and ownership for every type, PREEMPT removing a registration,
+    RESERVE(6) between two initiators and across a LOGICAL UNIT RESET."""
+    started = time.monotonic()
+    ka, kb = NODES["a"][1], NODES["b"][1]
+    async with bridge(run_dir, ["a", "b"]) as target, guests(run_dir, ["a", "b"]) as g:
+        x, y = g["a"], g["b"]
+        booted = time.monotonic()
+        for rtype, (name, all_reg, reg_rw, unreg_rw) in TYPES.items():
+            # access (libiscsi ProutReserve.Access*): X holds, Y registered then not
+            await sh(x, f"po --register-ignore --param-sark=0x{ka:x}")
+            await sh(y, f"po --register-ignore --param-sark=0x{kb:x}")
+            out = await sh(x, f"po --reserve --param-rk=0x{ka:x} --prout-type={rtype}; "
+                              "sg_persist -n -r $dev; rd; wr")
+            # SPC-4 6.15.3: the key reads as zero for an all-registrants reservation
+            assert reservation_of(out) == (0 if all_reg else ka, name), (rtype, out)
+            assert access(out) == (True, True), (rtype, out)
+            assert access(await sh(y, "rd; wr")) == reg_rw, rtype
+            assert access(await sh(y, f"po --register --param-rk=0x{kb:x} --param-sark=0; rd; wr")) \
+                == unreg_rw, rtype
+            out = await sh(x, f"po --release --param-rk=0x{ka:x} --prout-type={rtype}; "
+                              f"po --register --param-rk=0x{ka:x} --param-sark=0; "
+                              "sg_persist -n -r $dev; sg_persist -n -k $dev")
+            assert reservation_of(out) is None and "there are NO registered" in out, (rtype, out)
+            # ownership (ProutReserve.Ownership*): the holder unregisters; an
+            # all-registrants reservation stays with the remaining registrant
+            # (SPC-4 5.13.11.2.3), any other is released
+            await sh(x, f"po --register-ignore --param-sark=0x{ka:x}")
+            await sh(y, f"po --register-ignore --param-sark=0x{kb:x}")
+            out = await sh(x, f"po --reserve --param-rk=0x{ka:x} --prout-type={rtype}; "
+                              f"po --register --param-rk=0x{ka:x} --param-sark=0; sg_persist -n -r $dev")
+            if all_reg:
+                assert reservation_of(out) == (0, name), (rtype, out)
+                out = await sh(y, f"po --release --param-rk=0x{kb:x} --prout-type={rtype}; "
+                                  "sg_persist -n -r $dev")
+            assert reservation_of(out) is None, (rtype, out)
+            await sh(y, f"po --register --param-rk=0x{kb:x} --param-sark=0")
+        status = target.logical_unit("lu0").reservations.status()
+        assert status["registrants"] == [] and status["holder"] is None, status
+        matrix_done = time.monotonic()
+
+        # PREEMPT with no reservation removes the preempted registration (ProutPreempt.RemoveRegistration)
+        await sh(x, f"po --register-ignore --param-sark=0x{ka:x}")
+        out = await sh(y, f"po --register-ignore --param-sark=0x{kb:x}; sg_persist -n -k $dev")
+        assert sorted(keys_in(out)) == [ka, kb], out
+        gen = int(re.search(r"PR generation=(0x[0-9a-f]+)", out).group(1), 16)  # type: ignore[union-attr]
+        out = await sh(y, f"po --preempt --param-rk=0x{kb:x} --param-sark=0x{ka:x} --prout-type=3; "
+                          "sg_persist -n -k $dev; sg_persist -n -r $dev")
+        assert keys_in(out) == [kb] and f"PR generation=0x{gen + 1:x}," in out, out
+        assert reservation_of(out) is None, out
+        r = await run(x, "sg_turs -v /dev/sg0")
+        assert r.rc != 0 and "Registrations preempted" in r.output, r.output
+        await sh(y, f"po --register --param-rk=0x{kb:x} --param-sark=0")
+
+        # RESERVE(6)/RELEASE(6) between two initiators (Reserve6.2Initiators, SPC-2 5.5.1)
+        assert await sh(x, "reserve6; reserve6") == "sg_raw OK\n" * 2  # the holder may repeat it
+        # the other initiator: RESERVE conflicts, RELEASE is a no-op, MODE SENSE and READ
+        # conflict, and so does PERSISTENT RESERVE IN (SPC-2 5.5.1: from any initiator)
+        out = await sh(y, "reserve6; release6; reserve6; msense; rd; sg_persist -n -k $dev; echo PRIN-RC=$?")
+        assert out.startswith("sg_raw CONFLICT\nsg_raw OK\n" + "sg_raw CONFLICT\n" * 3), out
+        assert "PRIN-RC=24" in out, out  # sg3_utils' exit status for RESERVATION CONFLICT
+        assert await sh(x, "msense; rd; wr") == "sg_raw OK\n" * 3
+        assert "sg_raw OK" in await sh(x, "release6")
+        assert await sh(y, "reserve6; release6") == "sg_raw OK\nsg_raw OK\n"
+        # a LOGICAL UNIT RESET releases it (Reserve6.LUNReset, SPC-2 5.5.1)
+        assert "sg_raw OK" in await sh(x, "reserve6")
+        r = await run(x, "sg_reset -d /dev/sg0")
+        assert r.rc == 0, r.output
+        assert await sh(y, "reserve6; rd; wr; release6") == "sg_raw OK\n" * 4
+    done = time.monotonic()
+    print(f"TIMING boot(2 guests) {booted - started:.1f} s, 6-type access+ownership matrix "
+          f"{matrix_done - booted:.1f} s, whole test {done - started:.1f} s")
