@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ]; then
     echo "[setup] creating venv $VENV" >&2
     rm -rf "$VENV"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >&2
+    "$VENV/bin/pip" install -q --upgrade pip setuptools wheel >&2
     "$VENV/bin/pip" install -q -e '.[test]' >&2
     touch "$stamp"
 else
