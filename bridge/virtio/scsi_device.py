@@ -98,7 +98,7 @@ class _QueueState:
     vq: SplitVirtqueue | None = None
     wake: trio.Event = field(default_factory=trio.Event)
     inflight: int = 0
-    idle_wait: bool = True  # the worker waits for a doorbell without a poll timer
+    wait_scope: trio.CancelScope | None = None  # the worker's wait for a doorbell
 
 
 @dataclass
@@ -361,12 +361,15 @@ class VirtioScsiPciDevice:
         qs = act.queues[queue]
         while True:
             # While requests are in flight, doorbells are suppressed and the ring is
-            # looked at on each completion; this timer bounds the wait of a chain
-            # that arrives while every request in flight is slow.
-            qs.idle_wait = not qs.inflight
-            timeout = math.inf if qs.idle_wait else self.busy_poll_interval
-            with trio.move_on_after(timeout):
+            # looked at on each completion; the deadline of this wait (set by
+            # _drain, no task switch needed) bounds how long a chain that arrives
+            # while every request in flight is slow can wait.
+            with trio.CancelScope() as scope:
+                qs.wait_scope = scope
+                if qs.inflight and self.suppress_notify_while_busy:
+                    scope.deadline = trio.current_time() + self.busy_poll_interval
                 await qs.wake.wait()
+            qs.wait_scope = None
             qs.wake = trio.Event()
             self._drain(act, queue)
 
@@ -391,14 +394,16 @@ class VirtioScsiPciDevice:
                 self.pci.set_needs_reset(f"queue {queue}: {e}")
                 return
             if chain is None:
+                scope = qs.wait_scope
                 if qs.inflight and self.suppress_notify_while_busy:
-                    if qs.idle_wait:
-                        qs.idle_wait = False
-                        qs.wake.set()  # the worker must start its busy poll timer
+                    if scope is not None and scope.deadline == math.inf:
+                        scope.deadline = trio.current_time() + self.busy_poll_interval
                     return
                 if vq.enable_notification():
                     vq.disable_notification()
                     continue
+                if scope is not None:
+                    scope.deadline = math.inf  # idle: wait for a doorbell only
                 return
             qs.inflight += 1
             self.requests_per_queue[queue] += 1
