@@ -156,6 +156,7 @@ class VirtioScsiPciDevice:
         # in flight and look at the ring on completions and every interval.
         self.suppress_notify_while_busy = True
         self.busy_poll_interval = 0.001
+        self.guest_errors = 0  # malformed chains and requests seen
         # chains taken from each virtqueue since creation (tests, benchmarks)
         self.requests_per_queue = [0] * self.pci.num_queues
         # ring positions kept across a client disconnect (no reset happened)
@@ -462,7 +463,7 @@ class VirtioScsiPciDevice:
 
     def _reject_command(self, chain: DescriptorChain, reason: str, sense_size: int) -> int:
         """A malformed request: FAILURE where a response fits, else NEEDS_RESET (virtio 1.2 2.1.2)."""
-        log.warning("malformed request (head %d): %s", chain.head, reason)
+        self._warn_guest("malformed request (head %d): %s", chain.head, reason)
         if chain.response_usable and iov_len(chain.writable) >= CMD_RESP_FIXED_SIZE:
             return iov_from_bytes(
                 chain.writable, encode_cmd_failure(VirtioScsiResponse.FAILURE, sense_size)
@@ -513,11 +514,18 @@ class VirtioScsiPciDevice:
         return self._reject_control(chain, f"unknown or short control request (type {typ})")
 
     def _reject_control(self, chain: DescriptorChain, reason: str) -> int:
-        log.warning("malformed control request (head %d): %s", chain.head, reason)
+        self._warn_guest("malformed control request (head %d): %s", chain.head, reason)
         if chain.response_usable and iov_len(chain.writable) >= 1:
             return iov_from_bytes(chain.writable, bytes((VirtioScsiResponse.FAILURE,)))
         self.pci.set_needs_reset(f"control request without a response buffer: {reason}")
         return 0
+
+    def _warn_guest(self, fmt: str, *args: object) -> None:
+        """Log a guest's protocol error without letting a hostile guest flood the log."""
+        self.guest_errors += 1
+        n = self.guest_errors
+        if n <= _GUEST_WARNINGS_IN_FULL or n % 1000 == 0:
+            log.warning(fmt + " [guest error %d]", *args, n)
 
     # ---- event queue -------------------------------------------------
     def _on_target_event(self, event: TargetEvent) -> None:
@@ -566,7 +574,7 @@ class VirtioScsiPciDevice:
                 self._events_missed = True
                 return
             if chain.error is not None or iov_len(chain.writable) < EVENT_SIZE:
-                log.warning("malformed event buffer (head %d): %s", chain.head, chain.error)
+                self._warn_guest("malformed event buffer (head %d): %s", chain.head, chain.error)
                 vq.push(chain.head, 0)
                 continue
             if self._events_missed:
@@ -577,6 +585,9 @@ class VirtioScsiPciDevice:
             if vq.should_interrupt():
                 self.pci.interrupt_queue(EVENTQ)
             return
+
+
+_GUEST_WARNINGS_IN_FULL = 20
 
 
 def _lun_addressable(lun: bytes) -> bool:

@@ -128,6 +128,7 @@ async def test_hostile_chain(nursery, case):
     used = g.drv.used(RQ)
     assert [u[0] for u in used] == [0]  # the chain is returned either way
     assert not g.target.requests  # nothing reached the target
+    assert g.dev.guest_errors == 1
     if expect_failure:
         assert parse_resp(g.dma.read(resp, RESP_LEN))["response"] == VirtioScsiResponse.FAILURE
         assert not g.drv.status() & STATUS_NEEDS_RESET
