@@ -439,10 +439,11 @@ async def run_guest(
                 with trio.move_on_after(timeout) as scope:
                     await process.wait()
                 timed_out = scope.cancelled_caught
-                if timed_out:
+                if timed_out:  # kill now: the pump ends only when QEMU's stdout closes
                     await _kill(process)
         finally:
-            await _kill(process)
+            with trio.CancelScope(shield=True):  # reap QEMU even when cancelled
+                await _kill(process)
     finally:
         console.close()
         _cleanup(launch.workdir)

@@ -198,3 +198,15 @@ def test_fio_layer_only_for_scripts_that_use_fio() -> None:
     assert _wants_fio("vscsi_wait_disks 1 && fio --rw=read")
     assert not _wants_fio("sg_inq /dev/sg0 # no profiler here")
     assert not _wants_fio("echo fiona")
+
+
+@pytest.mark.booted
+async def test_timeout_kills_the_guest() -> None:
+    """A guest past its timeout is killed at once (not left to finish a 10-minute sleep)."""
+    from tests.integration.guest import GuestTimeout
+
+    await ensure_images()
+    start = trio.current_time()
+    with pytest.raises(GuestTimeout, match="did not finish within 5 s"):
+        await run_guest("sleep 600", attach="none", timeout=5)
+    assert trio.current_time() - start < 120
