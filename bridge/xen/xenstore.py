@@ -105,6 +105,7 @@ class XenStore:
 
     async def request(self, type_: XsType, payload: bytes, tx_id: int = 0, path: str = "") -> bytes:
         if self._closed is not None:
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise ConnectionError(f"xenstore connection lost: {self._closed}")
         req_id = next(self._ids) & 0xFFFFFFFF
         event = trio.Event()
@@ -120,6 +121,8 @@ class XenStore:
         finally:
             self._waiting.pop(req_id, None)
         if not box:
+            # Woken because the reader stopped; if that is our own cancellation, say so.
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise ConnectionError(f"xenstore connection lost: {self._closed}")
         reply = box[0]
         if reply.type == XsType.ERROR:
