@@ -17,8 +17,9 @@ import trio
 
 from bridge.xen.backend import BackendConfig, TargetLike, VscsiBackend
 from bridge.xen.platform import XenPlatform
-from bridge.xen.toolstack import reap_destroyed_domains, reap_once
+from bridge.xen.toolstack import attach, reap_destroyed_domains, reap_once
 from bridge.xen.xenstore import XenStore, connect_xenstored, open_xenstore
+from bridge.xen.xs_wire import XenStoreError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class XenDomainConfig:
     domid: int | None = None
     initiator: str | None = None  # default: iqn.2026-11.org.vscsi-bridge:xen.<name>.<devid>
     devid: int | None = None  # None: every vscsi device of the domain
+    luns: tuple[int, ...] = ()  # what auto-attach gives the guest (v-dev 0:0:L//256:L%256)
 
     def matches(self, domid: int, name: str | None, devid: int) -> bool:
         if self.devid is not None and self.devid != devid:
@@ -46,6 +48,9 @@ class XenConfig:
     sg_grant: int = 128
     domains: list[XenDomainConfig] | None = None  # None: every vscsi device of any domain
     reap_destroyed: bool = True
+    # Write the vscsi nodes of configured domains (by name) as they appear, e.g. after
+    # `xl reboot` recreated the domain under a new domid: no toolstack step needed.
+    auto_attach: bool = False
     xenstore_path: str | None = None  # default: xenstored socket, else /dev/xen/xenbus
 
 
@@ -60,6 +65,7 @@ class XenBackendRunner:
         self.running: dict[tuple[int, int], VscsiBackend] = {}
         self.ended: set[tuple[int, int]] = set()
         self.crashes: list[tuple[tuple[int, int], str]] = []
+        self.auto_attached: set[tuple[int, int]] = set()
 
     async def _domain_config(self, domid: int, devid: int) -> XenDomainConfig | None:
         if self.config.domains is None:
@@ -103,11 +109,44 @@ class XenBackendRunner:
             self.running.pop(key, None)
             self.ended.add(key)
 
+    async def auto_attach_once(self) -> list[tuple[int, int]]:
+        """Attach configured domains (by name or domid, with ``luns``) that lack their nodes."""
+        done = []
+        for dom in await self.xs.directory("/local/domain", missing_ok=True):
+            if not dom.isdigit() or int(dom) == self.config.backend_domid:
+                continue
+            domid = int(dom)
+            name = await self.xs.read_str(f"/local/domain/{domid}/name")
+            for d in self.config.domains or []:
+                devid = d.devid or 0
+                key = (domid, devid)
+                if not d.luns or key in self.auto_attached or not d.matches(domid, name, devid):
+                    continue
+                self.auto_attached.add(key)
+                if await self.xs.exists(f"{self.root}/{domid}/{devid}"):
+                    continue
+                try:
+                    await attach(self.xs, domid, devid, list(d.luns), self.config.backend_domid)
+                    done.append(key)
+                except (ValueError, XenStoreError) as exc:
+                    log.warning("auto-attach of dom%d vscsi %d failed: %s", domid, devid, exc)
+        return done
+
+    async def _auto_attach_loop(self) -> None:
+        async with self.xs.watch("@introduceDomain") as w:
+            while True:
+                await w.wait()
+                for _ in range(3):  # the toolstack writes the name around the introduction
+                    await self.auto_attach_once()
+                    await trio.sleep(0.5)
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             if self.config.reap_destroyed:
                 await reap_once(self.xs, self.root)
                 nursery.start_soon(reap_destroyed_domains, self.xs, self.config.backend_domid)
+            if self.config.auto_attach:
+                nursery.start_soon(self._auto_attach_loop)
             async with self.xs.watch(self.root) as watch:
                 task_status.started()
                 while True:
@@ -125,7 +164,8 @@ def xen_config_from(bridge_config: Any) -> XenConfig:
         dom = str(att.domain)
         domains.append(XenDomainConfig(name=None if dom.isdigit() else dom,
                                        domid=int(dom) if dom.isdigit() else None,
-                                       initiator=att.initiator, devid=att.devid))
+                                       initiator=att.initiator, devid=att.devid,
+                                       luns=tuple(sorted(getattr(att, "luns", {})))))
     return XenConfig(domains=domains)
 
 

@@ -86,3 +86,35 @@ def test_config_from_bridge_configuration():
     assert (b.name, b.domid, b.devid) == (None, 7, 2)
     assert a.matches(3, "domu1", 0) and not a.matches(3, "domu1", 1)
     assert b.matches(7, "whatever", 2) and not b.matches(8, "whatever", 2)
+
+
+async def test_auto_attach_follows_a_rebooted_domain(env):
+    """`xl reboot` recreates the domain under a new domid: the bridge attaches it again."""
+    from bridge.xen.runner import XenBackendRunner
+
+    config = XenConfig(domains=[XenDomainConfig(name="guest1", luns=(0,))], auto_attach=True)
+    runner = XenBackendRunner(env.xs0, env.target, env.sim.platform, config)
+    async with AsyncExitStack() as stack:
+        n = await stack.enter_async_context(trio.open_nursery())
+        await n.start(runner.run)
+        env.sim.grant_table.add_domain(5, pages=256)
+        env.xsd.introduce_domain(5, "guest1")
+        xs5 = await stack.enter_async_context(open_xenstore(await env.xsd.connect(5)))
+        fe = SimFrontend(env.sim, xs5, 5, 0)
+        with trio.fail_after(5):
+            await fe.connect(n)
+            assert (await fe.submit(INQUIRY, data_in_len=96)).rslt == 0
+        # reboot: domain 5 goes away (nodes reaped), the same name comes back as domain 9
+        env.xsd.release_domain(5)
+        env.sim.grant_table.add_domain(9, pages=256)
+        env.xsd.introduce_domain(9, "guest1")
+        xs9 = await stack.enter_async_context(open_xenstore(await env.xsd.connect(9)))
+        fe9 = SimFrontend(env.sim, xs9, 9, 0)
+        with trio.fail_after(5):
+            await fe9.connect(n)
+            assert (await fe9.submit(INQUIRY, data_in_len=96)).rslt == 0
+        with trio.fail_after(5):
+            while await env.xs0.exists(fe.backend):
+                await trio.sleep(0.01)
+        assert runner.auto_attached >= {(5, 0), (9, 0)}
+        n.cancel_scope.cancel()
