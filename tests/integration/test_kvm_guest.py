@@ -213,3 +213,41 @@ async def test_guest_reboot_and_qemu_restart_keep_data(run_dir: Path) -> None:
             nursery.cancel_scope.cancel()
     finally:
         target.close()
+
+
+MKFS_SCRIPT = r"""
+set -e
+vscsi_wait_disks 1 60
+mkfs.ext4 -q -F /dev/sda
+mkdir -p /mnt/t
+mount -t ext4 /dev/sda /mnt/t
+i=0; while [ $i -lt 20 ]; do dd if=/dev/urandom of=/mnt/t/f$i bs=64k count=$((i + 1)) 2>/dev/null; i=$((i + 1)); done
+md5sum /mnt/t/f* > /mnt/t/SUMS
+sync
+umount /mnt/t
+mount -t ext4 /dev/sda /mnt/t
+cd /mnt/t && md5sum -c SUMS >/dev/null && echo SUMS-OK
+cd / && umount /mnt/t
+echo FS-DONE
+"""
+
+
+@pytest.mark.booted
+async def test_ext4_on_the_bridge_fscks_clean_on_host(run_dir: Path) -> None:
+    import subprocess
+
+    target, device = _bridge(run_dir, {0: "lu0"})
+    sock = str(run_dir / "bridge.sock")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, sock, device)
+            result = await run_guest(MKFS_SCRIPT, attach="vfio-user", socket=sock, timeout=400)
+            nursery.cancel_scope.cancel()
+    finally:
+        target.close()
+    assert result.rc == 0, result.console[-4000:]
+    assert "SUMS-OK" in result.output and "FS-DONE" in result.output, result.output
+    # the bridge has stopped: the image must be a clean ext4 file system
+    fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
+    proc = subprocess.run([fsck, "-fn", str(run_dir / "lu0.img")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
