@@ -118,6 +118,16 @@ class Backing:
                 return done  # partially cached: finish in a thread
         return done
 
+    def read_inline(self, offset: int, views: Sequence[memoryview]) -> bool:
+        """Try the whole read without blocking (RWF_NOWAIT); False when it must go to a
+        thread (the caller then reads everything again through read_into)."""
+        if not self.nowait_reads:
+            return False
+        try:
+            return self._preadv_all(views, offset, RWF_NOWAIT) == sum(len(v) for v in views)
+        except OSError:
+            return False  # the blocking path reports it
+
     async def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
         """Fill ``views`` from ``offset``: inline on a page-cache hit, else in a thread."""
         done = 0
@@ -155,23 +165,38 @@ class Backing:
             done += n
         return done
 
+    def _write_inline_count(self, offset: int, views: Sequence[memoryview], total: int) -> int:
+        if self.nowait_writes:
+            done = self._pwritev_all(views, offset, RWF_NOWAIT)
+            if done or self.nowait_writes:
+                return done
+        if (self.inline_writes and total <= INLINE_WRITE_MAX and not (offset | total) % PAGE):
+            now = time.perf_counter()
+            if now >= self._inline_backoff_until:
+                done = self._pwritev_all(views, offset, 0)
+                took = time.perf_counter() - now
+                if took > INLINE_WRITE_SLOW:
+                    self._inline_backoff_until = now + took + INLINE_WRITE_BACKOFF
+                    log.debug("inline write took %.0f us: threads for a while", took * 1e6)
+                return done
+        return 0
+
+    def write_inline(self, offset: int, views: Sequence[memoryview], sync: bool) -> bool:
+        """Try the whole write without going to a thread; False when write_from must do
+        it (rewriting any part already written is harmless: the same data)."""
+        if sync:
+            return False
+        total = sum(len(v) for v in views)
+        try:
+            return self._write_inline_count(offset, views, total) == total
+        except OSError:
+            return False  # the thread path reports it
+
     async def write_from(self, offset: int, views: Sequence[memoryview], sync: bool) -> None:
         """Write ``views`` at ``offset``; returns only after pwritev returned (and after
         fdatasync when ``sync``: WCE=0, FUA, SBC-3 4.13)."""
-        done = 0
         total = sum(len(v) for v in views)
-        if not sync:
-            if self.nowait_writes:
-                done = self._pwritev_all(views, offset, RWF_NOWAIT)
-            if (done == 0 and not self.nowait_writes and self.inline_writes
-                    and total <= INLINE_WRITE_MAX and not (offset | total) % PAGE):
-                now = time.perf_counter()
-                if now >= self._inline_backoff_until:
-                    done = self._pwritev_all(views, offset, 0)
-                    took = time.perf_counter() - now
-                    if took > INLINE_WRITE_SLOW:
-                        self._inline_backoff_until = now + took + INLINE_WRITE_BACKOFF
-                        log.debug("inline write took %.0f us: threads for a while", took * 1e6)
+        done = 0 if sync else self._write_inline_count(offset, views, total)
         if done < total or sync:
             await trio.to_thread.run_sync(self._write_rest_sync, skip(views, done), offset + done, sync)
 

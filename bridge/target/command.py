@@ -86,6 +86,9 @@ class Command:
 
 
 Handler = Callable[[Command], Awaitable[int | None]]
+# A synchronous attempt to complete the command without blocking: True when done (GOOD),
+# False when the async handler must run (as an abortable task). May raise SenseError.
+FastPath = Callable[[Command], bool]
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class CommandInfo:
     allowed_with_ua: bool = False  # SAM-5 5.14: INQUIRY, REPORT LUNS, REQUEST SENSE
     allowed_without_lu: bool = False  # answered on an unmapped LUN / the W-LUN
     medium: bool = False  # needs the medium: NOT READY while stopped (SBC-3 5.25)
+    fast: FastPath | None = None
 
     @property
     def cdb_length(self) -> int:
@@ -112,7 +116,8 @@ COMMANDS: dict[tuple[int, int | None], CommandInfo] = {}
 
 def command(opcode: int, service_action: int | None, name: str, usage: str, *,
             allowed_with_ua: bool = False, allowed_without_lu: bool = False,
-            medium: bool = False) -> Callable[[Handler], Handler]:
+            medium: bool = False, fast: FastPath | None = None
+            ) -> Callable[[Handler], Handler]:
     """Register a handler row; ``usage`` is the CDB usage data in hex (spaces allowed)."""
     raw = bytes.fromhex(usage)
     if raw[0] != opcode:
@@ -126,7 +131,7 @@ def command(opcode: int, service_action: int | None, name: str, usage: str, *,
         if key in COMMANDS:
             raise ValueError(f"{name}: duplicate row {key}")
         COMMANDS[key] = CommandInfo(opcode, service_action, name, fn, raw,
-                                    allowed_with_ua, allowed_without_lu, medium)
+                                    allowed_with_ua, allowed_without_lu, medium, fast)
         return fn
 
     return register

@@ -24,6 +24,11 @@ class IoGate:
         self._changed.set()
         self._changed = trio.Event()
 
+    def shared_free(self) -> bool:
+        """True when a writer may proceed right now without waiting (the synchronous
+        fast path, which holds the gate only while it does not yield)."""
+        return not self._exclusive and not self._waiting_exclusive
+
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
         while self._exclusive or self._waiting_exclusive:

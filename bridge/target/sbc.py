@@ -98,53 +98,76 @@ async def read_capacity_16(cmd: Command) -> None:
 # have no protection information. GROUP NUMBER (bits 4-0 of its byte) accepted, ignored.
 
 
-@command(0x08, None, "READ(6)", "08 1f ff ff ff 00", medium=True)
-async def read_6(cmd: Command) -> None:
-    """SBC-3 5.11: TRANSFER LENGTH 0 means 256 blocks."""
-    c = cmd.cdb
-    await do_read(cmd, u24(c, 1) & 0x1FFFFF, c[4] or 256, 4)
+def rw_fields(cdb: bytes) -> tuple[int, int, int]:
+    """(LBA, TRANSFER LENGTH, offset of the length field) of READ/WRITE 6/10/12/16.
+
+    SBC-3 5.11/5.39: a READ(6)/WRITE(6) TRANSFER LENGTH of 0 means 256 blocks.
+    """
+    group = cdb[0] >> 5
+    if group == 0:
+        return u24(cdb, 1) & 0x1FFFFF, cdb[4] or 256, 4
+    if group == 1:
+        return u32(cdb, 2), u16(cdb, 7), 7
+    if group == 5:
+        return u32(cdb, 2), u32(cdb, 6), 6
+    return u64(cdb, 2), u32(cdb, 10), 10
 
 
-@command(0x28, None, "READ(10)", "28 18 ff ff ff ff 1f ff ff 00", medium=True)
-async def read_10(cmd: Command) -> None:
-    c = cmd.cdb
-    await do_read(cmd, u32(c, 2), u16(c, 7), 7)
+def fua(cdb: bytes) -> bool:
+    return cdb[0] != 0x0A and bool(cdb[1] & 0x08)
 
 
-@command(0xA8, None, "READ(12)", "a8 18 ff ff ff ff ff ff ff ff 1f 00", medium=True)
-async def read_12(cmd: Command) -> None:
-    c = cmd.cdb
-    await do_read(cmd, u32(c, 2), u32(c, 6), 6)
+def read_fast(cmd: Command) -> bool:
+    """Page-cache hit: the whole READ inline (RWF_NOWAIT), no task, no cancel scope."""
+    lu = cmd.lu
+    assert lu is not None
+    lba, nblocks, len_byte = rw_fields(cmd.cdb)
+    check_range(lu, lba, nblocks, len_byte)
+    if nblocks == 0:
+        return True
+    views = cmd.in_views(nblocks * lu.block_size)
+    return lu.backing.read_inline(lba * lu.block_size, views)
 
 
-@command(0x88, None, "READ(16)", "88 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
-async def read_16(cmd: Command) -> None:
-    c = cmd.cdb
-    await do_read(cmd, u64(c, 2), u32(c, 10), 10)
+def write_fast(cmd: Command) -> bool:
+    """A WRITE the backing can take inline (see backing.py), unless COMPARE AND WRITE
+    holds the LU's write gate."""
+    lu = cmd.lu
+    assert lu is not None
+    check_writable(lu)
+    lba, nblocks, len_byte = rw_fields(cmd.cdb)
+    check_range(lu, lba, nblocks, len_byte)
+    if nblocks == 0:
+        return True
+    if not lu.write_gate.shared_free():
+        return False
+    sync = fua(cmd.cdb) or not lu.mode.wce
+    views = cmd.out_views(nblocks * lu.block_size)
+    return lu.backing.write_inline(lba * lu.block_size, views, sync)
 
 
-@command(0x0A, None, "WRITE(6)", "0a 1f ff ff ff 00", medium=True)
-async def write_6(cmd: Command) -> None:
-    c = cmd.cdb
-    await do_write(cmd, u24(c, 1) & 0x1FFFFF, c[4] or 256, 4, fua=False)
+async def read(cmd: Command) -> None:
+    await do_read(cmd, *rw_fields(cmd.cdb))
 
 
-@command(0x2A, None, "WRITE(10)", "2a 18 ff ff ff ff 1f ff ff 00", medium=True)
-async def write_10(cmd: Command) -> None:
-    c = cmd.cdb
-    await do_write(cmd, u32(c, 2), u16(c, 7), 7, fua=bool(c[1] & 0x08))
+async def write(cmd: Command) -> None:
+    await do_write(cmd, *rw_fields(cmd.cdb), fua=fua(cmd.cdb))
 
 
-@command(0xAA, None, "WRITE(12)", "aa 18 ff ff ff ff ff ff ff ff 1f 00", medium=True)
-async def write_12(cmd: Command) -> None:
-    c = cmd.cdb
-    await do_write(cmd, u32(c, 2), u32(c, 6), 6, fua=bool(c[1] & 0x08))
-
-
-@command(0x8A, None, "WRITE(16)", "8a 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
-async def write_16(cmd: Command) -> None:
-    c = cmd.cdb
-    await do_write(cmd, u64(c, 2), u32(c, 10), 10, fua=bool(c[1] & 0x08))
+for _op, _name, _usage in (
+    (0x08, "READ(6)", "08 1f ff ff ff 00"),
+    (0x28, "READ(10)", "28 18 ff ff ff ff 1f ff ff 00"),
+    (0xA8, "READ(12)", "a8 18 ff ff ff ff ff ff ff ff 1f 00"),
+    (0x88, "READ(16)", "88 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00"),
+):
+    command(_op, None, _name, _usage, medium=True, fast=read_fast)(read)
+for _op, _name, _usage in (
+    (0x0A, "WRITE(6)", "0a 1f ff ff ff 00"),
+    (0x2A, "WRITE(10)", "2a 18 ff ff ff ff 1f ff ff 00"),
+    (0xAA, "WRITE(12)", "aa 18 ff ff ff ff ff ff ff ff 1f 00"),
+    (0x8A, "WRITE(16)", "8a 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00"),
+):
+    command(_op, None, _name, _usage, medium=True, fast=write_fast)(write)
 
 
 # -- SYNCHRONIZE CACHE -------------------------------------------------------------------

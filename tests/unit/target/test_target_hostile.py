@@ -133,6 +133,7 @@ async def test_handler_crash_becomes_target_failure(hostile_target, monkeypatch)
         raise RuntimeError("bug")
 
     monkeypatch.setattr(lu.backing, "read_into", boom)
+    monkeypatch.setattr(lu.backing, "nowait_reads", False)  # no inline fast path
     req = ScsiRequest(lun=lun_to_virtio(0), tag=next(_tags),
                       cdb=bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0)),
                       initiator=InitiatorPort(INI_A), data_in=[memoryview(bytearray(512))])

@@ -60,6 +60,12 @@ class BlockingRead:
         self.finished += 1
 
 
+def install(target, blocker: BlockingRead) -> None:
+    backing = target.logical_unit("disk0").backing
+    backing.nowait_reads = False  # no inline fast path: every READ goes through read_into
+    backing.read_into = blocker.read_into
+
+
 def req(tag, lun=0, initiator=INI_A):
     return ScsiRequest(lun=lun_to_virtio(lun), tag=tag, cdb=read10(0, 1),
                        initiator=InitiatorPort(initiator), data_in=[memoryview(bytearray(512))])
@@ -83,7 +89,7 @@ async def start_blocked(nursery, target, blocker, events, *reqs):
 async def test_abort_task_completes_command_before_tmf(target, in_thread):
     await drain_ua(target)
     blocker = BlockingRead(in_thread)
-    target.logical_unit("disk0").backing.read_into = blocker.read_into
+    install(target, blocker)
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(7))
@@ -107,7 +113,7 @@ async def test_abort_task_set_only_this_nexus(target):
     await drain_ua(target)
     await drain_ua(target, initiator=INI_B)
     blocker = BlockingRead()
-    target.logical_unit("disk0").backing.read_into = blocker.read_into
+    install(target, blocker)
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1), req(2), req(3, initiator=INI_B))
@@ -126,7 +132,7 @@ async def test_clear_task_set_aborts_all_and_tells_others(target):
     await drain_ua(target)
     await drain_ua(target, initiator=INI_B)
     blocker = BlockingRead()
-    target.logical_unit("disk0").backing.read_into = blocker.read_into
+    install(target, blocker)
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1), req(2, initiator=INI_B))
@@ -142,7 +148,7 @@ async def test_logical_unit_reset(target):
     await drain_ua(target)
     await drain_ua(target, initiator=INI_B)
     blocker = BlockingRead()
-    target.logical_unit("disk0").backing.read_into = blocker.read_into
+    install(target, blocker)
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1), req(2, initiator=INI_B))
@@ -162,7 +168,7 @@ async def test_i_t_nexus_reset(target):
     await drain_ua(target, lun=3)
     await drain_ua(target, initiator=INI_B)
     blocker = BlockingRead()
-    target.logical_unit("disk0").backing.read_into = blocker.read_into
+    install(target, blocker)
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1), req(2, initiator=INI_B))
@@ -191,7 +197,7 @@ async def test_tmf_addressing_and_clear_aca(target):
 async def test_overlapped_tag(target):
     await drain_ua(target)
     blocker = BlockingRead()
-    target.logical_unit("disk0").backing.read_into = blocker.read_into
+    install(target, blocker)
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(5))
@@ -204,7 +210,7 @@ async def test_overlapped_tag(target):
 async def test_unmap_lun_aborts_its_tasks(target):
     await drain_ua(target)
     blocker = BlockingRead()
-    target.logical_unit("disk0").backing.read_into = blocker.read_into
+    install(target, blocker)
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1))
