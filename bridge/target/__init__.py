@@ -1,1 +1,13 @@
-"""SCSI target core: logical units, commands, sense, unit attentions, task set, reservations."""
+"""SCSI target core: logical units, commands, sense, unit attentions, task set, reservations.
+
+Entry points (import them from their modules; this package imports nothing itself):
+- ``bridge.target.logical_unit.LogicalUnitSpec``: one LU as configured.
+- ``bridge.target.target.Target``: ``execute(ScsiRequest)``, ``task_management(TmfRequest)``,
+  ``luns_for``, ``subscribe``, ``map_lun``, ``unmap_lun``, ``add_logical_unit``, ``resize``,
+  ``nexus_loss``, ``close``.
+
+Layout: backing.py (image/device I/O), identity.py (WWN/serial sidecar), logical_unit.py,
+command.py (dispatch table), cdb.py/buffers.py (sans-I/O helpers), spc.py + vpd.py,
+sbc.py, sbc_verify.py, sbc_provisioning.py, mode.py + mode_pages.py, unit_state.py,
+rsoc.py, pr.py (rows for reservations.py), unit_attention.py, task_set.py, io_gate.py.
+"""

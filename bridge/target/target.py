@@ -179,7 +179,12 @@ class Target:
 
     async def execute(self, req: ScsiRequest) -> ScsiResponse:
         """Run one command; always returns a well-formed response, never raises
-        (except trio.Cancelled from the caller's own cancellation)."""
+        (except trio.Cancelled from the caller's own cancellation).
+
+        A READ/WRITE served from the page cache completes without a trio checkpoint
+        (that is its speed); transports checkpoint in their own request loops.
+        Task attributes are not interpreted: every command is treated as SIMPLE.
+        """
         try:
             return await self._execute(req)
         except Exception:
