@@ -322,3 +322,35 @@ async def test_configured_identity_and_sidecar(tmp_path):
     t = Target([spec2], {})
     assert (t.logical_unit("e").identity.wwn, t.logical_unit("e").identity.serial) == (wwn, serial)
     t.close()
+
+
+# -- persistent reservations through the core ------------------------------------------
+
+
+def pr_out_req(sa, rkey=0, sakey=0, rtype=0, tag=100, initiator=INI_A):
+    params = struct.pack(">QQ4xB3x", rkey, sakey, 0)
+    cdb = struct.pack(">BBB2xIB", 0x5F, sa, rtype, len(params), 0)
+    return ScsiRequest(lun=lun_to_virtio(0), tag=tag, cdb=cdb, initiator=InitiatorPort(initiator),
+                       data_out=[memoryview(params)])
+
+
+async def test_preempt_and_abort_aborts_the_preempted_tasks_and_raises_ua(target):
+    await drain_ua(target)
+    await drain_ua(target, initiator=INI_B)
+    for ini, key in ((INI_A, 0xA), (INI_B, 0xB)):
+        resp = await target.execute(pr_out_req(0, sakey=key, initiator=ini))  # REGISTER
+        assert resp.status == 0, resp
+    resp = await target.execute(pr_out_req(1, rkey=0xB, rtype=1, initiator=INI_B))  # RESERVE WE
+    assert resp.status == 0, resp
+    blocker = BlockingRead()
+    install(target, blocker)
+    events = []
+    async with trio.open_nursery() as n:
+        await start_blocked(n, target, blocker, events, req(7, initiator=INI_B))
+        # A preempts B's registration and reservation, aborting B's tasks (SPC-4 5.13.11.2.4)
+        resp = await target.execute(pr_out_req(5, rkey=0xA, sakey=0xB, rtype=1))
+        events.append(("pr", resp.status))
+    assert events == [("cmd", INI_B, 7, VirtioScsiResponse.ABORTED), ("pr", 0)]
+    # B learns through a unit attention established by the reservations engine
+    r = await run(target, bytes(6), initiator=INI_B, clear_ua=False)
+    assert r.status == 2 and r.sense_key == SenseKey.UNIT_ATTENTION and r.asc_ascq[0] == 0x2A
