@@ -208,6 +208,7 @@ class VirtioScsiPciDevice:
         self._dma = None
         self._nursery = None
         self.pci.msix.close_all()
+        self._nexus_loss("client disconnected")
 
     def reset(self) -> None:
         self.pci.reset()
@@ -246,7 +247,10 @@ class VirtioScsiPciDevice:
             self._activate()
 
     def device_reset(self) -> None:
+        was_active = self._active is not None
         self._deactivate()
+        if was_active:
+            self._nexus_loss("device reset by the driver")
         self.sense_size = VIRTIO_SCSI_SENSE_DEFAULT_SIZE
         self.cdb_size = VIRTIO_SCSI_CDB_DEFAULT_SIZE
         self._events_missed = False
@@ -264,6 +268,18 @@ class VirtioScsiPciDevice:
                 self._drain(act, queue)
             else:
                 act.queues[queue].wake.set()
+
+    def _nexus_loss(self, why: str) -> None:
+        """SAM-5 6.3.4: the initiator port is gone or was reset; its tasks are over,
+        SPC-2 reservations dropped, and it gets a unit attention next time."""
+        loss = getattr(self.target, "nexus_loss", None)
+        if loss is None:
+            return
+        log.info("I_T nexus loss for %s: %s", self.initiator.name, why)
+        try:
+            loss(self.initiator.name)
+        except Exception:
+            log.exception("target nexus_loss failed")
 
     # ---- activation --------------------------------------------------
     def _activate(self) -> None:

@@ -79,6 +79,7 @@ class FakeTarget:
         self.tmfs: list[TmfRequest] = []
         self._subscribers = []
         self.hold: trio.Event | None = None  # when set, execute waits for it
+        self.nexus_losses: list[str] = []
 
     def subscribe(self, callback) -> None:
         self._subscribers.append(callback)
@@ -86,6 +87,9 @@ class FakeTarget:
     def emit(self, event) -> None:
         for cb in self._subscribers:
             cb(event)
+
+    def nexus_loss(self, initiator: str) -> None:
+        self.nexus_losses.append(initiator)
 
     def luns_for(self, initiator) -> list[int]:
         return [0]

@@ -390,3 +390,16 @@ async def test_polled_doorbells(nursery):
     g.dev.detach()
     g.dev.close()
     assert g.dev.pci.notify_memfd is None
+
+
+async def test_nexus_loss_on_driver_reset_and_disconnect(nursery):
+    g = Guest(nursery)
+    g.dev.reset()  # DEVICE_RESET before any driver ran (QEMU start): nothing to lose
+    assert g.target.nexus_losses == []
+    g.drv.init()  # the driver's own reset (status 0) comes before DRIVER_OK: still nothing
+    await settle()
+    assert g.target.nexus_losses == []
+    g.drv.common_write("device_status", 0)  # guest reboot: the active driver resets
+    assert g.target.nexus_losses == [INITIATOR.name]
+    g.dev.detach()  # client gone
+    assert g.target.nexus_losses == [INITIATOR.name] * 2
