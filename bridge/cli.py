@@ -60,9 +60,9 @@ async def serve(config: BridgeConfig, ready_file: str | None = None) -> None:
                 await nursery.start(serve_vfio_user, att.socket, device)
                 log.info("serving vfio-user socket %s for %s", att.socket, att.initiator)
             if config.xen:
-                from bridge.xen.runner import run_xen_backend
+                from bridge.xen.runner import run_xen_backend, xen_config_from
 
-                await nursery.start(run_xen_backend, target, config)
+                await nursery.start(run_xen_backend, target, None, xen_config_from(config))
             print(_describe(config), flush=True)
             if ready_file:
                 Path(ready_file).write_text("ready\n")
@@ -98,7 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("config")
     p_status = sub.add_parser("status", help="print LUs, initiator names and reservations of a configuration")
     p_status.add_argument("--config", "-c", required=True)
+    p_xen = sub.add_parser("xen", help="toolstack part for Xen (xl has no vscsi support)")
+    xen_sub = p_xen.add_subparsers(dest="xen_command", required=True)
+    p_attach = xen_sub.add_parser("attach", help="write a domain's vscsi frontend and backend xenstore nodes")
+    p_attach.add_argument("--domid", type=int, required=True)
+    p_attach.add_argument("--devid", type=int, default=0)
+    p_attach.add_argument("--lun", type=int, action="append", required=True,
+                          help="a target LUN to give the guest (repeatable); v-dev 0:0:0:<lun>")
+    p_detach = xen_sub.add_parser("detach", help="close a vscsi device and remove its xenstore nodes")
+    p_detach.add_argument("--domid", type=int, required=True)
+    p_detach.add_argument("--devid", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "xen":
+        _setup_logging("info")
+        return trio.run(_xen_toolstack, args)
 
     try:
         if args.command == "check-config":
@@ -119,6 +132,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vscsi-bridge: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _xen_toolstack(args: argparse.Namespace) -> int:
+    from bridge.xen import toolstack
+    from bridge.xen.xenstore import connect_xenstored, open_xenstore
+
+    try:
+        async with open_xenstore(await connect_xenstored()) as xs:
+            if args.xen_command == "attach":
+                await toolstack.attach(xs, args.domid, args.devid, args.lun)
+                return 0
+            clean = await toolstack.detach(xs, args.domid, args.devid)
+            if not clean:
+                log.warning("backend of dom%d vscsi %d did not reach Closed; nodes removed anyway",
+                            args.domid, args.devid)
+            return 0
+    except (OSError, ValueError) as e:
+        print(f"vscsi-bridge: xen {args.xen_command}: {e}", file=sys.stderr)
+        return 1
 
 
 def _status(config: BridgeConfig) -> int:
