@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _xen_toolstack(args: argparse.Namespace) -> int:
     from bridge.xen import toolstack
     from bridge.xen.xenstore import connect_xenstored, open_xenstore
+    from bridge.xen.xs_wire import XenStoreError
 
     try:
         async with open_xenstore(await connect_xenstored()) as xs:
@@ -148,7 +149,7 @@ async def _xen_toolstack(args: argparse.Namespace) -> int:
                 log.warning("backend of dom%d vscsi %d did not reach Closed; nodes removed anyway",
                             args.domid, args.devid)
             return 0
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, XenStoreError) as e:
         print(f"vscsi-bridge: xen {args.xen_command}: {e}", file=sys.stderr)
         return 1
 
