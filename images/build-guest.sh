@@ -18,7 +18,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-HOST_TOOLS=(busybox-static cpio kmod xz-utils gzip binutils)
+HOST_TOOLS=(busybox-static cpio kmod xz-utils gzip)
 USER_PACKAGES=(busybox-static sg3-utils e2fsprogs libiscsi-bin fio)
 # Modules loaded at boot (with their dependencies, resolved by modinfo).
 MODULES=(virtio virtio_ring virtio_pci virtio_scsi scsi_mod scsi_common sd_mod sg
@@ -95,7 +95,7 @@ build() {
     local tmp="$OUT.tmp.$$"
     rm -rf "$OUT".tmp.*
     mkdir -p "$tmp"
-    trap 'rm -rf "$tmp"' EXIT
+    trap "rm -rf '$tmp'" EXIT
 
     progress "1/$STEPS" "downloading $KPKG"
     mkdir -p "$VSCSI_CACHE/debs" "$tmp/kernel"

@@ -32,7 +32,7 @@ build_tree() {
     local tmp="$OUT.tmp.$$"
     rm -rf "$OUT" "$OUT".tmp.*
     mkdir -p "$tmp"
-    trap 'rm -rf "$tmp"' EXIT
+    trap "rm -rf '$tmp'" EXIT
 
     ensure_host_pkgs debootstrap debian-archive-keyring
     local mirror security

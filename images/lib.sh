@@ -30,7 +30,7 @@ input_hash() {
 apt_update_once() {
     if (( _APT_UPDATED == 0 )); then
         echo "[images] apt-get update" >&2
-        apt-get update -qq >&2
+        apt-get update -qq >&2 || die "apt-get update failed"
         _APT_UPDATED=1
     fi
 }
@@ -38,7 +38,8 @@ apt_update_once() {
 # ensure_host_pkgs PKG...: install missing host prerequisites with apt-get.
 ensure_host_pkgs() {
     local missing=() p installed
-    installed=" $(dpkg-query -W -f='${Package}:${Status}\n' "$@" 2>/dev/null \
+    # dpkg-query exits non-zero when some package is unknown: that is the point.
+    installed=" $({ dpkg-query -W -f='${Package}:${Status}\n' "$@" 2>/dev/null || true; } \
                  | awk -F: '/install ok installed/ {printf "%s ", $1}')"
     for p in "$@"; do
         [[ "$installed" == *" $p "* ]] || missing+=("$p")
@@ -47,8 +48,10 @@ ensure_host_pkgs() {
         [[ $(id -u) -eq 0 ]] || die "need root to apt-get install ${missing[*]}"
         apt_update_once
         echo "[images] apt-get install ${missing[*]}" >&2
+        mkdir -p "$VSCSI_CACHE"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            "${missing[@]}" >&2
+            "${missing[@]}" >"$VSCSI_CACHE/apt-install.log" 2>&1 \
+            || { tail -n 30 "$VSCSI_CACHE/apt-install.log" >&2; die "apt-get install failed"; }
     fi
 }
 
