@@ -115,6 +115,7 @@ class VscsiBackend:
         self.initiator = InitiatorPort(self.config.initiator
                                        or initiator_name(name, domid, self.devid))
         log.info("%s: serving dom%d (%s) as %s", self.be, domid, name, self.initiator.name)
+        self._token = trio.lowlevel.current_trio_token()
         self.target.subscribe(self._on_target_event)
         try:
             async with trio.open_nursery() as nursery:
@@ -136,8 +137,18 @@ class VscsiBackend:
             return
         if event.initiator != self.initiator.name:
             return
-        self._pending[event.lun] = "add" if isinstance(event, LunAdded) else "remove"
-        self._watch.poke("target-event")
+        op = "add" if isinstance(event, LunAdded) else "remove"
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # emitted from another thread: hand it to the trio loop
+            self._token.run_sync_soon(self._queue_hotplug, event.lun, op)
+            return
+        self._queue_hotplug(event.lun, op)
+
+    def _queue_hotplug(self, lun: int, op: str) -> None:
+        self._pending[lun] = op
+        if self._watch is not None:
+            self._watch.poke("target-event")
 
     async def _switch(self, state: S) -> None:
         await self.xs.write(f"{self.be}/state", str(int(state)))

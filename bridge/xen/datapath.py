@@ -36,10 +36,29 @@ class DataPath(Protocol):
         """The bytes [offset, offset+length) of each (read-only) granted page."""
 
 
+def coalesce(segs: Sequence[Segment]) -> list[tuple[int, int]]:
+    """(start, end) byte ranges in a contiguous mapping of the segments' pages (page i at
+    i * PAGE_SIZE), adjacent ranges merged: a 508 KiB request of whole pages is one range."""
+    ranges: list[tuple[int, int]] = []
+    for i, s in enumerate(segs):
+        start = i * PAGE_SIZE + s.offset
+        end = start + s.length
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
 class _Mapped:
     def __init__(self, mapping: GrantMapping, segs: Sequence[Segment]) -> None:
         self._mapping = mapping
-        self.views = [mapping.pages[i][s.offset:s.offset + s.length] for i, s in enumerate(segs)]
+        view = mapping.view
+        if view is not None:
+            self.views = [view[a:b] for a, b in coalesce(segs)]
+        else:
+            pages = mapping.pages
+            self.views = [pages[i][s.offset:s.offset + s.length] for i, s in enumerate(segs)]
 
     def finish(self) -> None:
         for v in self.views:
@@ -77,23 +96,27 @@ class _Copied:
         total = sum(s.length for s in segs)
         self._buf = bytearray(total)
         mv = memoryview(self._buf)
-        self.views = []
+        self._seg_views = []
         pos = 0
         for s in segs:
-            self.views.append(mv[pos:pos + s.length])
+            self._seg_views.append(mv[pos:pos + s.length])
             pos += s.length
+        self.views = [mv] if total else []  # one contiguous buffer for the target
 
     def _segments(self) -> list[GrantCopySegment]:
         return [GrantCopySegment(self._domid, s.gref, s.offset, v, self._to_guest)
-                for s, v in zip(self._segs, self.views, strict=True) if s.length]
+                for s, v in zip(self._segs, self._seg_views, strict=True) if s.length]
 
     def finish(self) -> None:
         try:
             if self._to_guest:
                 self._grants.copy(self._segments())
         finally:
+            for v in self._seg_views:
+                v.release()
             for v in self.views:
                 v.release()
+            self._seg_views = []
             self.views = []
 
 

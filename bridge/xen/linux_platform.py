@@ -74,15 +74,24 @@ class GntdevMapping:
         self._index = index
         self._count = count
         self._mm: mmap.mmap | None = mm
-        self._view = memoryview(mm)
-        self.pages = [self._view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(count)]
+        self.view: memoryview | None = memoryview(mm)
+        self._pages: list[memoryview] | None = None
+
+    @property
+    def pages(self) -> list[memoryview]:
+        if self._pages is None:
+            assert self.view is not None
+            self._pages = [self.view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                           for i in range(self._count)]
+        return self._pages
 
     def close(self) -> None:
         if self._mm is None:
             return
-        for page in self.pages:
+        for page in self._pages or ():
             page.release()
-        self._view.release()
+        if self.view is not None:
+            self.view.release()
         # BufferError here means a view of the guest pages is still alive: the
         # mapping must stay (unmapping under it would crash); the caller may retry.
         self._mm.close()
@@ -103,8 +112,10 @@ class GntdevGrants:
         count = len(refs)
         if count == 0:
             raise GrantError("empty grant batch")
-        arg = bytearray(MAP_GRANT_REF.pack(count, 0, 0)
-                        + b"".join(GRANT_REF.pack(domid, r & 0xFFFFFFFF) for r in refs))
+        pairs = [0] * (2 * count)
+        pairs[0::2] = [domid] * count
+        pairs[1::2] = [r & 0xFFFFFFFF for r in refs]
+        arg = bytearray(struct.pack(f"<IIQ{2 * count}I", count, 0, 0, *pairs))
         try:
             fcntl.ioctl(self.fd, IOCTL_GNTDEV_MAP_GRANT_REF, arg, True)
         except OSError as exc:

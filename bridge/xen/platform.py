@@ -22,6 +22,9 @@ class GrantMapping(Protocol):
     """A batch of foreign pages mapped together; ``pages[i]`` is a PAGE_SIZE view of refs[i]."""
 
     pages: list[memoryview]
+    # The whole batch as one contiguous view (pages in refs order), or None when the
+    # mapping is not contiguous (the simulated one).
+    view: memoryview | None
 
     def close(self) -> None:
         """Unmap. Every view derived from ``pages`` must have been released."""

@@ -103,6 +103,7 @@ class SimMapping:
         self._mms = mms
         self._ops = ops
         self.pages = [memoryview(mm) for mm in mms]
+        self.view: memoryview | None = None
 
     def close(self) -> None:
         if not self._mms:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 VSCSIIF_ACT_SCSI_CDB = 1
 VSCSIIF_ACT_SCSI_ABORT = 2
@@ -86,8 +87,9 @@ RESPONSE_OFFSETS = {
 SEGMENT_OFFSETS = {"gref": 0, "offset": 4, "length": 6}
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
+    """struct scsiif_request_segment (a tuple: requests carry up to 26 + 128 of them)."""
+
     gref: int
     offset: int
     length: int
@@ -106,7 +108,7 @@ class VscsiifRequest:
     ref_rqid: int
     sc_data_direction: int
     nr_segments: int
-    seg: tuple[Segment, ...]  # all 26 entries as in the slot; nr_segments says which count
+    seg: tuple[Segment, ...]  # the seg[] entries in use (at most 26; see seg_count)
 
     @property
     def sg_grant(self) -> bool:
@@ -128,8 +130,10 @@ def decode_request(buf: bytes | memoryview) -> VscsiifRequest:
         raise ValueError(f"vscsiif request needs {REQUEST_SIZE} bytes, got {len(buf)}")
     (rqid, act, cmd_len, cmnd, timeout, channel, id_, lun, ref_rqid, direction,
      nr_segments) = REQUEST_HEAD.unpack_from(buf, 0)
-    seg = tuple(Segment(*SEGMENT.unpack_from(buf, REQUEST_SEG_OFFSET + i * SEGMENT.size))
-                for i in range(VSCSIIF_SG_TABLESIZE))
+    used = nr_segments & 0x7F if nr_segments & VSCSIIF_SG_GRANT else nr_segments
+    used = min(used, VSCSIIF_SG_TABLESIZE)
+    seg = tuple(map(Segment._make, SEGMENT.iter_unpack(
+        buf[REQUEST_SEG_OFFSET:REQUEST_SEG_OFFSET + used * SEGMENT.size])))
     return VscsiifRequest(rqid, act, cmd_len, bytes(cmnd), timeout, channel, id_, lun,
                           ref_rqid, direction, nr_segments, seg)
 
@@ -167,5 +171,5 @@ def decode_response(buf: bytes | memoryview) -> VscsiifResponse:
 
 def decode_segments(page: bytes | memoryview, offset: int, length: int) -> list[Segment]:
     """The scsiif_request_segment array an SG_GRANT seg[] entry points at (bounds already checked)."""
-    return [Segment(*SEGMENT.unpack_from(page, offset + i * SEGMENT.size))
-            for i in range(length // SEGMENT.size)]
+    end = offset + length - length % SEGMENT.size
+    return list(map(Segment._make, SEGMENT.iter_unpack(page[offset:end])))
