@@ -33,7 +33,12 @@ async def deallocate(lu: LogicalUnit, lba: int, nblocks: int) -> None:
 
 async def write_same(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
     """SBC-3 5.42/5.43. NUMBER OF LOGICAL BLOCKS 0 = to the end of the medium (WSNZ=0).
-    UNMAP=1 with a zero block (or NDOB=1) deallocates; otherwise the block is written."""
+
+    UNMAP=1 deallocates the range whatever the data-out block holds (SBC-3: the device
+    server "should" unmap; with LBPRZ=1 the blocks then read as zeros). This is what
+    LIO does and what libiscsi's WriteSame*.Unmap* tests expect; QEMU instead writes
+    a non-zero block. UNMAP=0 writes the block to every LBA.
+    """
     lu = cmd.lu
     assert lu is not None
     c = cmd.cdb
@@ -44,18 +49,15 @@ async def write_same(cmd: Command, lba: int, nblocks: int, len_byte: int) -> Non
         raise lba_out_of_range()
     if nblocks == 0:
         nblocks = lu.num_blocks - lba
-    if nblocks * lu.block_size > bl.MAX_WRITE_SAME_BYTES:
+    if nblocks > bl.MAX_WRITE_SAME_LENGTH:
         raise invalid_field_in_cdb(len_byte)
     if lba + nblocks > lu.num_blocks:
         raise lba_out_of_range()
-    if ndob:
-        block = bytes(lu.block_size)
-    else:
-        block = cmd.receive(lu.block_size)
+    block = bytes(lu.block_size) if ndob else cmd.receive(lu.block_size)
     if nblocks == 0:
         return
     async with lu.write_gate.shared():
-        if unmap and not any(block):
+        if unmap:
             await deallocate(lu, lba, nblocks)
         else:
             try:
@@ -103,7 +105,7 @@ async def unmap(cmd: Command) -> None:
         total += count
         if count:
             ranges.append((lba, count))
-    if total * lu.block_size > bl.MAX_UNMAP_BYTES:
+    if total > bl.MAX_UNMAP_LBA_COUNT:
         raise invalid_field_in_parameter_list(8 + 8)
     async with lu.write_gate.shared():
         for lba, count in ranges:

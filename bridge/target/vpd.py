@@ -67,10 +67,10 @@ def block_limits(lu: LogicalUnit, target: Target) -> bytes:
     struct.pack_into(">H", body, 2, bl.blocks(bl.OPTIMAL_GRANULARITY_BYTES, bs))
     struct.pack_into(">I", body, 4, bl.blocks(bl.MAX_TRANSFER_BYTES, bs))
     struct.pack_into(">I", body, 8, bl.blocks(bl.OPTIMAL_TRANSFER_BYTES, bs))
-    struct.pack_into(">I", body, 16, bl.blocks(bl.MAX_UNMAP_BYTES, bs))
+    struct.pack_into(">I", body, 16, bl.MAX_UNMAP_LBA_COUNT)
     struct.pack_into(">I", body, 20, bl.MAX_UNMAP_DESCRIPTORS)
     struct.pack_into(">I", body, 24, bl.blocks(bl.UNMAP_GRANULARITY_BYTES, bs))
-    struct.pack_into(">Q", body, 32, bl.blocks(bl.MAX_WRITE_SAME_BYTES, bs))
+    struct.pack_into(">Q", body, 32, bl.MAX_WRITE_SAME_LENGTH)
     return bytes(body)
 
 

@@ -116,7 +116,9 @@ async def test_vpd_pages(target):
     d = r.data
     assert d[3] == 0x3C
     assert struct.unpack(">I", d[8:12])[0] == (8 * MiB) // 512  # max transfer length
+    assert struct.unpack(">I", d[20:24])[0] == 1 << 20  # max unmap LBA count
     assert struct.unpack(">I", d[24:28])[0] == 256  # max unmap descriptors
+    assert struct.unpack(">Q", d[36:44])[0] == 0xFFFF  # max write same length
     r = await run(target, bytes((0x12, 1, 0xB1, 0, 64, 0)), data_in=64)
     assert struct.unpack(">H", r.data[4:6])[0] == 1
     r = await run(target, bytes((0x12, 1, 0xB2, 0, 64, 0)), data_in=64)

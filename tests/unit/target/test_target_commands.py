@@ -195,6 +195,9 @@ async def test_unmap_errors(target):
     params = unmap_params([(i, 1) for i in range(257)])
     r = await run(target, unmap_cdb(len(params)), data_out=params)
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x26)
+    params = unmap_params([(0, 4 * MiB // BS)] * 200)  # 1.6M blocks > MAXIMUM UNMAP LBA COUNT
+    r = await run(target, unmap_cdb(len(params)), data_out=params)
+    assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x26)
     r = await run(target, unmap_cdb(24), data_out=bytes(10))
     assert r.resp.response == VirtioScsiResponse.OVERRUN
 
@@ -213,9 +216,10 @@ async def test_write_same(target):
     await write_blocks(target, 300, os.urandom(8 * BS))
     assert_good(await run(target, ws16(300, 8, flags=0x09)))
     assert await read_blocks(target, 300, 8) == bytes(8 * BS)
-    # UNMAP=1 with non-zero data writes the data
+    # UNMAP=1 deallocates whatever the block holds (LIO/libiscsi semantics, LBPRZ=1)
+    await write_blocks(target, 400, os.urandom(2 * BS))
     assert_good(await run(target, ws16(400, 2, flags=0x08), data_out=block))
-    assert await read_blocks(target, 400, 2) == block * 2
+    assert await read_blocks(target, 400, 2) == bytes(2 * BS)
 
 
 async def test_write_same_errors(target):
@@ -229,9 +233,10 @@ async def test_write_same_errors(target):
 
 
 async def test_write_same_too_long(tmp_path):
-    t = make_target(tmp_path, size=2 * 1024 * MiB)
+    t = make_target(tmp_path, size=64 * MiB)
     try:
-        r = await run(t, ws16(0, (1 << 30) // BS + 1), data_out=bytes(BS))
+        assert_good(await run(t, ws16(0, 0xFFFF, flags=0x08), data_out=bytes(BS)))
+        r = await run(t, ws16(0, 0x10000), data_out=bytes(BS))
         assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
         assert r.field_pointer == (True, 10, None)
     finally:
