@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import struct
 import subprocess
@@ -43,6 +44,7 @@ REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_IGNORE =
 TYPES = (1, 3, 5, 6, 7, 8)
 STEPS_PER_ROUND = 4000  # more than a round can run before it is killed
 ROUNDS = 8
+START_TIMEOUT = 60  # seconds for a child to load its state (slow under load)
 
 
 def workload(seed: int, n: int) -> list[tuple[int, int, int]]:
@@ -165,12 +167,22 @@ class Model:
 def _start(image: Path, seed: int, start: int) -> subprocess.Popen[bytes]:
     code = "from tests.unit.target.test_pr_crash import child; child()"
     return subprocess.Popen([sys.executable, "-c", code, str(image), str(seed), str(start)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=0)  # unbuffered: readline() must not take ACK lines from communicate()
+
+
+def _line(proc: subprocess.Popen[bytes]) -> str:
+    """One line of the child's output, waiting at most START_TIMEOUT seconds."""
+    assert proc.stdout is not None
+    if not select.select([proc.stdout], [], [], START_TIMEOUT)[0]:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"the bridge printed nothing within {START_TIMEOUT} s\n{err.decode()}")
+    return proc.stdout.readline().decode()
 
 
 def _ready(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
+    line = _line(proc)
     if not line.startswith("READY "):
         proc.kill()
         _, err = proc.communicate()
@@ -191,12 +203,13 @@ def test_kill_9_the_target_process_and_restart_on_the_same_image(tmp_path: Path)
     assert loaded["registrants"] == [] and loaded["holder"] is None, loaded
     for r in range(ROUNDS):
         steps = workload(r, STEPS_PER_ROUND)
-        time.sleep(0.05 + rnd.random() * 0.35)
+        first = _line(proc)  # the first acknowledgement: the workload is under way
+        time.sleep(rnd.random() * 0.3)
         proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate()
+        out, err = proc.communicate(timeout=START_TIMEOUT)
         assert proc.returncode == -signal.SIGKILL, err.decode()
         acked = -1
-        for line in out.decode().splitlines():
+        for line in (first + out.decode()).splitlines():
             parts = line.split(" ", 3)
             if len(parts) < 4 or parts[0] != "ACK":
                 break
