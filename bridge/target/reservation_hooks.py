@@ -1,7 +1,7 @@
-"""Stand-in for persistent reservations until bridge/target/reservations.py exists.
+"""What the target core uses of persistent reservations (bridge/target/reservations.py).
 
-The real ``PersistentReservations`` (one per LU) has the same interface; the core
-only ever calls these five methods.
+``PersistentReservations`` (one per LU) is the implementation; ``NoReservations``
+shows the interface: the core only ever calls these five methods.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from collections.abc import Callable
 
 from bridge.virtio.scsi_request import InitiatorPort
 
+from .reservations import PersistentReservations, ReservationConflict
 from .sense import invalid_opcode
 
-
-class ReservationConflict(Exception):
-    """Raised by handle(): the command ends in RESERVATION CONFLICT."""
+__all__ = ["NoReservations", "PersistentReservations", "ReservationConflict"]
 
 
 class NoReservations:
@@ -41,14 +40,3 @@ class NoReservations:
 
     def logical_unit_reset(self) -> None:
         pass
-
-
-# TODO(reservations): temporary fallback until bridge/target/reservations.py lands;
-# the reservations engineer deletes this try/except and imports it directly.
-try:
-    from .reservations import (  # type: ignore[assignment]  # noqa: F401, F811
-        PersistentReservations,
-        ReservationConflict,
-    )
-except ImportError:  # pragma: no cover - depends on the other engineer's file
-    PersistentReservations = NoReservations  # type: ignore[misc,assignment]
