@@ -15,6 +15,8 @@ def iov_len(views: Sequence[memoryview]) -> int:
 
 def iov_split(views: Sequence[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
     """(the first ``n`` bytes, the rest) as lists of views; the head is shorter when the stream is."""
+    if views and len(views[0]) == n:  # the usual framing: the header has its own buffer
+        return [views[0]], list(views[1:])
     head: list[memoryview] = []
     tail: list[memoryview] = []
     need = n

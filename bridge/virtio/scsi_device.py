@@ -472,10 +472,10 @@ class VirtioScsiPciDevice:
             task_attr=hdr.task_attr, prio=hdr.prio, crn=hdr.crn,
             data_out=data_out, data_in=data_in,
         )
+        data_in_len = iov_len(data_in) if data_in else 0
         resp = await self.target.execute(req)
         iov_from_bytes(resp_views, encode_cmd_resp(resp, sense_size))
-        moved = max(0, iov_len(data_in) - resp.residual) if data_in else 0
-        return resp_len + moved
+        return resp_len + max(0, data_in_len - resp.residual)
 
     def _reject_command(self, chain: DescriptorChain, reason: str, sense_size: int) -> int:
         """A malformed request: FAILURE where a response fits, else NEEDS_RESET (virtio 1.2 2.1.2)."""
