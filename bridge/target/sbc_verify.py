@@ -68,6 +68,11 @@ async def verify_10(cmd: Command) -> None:
     await verify(cmd, u32(cmd.cdb, 2), u16(cmd.cdb, 7), 7)
 
 
+@command(0xAF, None, "VERIFY(12)", "af 16 ff ff ff ff ff ff ff ff 1f 00", medium=True)
+async def verify_12(cmd: Command) -> None:
+    await verify(cmd, u32(cmd.cdb, 2), u32(cmd.cdb, 6), 6)
+
+
 @command(0x8F, None, "VERIFY(16)", "8f 16 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def verify_16(cmd: Command) -> None:
     await verify(cmd, u64(cmd.cdb, 2), u32(cmd.cdb, 10), 10)
@@ -89,6 +94,11 @@ async def write_and_verify(cmd: Command, lba: int, nblocks: int, len_byte: int) 
 @command(0x2E, None, "WRITE AND VERIFY(10)", "2e 12 ff ff ff ff 1f ff ff 00", medium=True)
 async def write_and_verify_10(cmd: Command) -> None:
     await write_and_verify(cmd, u32(cmd.cdb, 2), u16(cmd.cdb, 7), 7)
+
+
+@command(0xAE, None, "WRITE AND VERIFY(12)", "ae 12 ff ff ff ff ff ff ff ff 1f 00", medium=True)
+async def write_and_verify_12(cmd: Command) -> None:
+    await write_and_verify(cmd, u32(cmd.cdb, 2), u32(cmd.cdb, 6), 6)
 
 
 @command(0x8E, None, "WRITE AND VERIFY(16)", "8e 12 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",

@@ -122,6 +122,13 @@ async def test_write_and_verify(target):
     r = await run(target, struct.pack(">BBQIBB", 0x8E, 0, 30, 1, 0, 0), data_out=data[:BS])
     assert_good(r)
     assert await read_blocks(target, 30, 1) == data[:BS]
+    r = await run(target, struct.pack(">BBIIBB", 0xAE, 0x02, 31, 2, 0, 0), data_out=data[:2 * BS])
+    assert_good(r)
+    assert await read_blocks(target, 31, 2) == data[: 2 * BS]
+    r = await run(target, struct.pack(">BBIIBB", 0xAF, 0x02, 31, 2, 0, 0), data_out=data[:2 * BS])
+    assert_good(r)  # VERIFY(12) BYTCHK=1 against what was just written
+    r = await run(target, struct.pack(">BBIIBB", 0xAF, 0x02, 31, 2, 0, 0), data_out=bytes(2 * BS))
+    assert_check(r, SenseKey.MISCOMPARE, 0x1D)
 
 
 async def test_compare_and_write(target):
