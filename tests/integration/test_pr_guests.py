@@ -278,8 +278,9 @@ def reservation_of(out: str) -> tuple[int, str] | None:
 
 @pytest.mark.booted
 async def test_two_initiator_access_ownership_preempt_reserve6(run_dir: Path) -> None:
-    """Reservation access and ownership for every type, PREEMPT removing a registration,
-    RESERVE(6) between two initiators and across a LOGICAL UNIT RESET."""
+    """Reservation access and ownership for every type, SPEC_I_PT and REGISTER AND MOVE with
+    real TransportIDs, PREEMPT removing a registration, RESERVE(6) between two initiators
+    and across a LOGICAL UNIT RESET."""
     started = time.monotonic()
     ka, kb = NODES["a"][1], NODES["b"][1]
     async with bridge(run_dir, ["a", "b"]) as target, guests(run_dir, ["a", "b"]) as g:
@@ -317,6 +318,29 @@ async def test_two_initiator_access_ownership_preempt_reserve6(run_dir: Path) ->
         status = target.logical_unit("lu0").reservations.status()
         assert status["registrants"] == [] and status["holder"] is None, status
         matrix_done = time.monotonic()
+
+        # TransportIDs as sg3_utils encodes them (SPC-4 7.6.4.6 iSCSI, format 00b; with
+        # --register sg_persist sets SPEC_I_PT): SPEC_I_PT
+        # registers another initiator port with the same key, REGISTER AND MOVE hands the
+        # reservation to another initiator port (SPC-4 5.13.8)
+        tid_b = f"--transport-id={NODES['b'][0]}"
+        out = await sh(x, f"po --register --param-sark=0x{ka:x} {tid_b}; "
+                          "sg_persist -n -s $dev")
+        assert re.findall(r"Key=(0x[0-9a-f]+)", out) == [f"0x{ka:x}"] * 2, out
+        assert NODES["a"][0] in out and NODES["b"][0] in out, out
+        await sh(y, f"po --register --param-rk=0x{ka:x} --param-sark=0")
+        out = await sh(x, f"po --reserve --param-rk=0x{ka:x} --prout-type=1; "
+                          f"po --register-move --param-rk=0x{ka:x} --param-sark=0x{kb:x} --prout-type=1 "
+                          f"{tid_b} --relative-target-port=1; sg_persist -n -r $dev; rd; wr")
+        assert reservation_of(out) == (kb, "Write Exclusive"), out
+        assert access(out) == (True, False), out  # X is still registered but no longer holds it
+        out = await sh(y, "sg_persist -n -s $dev; rd; wr")
+        assert access(out) == (True, True), out
+        assert re.search(rf"Key=0x{kb:x}\n(.*\n)*?\s+<< Reservation holder >>(.*\n)*?\s+iSCSI name: "
+                         rf"{re.escape(NODES['b'][0])}", out), out
+        await sh(y, f"po --release --param-rk=0x{kb:x} --prout-type=1; "
+                    f"po --register --param-rk=0x{kb:x} --param-sark=0")
+        await sh(x, f"po --register --param-rk=0x{ka:x} --param-sark=0")
 
         # PREEMPT with no reservation removes the preempted registration (ProutPreempt.RemoveRegistration)
         await sh(x, f"po --register-ignore --param-sark=0x{ka:x}")
