@@ -9,6 +9,7 @@ and the written block is checked in the backing image on the host afterwards.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -251,3 +252,202 @@ async def test_ext4_on_the_bridge_fscks_clean_on_host(run_dir: Path) -> None:
     fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
     proc = subprocess.run([fsck, "-fn", str(run_dir / "lu0.img")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class _BlockingVfioUserClient:
+    """A hostile vfio-user client (blocking sockets, run in a worker thread) that also
+    plays a virtio driver: tests.unit.virtio.fakes.Driver drives it as a device."""
+
+    def __init__(self, path: str) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.next_id = 1
+
+    def _recv_exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise EOFError("server closed the connection")
+            out += chunk
+        return out
+
+    def call(self, command: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> tuple[int, bytes]:
+        """Send one request; (error errno or 0, reply payload)."""
+        import array
+        import socket
+        import struct as st
+
+        from bridge.vfio_user import protocol as p
+
+        msg_id = self.next_id
+        self.next_id = (self.next_id + 1) & 0xFFFF
+        data = p.encode_message(msg_id, command, payload)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.sock.sendmsg([data], anc)
+        msg_id_r, cmd_r, size, flags, err = st.unpack("=HHIII", self._recv_exact(16))
+        body = self._recv_exact(size - 16)
+        assert (msg_id_r, cmd_r) == (msg_id, command), (msg_id_r, cmd_r, msg_id, command)
+        return (err if flags & p.FLAG_ERROR else 0), body
+
+    # the device surface fakes.Driver uses
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        import struct as st
+
+        err, body = self.call(9, st.pack("=QII", offset, index, count))
+        assert err == 0, err
+        return body[16:]
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        import struct as st
+
+        err, _ = self.call(10, st.pack("=QII", offset, index, len(data)) + data)
+        assert err == 0, err
+
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        import struct as st
+
+        from bridge.vfio_user import protocol as p
+
+        flags = p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER
+        err, _ = self.call(8, st.pack("=IIIII", 20, flags, index, start, len(fds)), tuple(fds))
+        for fd in fds:
+            os.close(fd)
+        assert err == 0, err
+
+
+def _hostile_session(path: str) -> dict[str, object]:
+    """Runs in a thread: malformed messages and descriptor chains against a second device."""
+    import json
+    import mmap
+    import struct as st
+    import time
+
+    from bridge.virtio.virtqueue import VIRTQ_DESC_F_INDIRECT as IND
+    from bridge.virtio.virtqueue import VIRTQ_DESC_F_NEXT as NXT
+    from bridge.virtio.virtqueue import VIRTQ_DESC_F_WRITE as WR
+    from tests.unit.virtio.fakes import Driver, FakeDma
+    from tests.unit.virtio.test_scsi_device import RESP_LEN, cmd_req, parse_resp
+
+    out: dict[str, object] = {}
+    c = _BlockingVfioUserClient(path)
+    caps = {"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1048576, "pgsizes": 4096}}
+    err, _ = c.call(1, st.pack("=HH", 0, 0) + json.dumps(caps).encode() + b"\0")
+    assert err == 0
+    size = 4 << 20
+    fd = os.memfd_create("hostile-guest")
+    os.ftruncate(fd, size)
+    mem = mmap.mmap(fd, size)
+    err, _ = c.call(2, st.pack("=IIQQQ", 32, 3, 0, 0, size), (fd,))
+    os.close(fd)
+    assert err == 0
+    # malformed vfio-user messages: each gets an errno, the connection stays
+    out["errors"] = [
+        c.call(77)[0],  # unknown command
+        c.call(9, st.pack("=QII", 0, 99, 4))[0],  # no such region
+        c.call(9, st.pack("=QII", 1 << 40, 4, 4))[0],  # offset past the BAR
+        c.call(10, st.pack("=QII", 0, 7, 100) + b"x")[0],  # count larger than the data
+    ]
+    dma = FakeDma(size=4096)
+    dma.mem = mem  # the driver's rings and buffers live in the shared memfd
+    dma._base = memoryview(mem)
+    drv = Driver(c, dma)
+    drv.init(queue_size=8)
+    rq = 2
+    req = dma.alloc(51)
+    dma.write(req, cmd_req(b"\x00"))
+    resp = dma.alloc(RESP_LEN)
+
+    def wait_used(n: int) -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = []
+        deadline = time.monotonic() + 20
+        while len(got) < n and time.monotonic() < deadline:
+            got += drv.used(rq)
+            time.sleep(0.01)
+        return got
+
+    results = []
+    hostile = [
+        [(req, 51, NXT, 1), (resp, RESP_LEN, WR | NXT, 2), (size + 4096, 4096, WR, 0)],  # outside
+        [(req, 51, NXT, 1), (resp, RESP_LEN, WR | NXT, 2), (resp, 8, WR | NXT, 1)],  # loop
+        [(resp, RESP_LEN, WR | NXT, 1), (req, 51, 0, 0)],  # writable before readable
+        [(req, 51, NXT, 1), (resp, RESP_LEN, WR | NXT, 2), (req, 16, IND | NXT, 0)],  # bad indirect
+    ]
+    for chain in hostile:
+        dma.write(resp, b"\xee" * RESP_LEN)
+        for i, (a, n, f, nx) in enumerate(chain):
+            drv.write_desc(rq, i, a, n, f, nx)
+        drv.publish(rq, 0)
+        drv.kick(rq)
+        used = wait_used(1)
+        results.append((used, parse_resp(dma.read(resp, RESP_LEN))["response"]))
+    out["hostile"] = results
+    # and a good request afterwards
+    drv.queues[rq].free = list(range(8))
+    drv.add_chain(rq, [(req, 51)], [(resp, RESP_LEN)])
+    drv.kick(rq)
+    used = wait_used(1)
+    out["good"] = (used, parse_resp(dma.read(resp, RESP_LEN)))
+    out["status"] = drv.status()
+    drv.close()
+    c.sock.close()
+    dma._base.release()
+    mem.close()
+    return out
+
+
+@pytest.mark.booted
+async def test_hostile_client_beside_a_booted_guest(run_dir: Path) -> None:
+    """A second device of the same bridge process gets malformed vfio-user messages and
+    descriptor chains; each is answered with an error or virtio FAILURE, and the booted
+    guest on the first device goes on reading and writing correctly meanwhile."""
+    from tests.integration.guest import guest_session
+
+    hostile_ini = "iqn.2026-11.org.vscsi-bridge:hostile"
+    target = Target([LogicalUnitSpec(name="lu0", path=str(run_dir / "lu0.img"), size=DISK_SIZE),
+                     LogicalUnitSpec(name="lu1", path=str(run_dir / "lu1.img"), size=DISK_SIZE)],
+                    {INITIATOR: {0: "lu0"}, hostile_ini: {0: "lu1"}})
+    guest_dev = VirtioScsiPciDevice(target, InitiatorPort(INITIATOR), num_queues=2)
+    hostile_dev = VirtioScsiPciDevice(target, InitiatorPort(hostile_ini), num_queues=1)
+    sock_a, sock_b = str(run_dir / "a.sock"), str(run_dir / "b.sock")
+    io_loop = ("vscsi_wait_disks 1 60; i=0; while [ $i -lt 40 ]; do"
+               " dd if=/dev/urandom of=/tmp/w bs=64k count=1 2>/dev/null;"
+               " dd if=/tmp/w of=/dev/sda bs=64k seek=$i oflag=direct 2>/dev/null;"
+               " dd if=/dev/sda of=/tmp/r bs=64k skip=$i count=1 iflag=direct 2>/dev/null;"
+               " cmp /tmp/w /tmp/r || exit 1; i=$((i+1)); done; echo IO-OK")
+    report: dict[str, object] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, sock_a, guest_dev)
+            await nursery.start(serve, sock_b, hostile_dev)
+            async with guest_session(attach="vfio-user", socket=sock_a) as guest:
+                async with trio.open_nursery() as both:
+                    async def attack() -> None:
+                        report.update(await trio.to_thread.run_sync(_hostile_session, sock_b))
+
+                    both.start_soon(attack)
+                    r = await guest.run(io_loop, timeout=300)
+                assert r.rc == 0 and "IO-OK" in r.output, r.output
+            nursery.cancel_scope.cancel()
+    finally:
+        target.close()
+    import errno
+
+    from bridge.virtio.pci import STATUS_NEEDS_RESET
+    from bridge.virtio.scsi_request import VirtioScsiResponse
+
+    errors = report["errors"]
+    assert all(e in (errno.ENOSYS, errno.EINVAL, errno.ERANGE, errno.EFAULT) for e in errors), errors
+    # outside memory, loop, writable-before-readable, indirect+NEXT: each chain is returned
+    # to the driver with virtio FAILURE in its response buffer
+    for used, response in report["hostile"]:
+        assert [u[0] for u in used] == [0], report["hostile"]
+        assert response == VirtioScsiResponse.FAILURE, report["hostile"]
+    used, good = report["good"]
+    assert len(used) == 1 and good["response"] == VirtioScsiResponse.OK, good
+    # the target answers the new initiator's first command: GOOD or its power-on UNIT ATTENTION
+    assert good["status"] == 0 or (good["status"] == 2 and good["sense"][2] & 0xF == 6), good
+    assert hostile_dev.guest_errors >= 4
+    assert not guest_dev.guest_errors and not guest_dev.pci.status & STATUS_NEEDS_RESET
