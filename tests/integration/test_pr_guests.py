@@ -13,7 +13,8 @@ Pacemaker do it (SPC-4 5.13):
    end in RESERVATION CONFLICT (dd fails, sg_raw shows the status, nothing reaches
    the image), its reads still work; A's and B's writes succeed;
 5. READ FULL STATUS shows every registrant's iSCSI TransportID name;
-6. A sets APTPL; the bridge is stopped (guests powered off), a new Target is
+6. A sets APTPL; the bridge is stopped (guests powered off), ``vscsi-bridge status``
+   shows the initiator names and the saved reservation, a new Target is
    built on the same image and sockets, fresh guests boot and find the
    reservation, the keys and the fence (C's writes still conflict).
 
@@ -22,8 +23,10 @@ Every step is asserted from the guests' own output (and the image on the host).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -38,7 +41,7 @@ from bridge.target.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from bridge.virtio.scsi_request import InitiatorPort
-from tests.integration.guest import CommandResult, GuestSession, guest_session
+from tests.integration.guest import REPO, CommandResult, GuestSession, guest_session
 
 NODES = {
     "a": ("iqn.2026-11.org.vscsi-bridge:node-a", 0xAAA1),
@@ -132,6 +135,18 @@ def read_block(block: int) -> str:
     return f"dd if=/dev/sda bs=4096 count=1 skip={block} iflag=direct 2>/dev/null | head -c 37"
 
 
+async def status_of(run_dir: Path) -> dict:
+    """Run ``vscsi-bridge status`` (bridge/cli.py) on a TOML file for this bridge; its JSON."""
+    config = run_dir / "bridge.toml"
+    config.write_text(f'[bridge]\nstate_dir = "{run_dir}"\n'
+                      f'[[lu]]\nname = "lu0"\npath = "{run_dir / "lu0.img"}"\n'
+                      + "".join(f'[[vfio_user]]\nsocket = "{n}.sock"\ninitiator = "{NODES[n][0]}"\n'
+                                f'luns = {{ 0 = "lu0" }}\n' for n in NODES))
+    proc = await trio.run_process([sys.executable, "-m", "bridge.cli", "status", "--config", str(config)],
+                                  capture_stdout=True, capture_stderr=True, cwd=REPO)
+    return json.loads(proc.stdout)
+
+
 PROUT = "sg_persist -n --out"
 WAIT = "vscsi_wait_disks 1 60 && [ -c /dev/sg0 ]"
 
@@ -199,6 +214,14 @@ async def test_fence_scsi_three_guests_and_aptpl_restart(run_dir: Path) -> None:
         for block, tag in ((BLOCK_A, b"A-WRITES"), (BLOCK_C_BEFORE, b"C-BEFORE"), (BLOCK_B, b"B-WRITES")):
             f.seek(block * 4096)
             assert f.read(len(tag)) == tag, block
+    # `vscsi-bridge status` on a configuration describing this bridge: names and the saved state
+    out = await status_of(run_dir)
+    assert set(out["initiators"]) == {NODES[n][0] for n in NODES}, out
+    saved = out["logical_units"]["lu0"]["reservations"]
+    assert saved["aptpl"] is True and saved["reservation"] == {"type": WERO, "scope": 0,
+                                                               "holder": NODES["a"][0]}, saved
+    assert {(r["initiator"], r["key"]) for r in saved["registrations"]} == {
+        (NODES["a"][0], ka), (NODES["b"][0], kb)}, saved
     first_bridge = time.monotonic()
 
     # restart: a new Target on the same image and sockets, fresh guests
