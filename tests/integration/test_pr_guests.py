@@ -266,6 +266,10 @@ reserve6() { tur; st sg_raw $dev 16 00 00 00 00 00; }
 release6() { tur; st sg_raw $dev 17 00 00 00 00 00; }
 msense() { tur; st sg_raw -r 252 -o /dev/null $dev 1a 00 3f 00 fc 00; }
 """
+# the guest's virtio_scsi driver releases / takes its device (virtio device reset in between)
+UNBIND = ("d=$(basename $(readlink -f /sys/bus/virtio/drivers/virtio_scsi/virtio*)) && echo $d >/tmp/vdev"
+          " && echo $d >/sys/bus/virtio/drivers/virtio_scsi/unbind && [ ! -e /dev/sg0 ]")
+BIND = "echo $(cat /tmp/vdev) >/sys/bus/virtio/drivers/virtio_scsi/bind && " + WAIT
 # SPC-4 table 212 / 5.13.1: (name printed by sg_persist, all-registrants type,
 # registered other: read, write; unregistered other: read, write)
 TYPES = {
@@ -302,8 +306,8 @@ def reservation_of(out: str) -> tuple[int, str] | None:
 @pytest.mark.booted
 async def test_two_initiator_access_ownership_preempt_reserve6(run_dir: Path) -> None:
     """Reservation access and ownership for every type, SPEC_I_PT and REGISTER AND MOVE with
-    real TransportIDs, PREEMPT removing a registration, RESERVE(6) between two initiators
-    and across a LOGICAL UNIT RESET."""
+    real TransportIDs, PREEMPT removing a registration, RESERVE(6) between two initiators,
+    across a LOGICAL UNIT RESET and across I_T nexus losses."""
     started = time.monotonic()
     ka, kb = NODES["a"][1], NODES["b"][1]
     async with bridge(run_dir, ["a", "b"]) as target, guests(run_dir, ["a", "b"]) as g:
@@ -392,6 +396,24 @@ async def test_two_initiator_access_ownership_preempt_reserve6(run_dir: Path) ->
         assert "sg_raw OK" in await sh(x, "reserve6")
         r = await run(x, "sg_reset -d /dev/sg0")
         assert r.rc == 0, r.output
+        assert await sh(y, "reserve6; rd; wr; release6") == "sg_raw OK\n" * 4
+
+        # I_T nexus loss (Reserve6.ITNexusLoss; SPC-4 5.13.1, SPC-2 5.5.1): X's driver lets
+        # go of its virtio-scsi device (the device is reset), then takes it again. The SPC-2
+        # reservation is gone, persistent registrations stay.
+        assert "sg_raw OK" in await sh(x, "reserve6")
+        await ok(x, UNBIND)
+        assert await sh(y, "reserve6; release6") == "sg_raw OK\n" * 2
+        await ok(x, BIND)
+        await sh(x, f"po --register-ignore --param-sark=0x{ka:x}")
+        await ok(x, UNBIND)
+        assert keys_in(await sh(y, "sg_persist -n -k $dev")) == [ka]
+        await ok(x, BIND)
+        out = await sh(x, f"sg_persist -n -k $dev; po --register --param-rk=0x{ka:x} --param-sark=0; reserve6")
+        assert keys_in(out) == [ka] and out.endswith("sg_raw OK\n"), out
+        # ... and the guest going away altogether (QEMU gone: vfio-user client disconnect)
+        assert "sg_raw CONFLICT" in await sh(y, "reserve6")
+        assert await x.poweroff() is not None
         assert await sh(y, "reserve6; rd; wr; release6") == "sg_raw OK\n" * 4
     done = time.monotonic()
     print(f"TIMING boot(2 guests) {booted - started:.1f} s, 6-type access+ownership matrix "
