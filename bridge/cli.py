@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from bridge.config import BridgeConfig, ConfigError, demo_config, load_config
+from bridge.target.reservations_state import ReservationStateError
 
 log = logging.getLogger("bridge")
 
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve, config, args.ready_file)
     except KeyboardInterrupt:
         pass
-    except OSError as e:
+    except (OSError, ReservationStateError) as e:
+        # A damaged APTPL file stops the bridge: dropping it would silently lose reservations.
         print(f"vscsi-bridge: {e}", file=sys.stderr)
         return 1
     return 0

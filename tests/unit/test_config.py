@@ -142,3 +142,12 @@ def test_cli_check_config_describes(tmp_path: Path) -> None:
     r = run_cli("check-config", str(write(tmp_path, GOOD)))
     assert r.returncode == 0, r.stderr
     assert "LU disk0" in r.stdout and "iqn.2026-11.org.example:vm1" in r.stdout
+
+
+def test_cli_damaged_reservation_state_one_line(tmp_path: Path) -> None:
+    img = tmp_path / "d.img"
+    (tmp_path / "d.img.pr.json").write_text('{"generation": 3, "registr')
+    p = write(tmp_path, f'[[lu]]\nname = "d"\npath = "{img}"\nsize = 1048576\n')
+    r = run_cli("serve", "--config", str(p))
+    assert r.returncode == 1
+    assert "d.img.pr.json" in r.stderr and "refused" in r.stderr and "Traceback" not in r.stderr
