@@ -375,3 +375,34 @@ async def test_restart_finds_acknowledged_writes(tmp_path):
             assert r.data == data
     finally:
         t2.close()
+
+
+async def test_request_sense_and_vpd_without_a_logical_unit(target):
+    # W-LUN: NO SENSE; unmapped LUN: LOGICAL UNIT NOT SUPPORTED in the data, GOOD status
+    r = await run(target, bytes((0x03, 0, 0, 0, 18, 0)), data_in=18, lun_bytes=REPORT_LUNS_WLUN)
+    assert_good(r)
+    assert r.data[2] & 0xF == 0 and r.data[12] == 0
+    r = await run(target, bytes((0x03, 1, 0, 0, 18, 0)), data_in=18, lun=7, clear_ua=False)
+    assert r.data[0] == 0x72 and r.data[1] == SenseKey.ILLEGAL_REQUEST and r.data[2] == 0x25
+    r = await run(target, bytes((0x12, 1, 0x00, 0, 64, 0)), data_in=64, lun=7)
+    assert_good(r)
+    assert r.data[0] == 0x7F and r.data[4] == 0x00
+    r = await run(target, bytes((0x12, 1, 0x83, 0, 64, 0)), data_in=64, lun=7)
+    assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
+
+
+async def test_read_capacity_16_allocation_length(target):
+    cdb = bytes((0x9E, 0x10)) + bytes(8) + struct.pack(">I", 12) + bytes(2)
+    r = await run(target, cdb, data_in=32)
+    assert_good(r)
+    assert len(r.data) == 12 and r.resp.residual == 20
+    r = await run(target, bytes((0x9E, 0x10)) + bytes(8) + struct.pack(">I", 32) + bytes((0, 0x80)),
+                  data_in=32)  # a CONTROL byte vendor bit is ignored
+    assert_good(r)
+
+
+async def test_cdb_shorter_than_its_opcode(target):
+    r = await run(target, bytes((0x28, 0, 0, 0)), data_in=512)
+    assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
+    r = await run(target, b"")
+    assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x20)
