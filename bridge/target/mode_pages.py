@@ -51,6 +51,11 @@ class ModeParameters:
                 self.saved[code] = page
         self.current: dict[int, bytearray] = {c: bytearray(p) for c, p in self.saved.items()}
 
+    def restore_saved(self) -> None:
+        """SAM-5 6.3.3: a logical unit reset returns mode parameters to the saved values."""
+        for code, page in self.saved.items():
+            self.current[code][:] = page
+
     @staticmethod
     def valid(code: int, page: bytes) -> bool:
         """True when ``page`` differs from the default only in changeable bits."""

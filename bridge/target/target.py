@@ -164,6 +164,7 @@ class Target:
                 t.aborted = True
                 t.scope.cancel()
             lu.reservations.nexus_loss(initiator)
+            lu.prevent_removal.discard(initiator)  # SPC-4 6.13: per I_T nexus state
             self.unit_attentions.establish(initiator, name, I_T_NEXUS_LOSS_OCCURRED)
         log.info("I_T nexus loss for %s", initiator)
 
@@ -366,10 +367,17 @@ class Target:
         return VirtioScsiResponse.FUNCTION_REJECTED
 
     async def logical_unit_reset(self, lu: LogicalUnit) -> None:
-        """SAM-5 6.3.3: abort every task, SPC-2 release, UA 29h/03h for every nexus."""
+        """SAM-5 6.3.3: abort every task, SPC-2 release, back to the power-on state (mode
+        parameters from their saved values, unit started, removal allowed), UA 29h/03h
+        for every nexus."""
         await TaskSet.abort(lu.tasks.matching())
         lu.reservations.logical_unit_reset()
         lu.prevent_removal.clear()
+        was_wce = lu.mode.wce
+        lu.mode.restore_saved()
+        if was_wce and not lu.mode.wce:
+            await lu.backing.flush()
+        lu.stopped = False
         for initiator, _lun in self.nexuses_of(lu.name):
             self.unit_attentions.establish(initiator, lu.name, BUS_DEVICE_RESET_OCCURRED)
 

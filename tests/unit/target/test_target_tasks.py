@@ -354,3 +354,15 @@ async def test_preempt_and_abort_aborts_the_preempted_tasks_and_raises_ua(target
     # B learns through a unit attention established by the reservations engine
     r = await run(target, bytes(6), initiator=INI_B, clear_ua=False)
     assert r.status == 2 and r.sense_key == SenseKey.UNIT_ATTENTION and r.asc_ascq[0] == 0x2A
+
+
+async def test_logical_unit_reset_restores_saved_mode_pages_and_starts_the_unit(target):
+    await drain_ua(target)
+    params = bytes(4) + bytes((0x08, 0x12, 0x00)) + bytes(17)  # WCE=0, not saved
+    r = await run(target, bytes((0x15, 0x10, 0, 0, len(params), 0)), data_out=params)
+    assert_good(r)
+    assert_good(await run(target, bytes((0x1B, 0, 0, 0, 0, 0))))  # STOP UNIT
+    lu = target.logical_unit("disk0")
+    assert not lu.mode.wce and lu.stopped
+    assert (await target.task_management(tmf(TmfSubtype.LOGICAL_UNIT_RESET))).response == OK
+    assert lu.mode.wce and not lu.stopped
