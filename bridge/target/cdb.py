@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .sense import FieldPointer, SenseError, SenseKey, invalid_field_in_cdb
+from .sense import FieldPointer, SenseError, SenseKey
 
 
 def u16(b: bytes, off: int) -> int:
@@ -28,24 +28,6 @@ def cdb_length(opcode: int) -> int | None:
     specific groups 6 and 7 have no fixed length: None.
     """
     return {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(opcode >> 5)
-
-
-def check_reserved(cdb: bytes, byte: int, mask: int) -> None:
-    """Reserved bits must be zero (SPC-4 4.2.1): point at the highest offending bit."""
-    bad = cdb[byte] & mask
-    if bad:
-        raise invalid_field_in_cdb(byte, bad.bit_length() - 1)
-
-
-def check_control(cdb: bytes, length: int) -> None:
-    """SAM-5 5.2 CONTROL byte: NACA (bit 2) needs ACA support, which we lack;
-    LINK (bit 0) and FLAG (bit 1) are obsolete. Vendor-specific bits 7-6 are ignored."""
-    check_reserved(cdb, length - 1, 0x3F)
-
-
-def check_nonzero_reserved_bytes(cdb: bytes, *byte_offsets: int) -> None:
-    for off in byte_offsets:
-        check_reserved(cdb, off, 0xFF)
 
 
 def lu_not_supported() -> SenseError:
