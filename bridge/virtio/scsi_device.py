@@ -166,6 +166,7 @@ class VirtioScsiPciDevice:
         self.suppress_notify_while_busy = True
         self.busy_poll_interval = 0.001
         self.guest_errors = 0  # malformed chains and requests seen
+        self.doorbells = 0  # trapped notify writes (queue kicks) received
         # chains taken from each virtqueue since creation (tests, benchmarks)
         self.requests_per_queue = [0] * self.pci.num_queues
         # ring positions kept across a client disconnect (no reset happened)
@@ -265,6 +266,7 @@ class VirtioScsiPciDevice:
         self._events_missed = False
 
     def notify(self, queue: int) -> None:
+        self.doorbells += 1
         act = self._active
         if act is None:
             return
