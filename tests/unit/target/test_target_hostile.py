@@ -143,3 +143,17 @@ async def test_handler_crash_becomes_target_failure(hostile_target, monkeypatch)
     assert resp.response == VirtioScsiResponse.TARGET_FAILURE
     assert resp.status == ScsiStatus.CHECK_CONDITION and resp.sense[2] == 0x04
     assert len(lu.tasks) == 0
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(subtype=st.integers(0, 12), lun=luns, tag=st.integers(0, 2**64 - 1),
+       initiator=st.sampled_from([INI_A, INI_B, "iqn.x:stranger"]))
+async def test_any_tmf_gets_a_virtio_answer(hostile_target, subtype, lun, tag, initiator):
+    from bridge.virtio.scsi_request import TmfRequest
+
+    resp = await hostile_target.task_management(
+        TmfRequest(subtype, lun, tag, InitiatorPort(initiator)))  # type: ignore[arg-type]
+    assert resp.response in {VirtioScsiResponse.OK, VirtioScsiResponse.FUNCTION_SUCCEEDED,
+                             VirtioScsiResponse.FUNCTION_REJECTED, VirtioScsiResponse.BAD_TARGET,
+                             VirtioScsiResponse.INCORRECT_LUN}
