@@ -1,6 +1,6 @@
 """Benchmark (not a test): fio in a booted guest, the bridge over vfio-user against QEMU's virtio-scsi.
 
-    python tests/bench/kvm_bench.py [--quick] [--runtime S] [--profile] [--cached-builtin]
+    python tests/bench/kvm_bench.py [--quick] [--runtime S] [--profile] [--cached-builtin] [--warm]
 
 In ONE run, on the same guest (images/build-guest.sh, 2 vCPUs, 512 MiB) and the same
 pre-written raw image file, fio runs inside the guest against
@@ -11,7 +11,10 @@ pre-written raw image file, fio runs inside the guest against
   (qemu-configs/builtin-virtio-scsi.args, cache.direct=true) with aio=threads / io_uring;
   the faster of the two (geometric mean of the four throughput figures) is the base;
 * with ``--cached-builtin`` also ``qemu-cached``: the same with cache.direct=false
-  (QEMU through the host page cache, as the bridge's backing store is), for information.
+  (QEMU through the host page cache, as the bridge's backing store is), for information;
+* with ``--warm`` also ``bridge-warm`` and ``qemu-cached-warm``: the image read into the host
+  page cache first. Every other configuration starts with the image evicted from the page
+  cache (posix_fadvise DONTNEED on that one file), so reads are cold.
 
 Jobs (fio, libaio, direct=1, time based): 4 KiB random read at iodepth 1 (clat p50/p99),
 4 KiB random read at iodepth 32 (IOPS), 128 KiB sequential read and write at iodepth 8
@@ -251,6 +254,14 @@ def drop_file_cache(path: Path) -> None:
         os.close(fd)
 
 
+def warm_file_cache(path: Path) -> None:
+    """Read the whole image once so that every block is in the host page cache."""
+    with path.open("rb", buffering=0) as f:
+        buf = bytearray(1 << 20)
+        while f.readinto(buf):
+            pass
+
+
 def bridge_config(run_dir: Path, image: Path) -> Path:
     cfg = run_dir / "bridge.toml"
     cfg.write_text(
@@ -311,6 +322,7 @@ class Variant:
     attach: str  # "vfio-user" or "builtin"
     aio: str = "threads"
     cached: bool = False
+    warm: bool = False  # image read into the host page cache first (else evicted)
 
 
 async def measure_idle(pid_bridge: int | None, pid_qemu: int, seconds: float) -> dict[str, float]:
@@ -351,7 +363,10 @@ def cached_builtin_args(values: dict[str, str]) -> list[str]:
 
 async def run_variant(variant: Variant, image: Path, runtime: int, profile: ProfileSpec | None) -> ConfigResult:
     res = ConfigResult(variant.name, variant.description)
-    drop_file_cache(image)
+    if variant.warm:
+        warm_file_cache(image)
+    else:
+        drop_file_cache(image)
     run_dir = Path(tempfile.mkdtemp(prefix="vscsi-bench-", dir="/tmp"))
     bridge: trio.Process | None = None
     common = {"smp": 2, "mem": "512M", "fio": True, "boot_timeout": 300.0,
@@ -548,7 +563,7 @@ def _cpu(key: str):
 def _cpu_total(key: str):
     def f(c: ConfigResult) -> float:
         j = c.jobs[key]
-        extra = j.qemu_other_cpu_s if c.name == "bridge" else 0.0
+        extra = j.qemu_other_cpu_s if c.name.startswith("bridge") else 0.0
         return j.per_io_us(j.device_cpu_s + extra)
     return f
 
@@ -581,6 +596,9 @@ def build_table(configs: dict[str, ConfigResult], base: str) -> list[dict[str, A
             entry[name] = row.value(c)
         b, q = entry["bridge"], entry[base]
         entry["ratio"] = b / q if q else math.nan
+        if "bridge-warm" in configs and "qemu-cached-warm" in configs:
+            w = entry["qemu-cached-warm"]
+            entry["ratio_warm"] = entry["bridge-warm"] / w if w else math.nan
         if row.target:
             op, limit = row.target.split()
             entry["met"] = entry["ratio"] >= float(limit) if op == ">=" else entry["ratio"] <= float(limit)
@@ -598,6 +616,9 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
              base: str, profile: ProfileSpec | None) -> str:
     others = [n for n in configs if n not in ("bridge", base)]
     head = ["row", "unit", "bridge", f"QEMU ({base})", "ratio bridge/QEMU", "target", *others]
+    warm = "ratio_warm" in table[0]
+    if warm:
+        head.append("ratio bridge-warm/qemu-cached-warm")
     lines = [f"# kvm_bench {meta['timestamp']}", "",
              f"Machine: {meta['machine']}. Accelerator: {meta['accel']}. Load average at start "
              f"{meta['load_start']}, at end {meta['load_end']}. fio runtime {meta['runtime_s']} s per job; "
@@ -608,6 +629,8 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
         target = e["target"] + (" (met)" if e.get("met") else " (NOT met)" if "met" in e else "")
         cells = [e["row"], e["unit"], _fmt(e["bridge"]), _fmt(e[base]), f"{e['ratio']:.2f}", target,
                  *(_fmt(e[n]) for n in others)]
+        if warm:
+            cells.append(f"{e['ratio_warm']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Idle CPU (% of one core, 3 s after boot): " + "; ".join(
         f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in c.idle.items()) for n, c in configs.items())]
@@ -625,12 +648,18 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
 def print_table(table: list[dict[str, Any]], configs: dict[str, ConfigResult], base: str) -> None:
     others = [n for n in configs if n not in ("bridge", base)]
     head = ["row", "bridge", f"QEMU({base})", "ratio", "target", *others]
-    widths = [48, 10, 18, 7, 14, *([14] * len(others))]
+    widths = [48, 10, 18, 7, 14, *([max(14, len(n)) for n in others])]
+    warm = "ratio_warm" in table[0]
+    if warm:
+        head.append("ratio(warm)")
+        widths.append(11)
     print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths, strict=True))))
     for e in table:
         target = e["target"] + (" ok" if e.get("met") else " MISS" if "met" in e else "")
         cells = [f"{e['row']} ({e['unit']})", _fmt(e["bridge"]), _fmt(e[base]), f"{e['ratio']:.2f}", target,
                  *(_fmt(e[n]) for n in others)]
+        if warm:
+            cells.append(f"{e['ratio_warm']:.2f}")
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))))
 
 
@@ -744,6 +773,13 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.cached_builtin:
         variants.append(Variant("qemu-cached", "QEMU virtio-scsi + scsi-hd, cache.direct=false, aio=threads",
                                 "builtin", "threads", cached=True))
+    if args.warm:
+        variants += [
+            Variant("bridge-warm", "the bridge, image pre-read into the host page cache", "vfio-user",
+                    warm=True),
+            Variant("qemu-cached-warm", "QEMU cache.direct=false, aio=threads, image pre-read into the page cache",
+                    "builtin", "threads", cached=True, warm=True),
+        ]
     if args.only:
         variants = [v for v in variants if v.name in args.only.split(",")]
     meta = {"timestamp": stamp, "machine": machine_description(), "accel": accel, "load_start": load_avg(),
@@ -804,6 +840,8 @@ def main() -> int:
                    help="py-spy the bridge during an extra iodepth-32 job; print the top 15 functions")
     p.add_argument("--cached-builtin", action="store_true",
                    help="also QEMU built-in with cache.direct=false (page cache, like the bridge)")
+    p.add_argument("--warm", action="store_true",
+                   help="also bridge-warm and qemu-cached-warm: image pre-read into the host page cache")
     p.add_argument("--only", help="comma-separated configurations to run (bridge,qemu-threads,...)")
     return trio.run(main_async, p.parse_args())
 
