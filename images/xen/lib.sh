@@ -47,23 +47,28 @@ CFG
 # vscsi_write_nodes DOMID DEVID PDEV VDEV [PDEV VDEV ...]: the toolstack part xl 4.17 lacks.
 # Frontend /local/domain/DOMID/device/vscsi/DEVID (owned by the domU, readable by dom0) and backend
 # /local/domain/0/backend/vscsi/DOMID/DEVID (owned by dom0, readable by the domU), one dev-N per
-# PDEV/VDEV pair. The backend state is written last: a backend driver probes a device only once
-# its state node reads Initialising (1).
+# PDEV/VDEV pair. Works before `xl unpause` and while the domU runs (hotplug), without transactions
+# (xenstore-utils has none), by the order of the writes: xenbus probes a device only once its own
+# `state` node reads Initialising (1), and children inherit their directory's permissions, so
+#   1. frontend dir (backend, backend-id) + permissions, 2. backend dir + permissions,
+#   3. frontend state=1 (a running frontend probes now: everything it reads is there and readable),
+#   4. backend state=1 (the backend probes; it checks that the frontend dir exists).
 vscsi_write_nodes() {
     _dom=$1 _dev=$2; shift 2
     _fe=/local/domain/$_dom/device/vscsi/$_dev
     _be=/local/domain/0/backend/vscsi/$_dom/$_dev
-    xenstore-write "$_fe/backend" "$_be" "$_fe/backend-id" 0 "$_fe/state" 1
+    xenstore-write "$_fe/backend" "$_be" "$_fe/backend-id" 0
     xenstore-chmod -r "$_fe" "n$_dom" r0
     xenstore-write "$_be/frontend" "$_fe" "$_be/frontend-id" "$_dom" "$_be/online" 1 \
         "$_be/feature-host" 0
+    xenstore-chmod -r "$_be" n0 "r$_dom"
     _n=0
     while [ $# -ge 2 ]; do
         xenstore-write "$_be/vscsi-devs/dev-$_n/p-dev" "$1" "$_be/vscsi-devs/dev-$_n/v-dev" "$2" \
             "$_be/vscsi-devs/dev-$_n/state" 1
         _n=$((_n + 1)); shift 2
     done
-    xenstore-chmod -r "$_be" n0 "r$_dom"
+    xenstore-write "$_fe/state" 1
     xenstore-write "$_be/state" 1
 }
 
@@ -82,6 +87,20 @@ domu_wait_gone() {
         _i=$((_i + 1))
         [ $_i -gt $(($2 * 2)) ] && { echo "vscsi-dom0: $1 still running after $2 s"; return 1; }
         sleep 0.5
+    done
+}
+
+# domu_wait_booted NAME TIMEOUT_S: wait until the domU's init has loaded its modules (it prints
+# VSCSI-DOMU-BOOTED). Writing the vscsi nodes only then saves ~30 s per domU: a PV kernel waits up
+# to 30 s at boot (xenbus_probe_frontend "Waiting for devices to initialise") for every device
+# present whose driver is not loaded yet, and xen-scsifront is a module loaded by the initramfs.
+domu_wait_booted() {
+    _i=0
+    until domu_console "$1" | grep -q VSCSI-DOMU-BOOTED; do
+        _i=$((_i + 1))
+        [ $_i -gt $(($2 * 5)) ] && { echo "vscsi-dom0: $1 did not boot in $2 s"; return 1; }
+        xl domid "$1" >/dev/null 2>&1 || { echo "vscsi-dom0: $1 is gone"; return 1; }
+        sleep 0.2
     done
 }
 

@@ -24,9 +24,11 @@ lio_fileio_pvscsi /tmp/disk.img $((64 << 20)) {WWN} 0 || {{ echo "LIO configurat
 echo "lio: $(ls /sys/kernel/config/target/xen-pvscsi/{WWN}/tpgt_1/lun) nexus=$(cat /sys/kernel/config/target/xen-pvscsi/{WWN}/tpgt_1/nexus)"
 dom=$(domu_create domu /vscsi/run/guest.sh) || exit 11
 echo "domu created: domid $dom"
-vscsi_write_nodes "$dom" 0 {WWN}:0 0:0:0:0
-t0=$(date +%s.%N)
 xl unpause domu
+domu_wait_booted domu 120 || exit 14
+# Nodes written once the domU's xen-scsifront is loaded: the frontend probes the new device at once.
+t0=$(date +%s.%N)
+vscsi_write_nodes "$dom" 0 {WWN}:0 0:0:0:0
 i=0
 be=/local/domain/0/backend/vscsi/$dom/0
 until [ "$(xenstore-read $be/state 2>/dev/null)" = 4 ] && \
@@ -60,7 +62,7 @@ echo "read 32MiB O_DIRECT: $start -> $end"
 
 
 async def test_domu_sees_lio_disk_through_xen_scsiback() -> None:
-    result = await run_xen(DOM0_SCRIPT, files={"guest.sh": GUEST_SCRIPT}, timeout=540)
+    result = await run_xen(DOM0_SCRIPT, files={"guest.sh": GUEST_SCRIPT}, timeout=900)
     assert "VSCSI-XEN-DOM0-READY" in result.output, result.describe()
     assert result.rc == 0, result.describe()
     guest = result.domu_console("domu")
