@@ -108,6 +108,7 @@ class _QueueState:
     wake: trio.Event = field(default_factory=trio.Event)
     inflight: int = 0
     wait_scope: trio.CancelScope | None = None  # the worker's wait for a doorbell
+    outstanding: set[int] = field(default_factory=set)  # heads popped, not yet used
 
 
 @dataclass
@@ -433,6 +434,11 @@ class VirtioScsiPciDevice:
                 if scope is not None:
                     scope.deadline = math.inf  # idle: wait for a doorbell only
                 return
+            if chain.head in qs.outstanding:
+                # virtio 1.2 2.7.13: a driver must not re-post a chain it has not got back
+                self._warn_guest("queue %d: head %d made available again while in flight",
+                                 queue, chain.head)
+            qs.outstanding.add(chain.head)
             qs.inflight += 1
             self.requests_per_queue[queue] += 1
             act.nursery.start_soon(handler, act, queue, chain)
@@ -440,6 +446,7 @@ class VirtioScsiPciDevice:
     def _complete(self, act: _Activation, queue: int, chain: DescriptorChain, written: int) -> None:
         qs = act.queues[queue]
         qs.inflight -= 1
+        qs.outstanding.discard(chain.head)
         if self._active is not act or qs.vq is None:
             return
         vq = qs.vq

@@ -209,3 +209,23 @@ async def test_hostile_control_and_event_chains(nursery):
     await settle()
     assert [u[1] for u in g.drv.used(1)] == [0, 16]
     assert g.dma.read(good, 16)[7] == 9  # lun[3] of the event
+
+
+async def test_head_reposted_while_in_flight_is_flagged(nursery):
+    import trio
+
+    g = Guest(nursery, queue_size=8)
+    g.drv.init()
+    g.target.hold = trio.Event()
+    head, resp, _ = g.post_cmd(b"\x00")
+    g.drv.kick(RQ)
+    await settle()
+    g.drv.publish(RQ, head)  # the same chain again, still in flight
+    g.drv.kick(RQ)
+    await settle()
+    assert g.dev.guest_errors == 1
+    g.target.hold.set()
+    await settle()
+    assert [u[0] for u in g.drv.used(RQ)] == [head, head]  # both answered, nothing breaks
+    r, _, used = await g.run_cmd(b"\x00")
+    assert r["response"] == VirtioScsiResponse.OK and len(used) == 1
