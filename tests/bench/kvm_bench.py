@@ -43,6 +43,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -575,7 +576,7 @@ ROWS = [
     Row("4k randread QD32 IOPS", "IOPS", "higher", lambda c: c.jobs["randread-qd32"].iops, ">= 1.0"),
     Row("128k seq read", "MB/s", "higher", lambda c: c.jobs["seqread"].mbps),
     Row("128k seq write", "MB/s", "higher", lambda c: c.jobs["seqwrite"].mbps),
-    Row("device CPU/IO QD1 (bridge proc | QEMU non-vCPU)", "us", "lower", _cpu("randread-qd1"), "<= 1.0"),
+    Row("device CPU/IO QD1 (bridge proc; QEMU non-vCPU)", "us", "lower", _cpu("randread-qd1"), "<= 1.0"),
     Row("device CPU/IO QD32", "us", "lower", _cpu("randread-qd32"), "<= 1.0"),
     Row("device CPU/IO seq read", "us", "lower", _cpu("seqread")),
     Row("device CPU/IO seq write", "us", "lower", _cpu("seqwrite")),
@@ -586,6 +587,41 @@ ROWS = [
 def throughput_score(c: ConfigResult) -> float:
     vals = [c.jobs["randread-qd1"].iops, c.jobs["randread-qd32"].iops, c.jobs["seqread"].mbps, c.jobs["seqwrite"].mbps]
     return math.exp(sum(math.log(max(v, 1e-9)) for v in vals) / len(vals))
+
+
+def merge_rounds(rounds: list[ConfigResult]) -> ConfigResult:
+    """Medians over repeated rounds of one configuration (per figure, per-I/O CPU included)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    med = statistics.median
+    first = rounds[0]
+    out = ConfigResult(first.name, first.description, boot_s=med(r.boot_s for r in rounds),
+                       idle={k: med(r.idle.get(k, 0.0) for r in rounds) for k in first.idle})
+    for key in first.jobs:
+        js = [r.jobs[key] for r in rounds]
+        ios = max(1, int(med(j.ios for j in js)))
+        out.jobs[key] = JobResult(
+            ios=ios, iops=med(j.iops for j in js), mbps=med(j.mbps for j in js),
+            clat_us={p: med(j.clat_us[p] for j in js if p in j.clat_us) for p in js[0].clat_us},
+            clat_mean_us=med(j.clat_mean_us for j in js), window_s=med(j.window_s for j in js),
+            # scaled so that per_io_us() gives the median of the per-I/O figures
+            device_cpu_s=med(j.per_io_us(j.device_cpu_s) for j in js) * ios / 1e6,
+            qemu_other_cpu_s=med(j.per_io_us(j.qemu_other_cpu_s) for j in js) * ios / 1e6,
+            qemu_vcpu_cpu_s=med(j.per_io_us(j.qemu_vcpu_cpu_s) for j in js) * ios / 1e6,
+        )
+    return out
+
+
+def add_ranges(table: list[dict[str, Any]], rounds: dict[str, list[ConfigResult]]) -> None:
+    """entry["range"][config] = [min, max] of the row over the rounds (when repeated)."""
+    for row, entry in zip(ROWS, table, strict=True):
+        entry["range"] = {n: [min(vals), max(vals)] for n, rs in rounds.items()
+                          if len(rs) > 1 for vals in [[row.value(r) for r in rs]]}
+
+
+def _cell(e: dict[str, Any], name: str) -> str:
+    r = e.get("range", {}).get(name)
+    return _fmt(e[name]) + (f" ({_fmt(r[0])}-{_fmt(r[1])})" if r else "")
 
 
 def bridge_key(configs: dict[str, ConfigResult]) -> str:
@@ -628,13 +664,15 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
     lines = [f"# kvm_bench {meta['timestamp']}", "",
              f"Machine: {meta['machine']}. Accelerator: {meta['accel']}. Load average at start "
              f"{meta['load_start']}, at end {meta['load_end']}. fio runtime {meta['runtime_s']} s per job; "
-             f"image {meta['image']} (256 MiB, pre-written); guest 2 vCPUs, 512 MiB. "
+             f"image {meta['image']} (256 MiB, pre-written); guest 2 vCPUs, 512 MiB; "
+             f"{meta['rounds']} round(s), configurations interleaved"
+             + (", figures are medians (min-max in brackets). " if meta["rounds"] > 1 else ". ") +
              f"Comparison base: {base} (faster built-in by geometric mean of the throughput rows).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         target = e["target"] + (" (met)" if e.get("met") else " (NOT met)" if "met" in e else "")
-        cells = [e["row"], e["unit"], _fmt(e[bk]), _fmt(e[base]), f"{e['ratio']:.2f}", target,
-                 *(_fmt(e[n]) for n in others)]
+        cells = [e["row"], e["unit"], _cell(e, bk), _cell(e, base), f"{e['ratio']:.2f}", target,
+                 *(_cell(e, n) for n in others)]
         if warm:
             cells.append(f"{e['ratio_warm']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -794,13 +832,16 @@ async def main_async(args: argparse.Namespace) -> int:
             "jobs": [j.__dict__ for j in JOBS], "variants": [v.__dict__ for v in variants]}
     log(f"{meta['machine']}; accel {accel}; load {meta['load_start']}; {runtime} s per job; "
         f"{len(variants)} configurations x {len(JOBS)} jobs")
-    configs: dict[str, ConfigResult] = {}
+    rounds: dict[str, list[ConfigResult]] = {v.name: [] for v in variants}
     profiled = False
-    for v in variants:
-        log(f"=== {v.name}: {v.description}")
-        spec = profile if v.attach == "vfio-user" and not profiled else None  # the first bridge run
-        profiled = profiled or spec is not None
-        configs[v.name] = await run_variant(v, image, runtime, spec)
+    for rnd in range(args.repeat):  # rounds interleave the configurations: drifting load hits all
+        for v in variants:
+            log(f"=== {v.name}: {v.description}" + (f" (round {rnd + 1}/{args.repeat})" if args.repeat > 1 else ""))
+            spec = profile if v.attach == "vfio-user" and not profiled else None  # the first bridge run
+            profiled = profiled or spec is not None
+            rounds[v.name].append(await run_variant(v, image, runtime, spec))
+    configs = {n: merge_rounds(rs) for n, rs in rounds.items()}
+    meta["rounds"] = args.repeat
     meta["load_end"] = load_avg()
     builtin = [n for n in ("qemu-threads", "qemu-io_uring") if n in configs] or [
         n for n in configs if n.startswith("qemu")]
@@ -811,6 +852,7 @@ async def main_async(args: argparse.Namespace) -> int:
         return 0
     base = max(builtin, key=lambda n: throughput_score(configs[n]))
     table = build_table(configs, base)
+    add_ranges(table, rounds)
     print()
     print(f"kvm_bench {stamp}  ({meta['machine']}; accel {accel}; load {meta['load_start']} -> "
           f"{meta['load_end']}; base = {base})")
@@ -825,6 +867,7 @@ async def main_async(args: argparse.Namespace) -> int:
             print("  " + profile.error)
     doc = {"meta": meta, "base": base, "table": table,
            "configs": {n: _config_json(c) for n, c in configs.items()},
+           "rounds": {n: [_config_json(c) for c in rs] for n, rs in rounds.items()} if args.repeat > 1 else None,
            "profile": None if profile is None else {
                "samples": profile.samples, "iops_while_profiled": profile.iops, "error": profile.error,
                "top": [{"function": f, "self_pct": s, "total_pct": t} for f, s, t in profile.top]}}
@@ -854,6 +897,8 @@ def main() -> int:
                    help="also QEMU built-in with cache.direct=false (page cache, like the bridge)")
     p.add_argument("--warm", action="store_true",
                    help="also bridge-warm and qemu-cached-warm: image pre-read into the host page cache")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds over all configurations (interleaved); the table gives medians")
     p.add_argument("--only", help="comma-separated configurations to run (bridge,qemu-threads,...)")
     return trio.run(main_async, p.parse_args())
 
