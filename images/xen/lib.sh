@@ -146,7 +146,9 @@ bridge_attach() {
 bridge_start() {
     _log=$1 _name=$2 _img=$3 _size=$4; shift 4
     rm -f /tmp/bridge.ready
-    python3 "$VSCSI_RUN/dom0-bridge.py" --log-level "${BRIDGE_LOG_LEVEL:-info}" serve \
+    # BRIDGE_PYTHON_OPTS: e.g. "-m cProfile -o /vscsi/run/bridge.prof" (written on SIGTERM)
+    # shellcheck disable=SC2086
+    python3 ${BRIDGE_PYTHON_OPTS:-} "$VSCSI_RUN/dom0-bridge.py" --log-level "${BRIDGE_LOG_LEVEL:-info}" serve \
         --image "$_img" --size "$_size" --domain "$_name" --ready /tmp/bridge.ready "$@" \
         >"$_log" 2>&1 &
     BRIDGE_PID=$!
