@@ -593,10 +593,18 @@ class VirtioScsiPciDevice:
         if act is None:
             return  # no driver: it scans the bus when it comes up
         vq = self._vq(act, EVENTQ)
+        if vq is None:
+            self._events_missed = True
+            return
+        used_before = vq.used_idx
+        try:
+            self._deliver_event(vq, event, lun, reason)
+        finally:
+            if vq.used_idx != used_before and vq.should_interrupt():
+                self.pci.interrupt_queue(EVENTQ)
+
+    def _deliver_event(self, vq: SplitVirtqueue, event: int, lun: bytes, reason: int) -> None:
         while True:
-            if vq is None:
-                self._events_missed = True
-                return
             try:
                 chain = vq.pop()
             except VirtqueueBroken as e:
@@ -608,16 +616,14 @@ class VirtioScsiPciDevice:
                 self._events_missed = True
                 return
             if chain.error is not None or iov_len(chain.writable) < EVENT_SIZE:
+                # returned empty; the driver sees it with the next interrupt
                 self._warn_guest("malformed event buffer (head %d): %s", chain.head, chain.error)
                 vq.push(chain.head, 0)
                 continue
             if self._events_missed:
                 event |= VIRTIO_SCSI_T_EVENTS_MISSED
                 self._events_missed = False
-            written = iov_from_bytes(chain.writable, encode_event(event, lun, reason))
-            vq.push(chain.head, written)
-            if vq.should_interrupt():
-                self.pci.interrupt_queue(EVENTQ)
+            vq.push(chain.head, iov_from_bytes(chain.writable, encode_event(event, lun, reason)))
             return
 
 
