@@ -177,6 +177,7 @@ class VscsiBackend:
         if be_state is None:
             return False
         fe_state = await self.xs.read_int(f"{self.fe}/state", 0)
+        log.debug("%s: step: frontend %s backend %s", self.be, fe_state, be_state)
         if self.conn is not None and self.conn.broken:
             log.error("%s: dom%d: %s; disconnecting this device", self.be, self.domid,
                       self.conn.broken)
@@ -316,14 +317,20 @@ class VscsiBackend:
             if ring.final_check_for_requests():
                 continue
             await conn.evtchn.wait()
+            if _debug():
+                log.debug("%s: event on port %d", self.be, conn.evtchn.port)
 
     def _respond(self, conn: _Connection, rsp: VscsiifResponse) -> None:
         if self.conn is not conn:
             return
         conn.ring.put_response(vscsiif.encode_response(rsp))
-        if conn.ring.push_responses_and_check_notify():
+        notify = conn.ring.push_responses_and_check_notify()
+        if notify:
             conn.evtchn.notify()
             self.stats["notifies"] += 1
+        if _debug():
+            log.debug("%s: rqid %d answered rslt %#x residual %d notify %s", self.be, rsp.rqid,
+                      rsp.rslt, rsp.residual_len, notify)
         conn.slot_freed.set()
 
     def _fail(self, conn: _Connection, rqid: int, host: RsltHost, why: str) -> None:
@@ -334,6 +341,10 @@ class VscsiBackend:
     def _dispatch(self, conn: _Connection, raw: bytes, requests: trio.Nursery) -> None:
         req = vscsiif.decode_request(raw)
         self.stats["requests"] += 1
+        if _debug():
+            log.debug("%s: rqid %d act %d %d:%d:%d cdb %s dir %d nr_segments %#x", self.be,
+                      req.rqid, req.act, req.channel, req.id, req.lun, req.cdb.hex(),
+                      req.sc_data_direction, req.nr_segments)
         if req.act not in (vscsiif.VSCSIIF_ACT_SCSI_CDB, vscsiif.VSCSIIF_ACT_SCSI_ABORT,
                            vscsiif.VSCSIIF_ACT_SCSI_RESET):
             self._fail(conn, req.rqid, RsltHost.ERROR, f"unknown act {req.act}")
@@ -513,6 +524,10 @@ class VscsiBackend:
         if changed:
             log.info("%s: reconfiguring for %s", self.be,
                      ", ".join(f"{op} LUN {lun}" for lun, op in sorted(pending.items())))
+
+
+def _debug() -> bool:
+    return log.isEnabledFor(logging.DEBUG)
 
 
 def _finish(bufs: RequestBuffers, where: str) -> None:
