@@ -286,11 +286,11 @@ luns = {{ 0 = "bench0" }}
     return cfg
 
 
-async def start_bridge(run_dir: Path, image: Path) -> trio.Process:
+async def start_bridge(run_dir: Path, image: Path, log_path: Path) -> trio.Process:
     cfg = bridge_config(run_dir, image)
     ready = run_dir / "ready"
     argv = [sys.executable, "-m", "bridge.cli", "serve", "--config", str(cfg), "--ready-file", str(ready)]
-    log_file = (run_dir / "bridge.log").open("wb")
+    log_file = log_path.open("wb")
     proc = await trio.lowlevel.open_process(argv, cwd=str(REPO), stdout=log_file, stderr=subprocess.STDOUT)
     with trio.move_on_after(60):
         while not ready.exists():
@@ -299,7 +299,7 @@ async def start_bridge(run_dir: Path, image: Path) -> trio.Process:
             await trio.sleep(0.05)
     if not ready.exists():
         proc.kill()
-        raise RuntimeError(f"bridge did not become ready:\n{(run_dir / 'bridge.log').read_text()[-2000:]}")
+        raise RuntimeError(f"bridge did not become ready:\n{log_path.read_text()[-2000:]}")
     return proc
 
 
@@ -345,7 +345,7 @@ async def run_job(guest: GuestSession, job: Job, runtime: int, bridge_pid: int |
     b0 = process_cpu(bridge_pid) if bridge_pid else 0.0
     v0, o0 = qemu_cpu(qpid)
     t0 = time.monotonic()
-    r = await guest.run(job.fio_command(runtime), timeout=runtime + 240)
+    r = await guest.run(job.fio_command(runtime), timeout=runtime + 120)
     window = time.monotonic() - t0
     b1 = process_cpu(bridge_pid) if bridge_pid else 0.0
     v1, o1 = qemu_cpu(qpid)
@@ -362,20 +362,23 @@ def cached_builtin_args(values: dict[str, str]) -> list[str]:
     return [a.replace('"cache":{"direct":true}', '"cache":{"direct":false}') for a in args]
 
 
-async def run_variant(variant: Variant, image: Path, runtime: int, profile: ProfileSpec | None) -> ConfigResult:
+async def run_variant(variant: Variant, image: Path, runtime: int, profile: ProfileSpec | None,
+                      prefix: Path) -> ConfigResult:
     res = ConfigResult(variant.name, variant.description)
     if variant.warm:
         warm_file_cache(image)
     else:
         drop_file_cache(image)
-    run_dir = Path(tempfile.mkdtemp(prefix="vscsi-bench-", dir="/tmp"))
+    # under BENCH_DIR, not /tmp, where other jobs' clean-ups may remove it; socket path < 108 bytes
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=BENCH_DIR))
     bridge: trio.Process | None = None
     common = {"smp": 2, "mem": "512M", "fio": True, "boot_timeout": 300.0,
               "extra_args": ["-name", f"bench-{variant.name},debug-threads=on"]}
     try:
         if variant.attach == "vfio-user":
-            bridge = await start_bridge(run_dir, image)
-            log(f"{variant.name}: bridge pid {bridge.pid} ready")
+            bridge_log = Path(f"{prefix}-{variant.name}-bridge.log")
+            bridge = await start_bridge(run_dir, image, bridge_log)
+            log(f"{variant.name}: bridge pid {bridge.pid} ready (log {bridge_log})")
             session = guest_session(attach="vfio-user", socket=run_dir / "bench.sock", **common)
         elif variant.cached:
             values = {"MEM": "512M", "SMP": "2", "IMAGE": str(image), "AIO": variant.aio}
@@ -521,6 +524,9 @@ async def profile_bridge(guest: GuestSession, pid: int, runtime: int, spec: Prof
         await trio.sleep(1.0)
         jr = await run_job(guest, job, runtime, pid)
         spec.iops = jr.iops
+    except Exception as e:  # noqa: BLE001  the measured jobs are done; keep them
+        spec.error = f"profiled job failed: {type(e).__name__}: {str(e)[:2000]}"
+        log(spec.error)
     finally:
         spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
         with trio.move_on_after(30):
@@ -538,7 +544,7 @@ async def profile_bridge(guest: GuestSession, pid: int, runtime: int, spec: Prof
     spec.samples, spec.top = top_functions(stacks)
     svg = spec.out_prefix.with_suffix(".flame.svg")
     svg.write_text(flamegraph_svg(stacks, f"vscsi-bridge during fio {job.key}"))
-    log(f"bridge profile: {spec.samples} samples, {jr.iops:,.0f} IOPS while profiled; flame graph {svg}")
+    log(f"bridge profile: {spec.samples} samples, {spec.iops:,.0f} IOPS while profiled; flame graph {svg}")
 
 
 # --- table, files, plot -----------------------------------------------------------------
@@ -662,7 +668,7 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
     if warm:
         head.append("ratio bridge-warm/qemu-cached-warm")
     lines = [f"# kvm_bench {meta['timestamp']}", "",
-             f"Machine: {meta['machine']}. Accelerator: {meta['accel']}. Load average at start "
+             f"Machine: {meta['machine']}. Bridge: {meta['bridge_version']}. Accelerator: {meta['accel']}. Load average at start "
              f"{meta['load_start']}, at end {meta['load_end']}. fio runtime {meta['runtime_s']} s per job; "
              f"image {meta['image']} (256 MiB, pre-written); guest 2 vCPUs, 512 MiB; "
              f"{meta['rounds']} round(s), configurations interleaved"
@@ -678,6 +684,8 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Idle CPU (% of one core, 3 s after boot): " + "; ".join(
         f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in c.idle.items()) for n, c in configs.items())]
+    for failure in meta.get("failures", []):
+        lines += ["", f"FAILED: {failure.splitlines()[0][:500]}"]
     if profile is not None:
         lines += ["", f"## py-spy profile of the bridge (extra QD32 job, {profile.iops:,.0f} IOPS while "
                   f"sampled, {profile.samples} samples; after the sequential jobs, so the image is in the page cache)", ""]
@@ -784,6 +792,19 @@ def machine_description() -> str:
     return f"{os.cpu_count()} x {model}, {mem} GiB RAM, Linux {platform.release()}, shared with other jobs"
 
 
+def bridge_version() -> str:
+    """git HEAD of the checkout the bridge runs from, and which bridge/ files differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "bridge"],
+                               capture_output=True, text=True, check=False).stdout.split("\n")
+    except OSError:
+        return "unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def load_avg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -827,21 +848,29 @@ async def main_async(args: argparse.Namespace) -> int:
         ]
     if args.only:
         variants = [v for v in variants if v.name in args.only.split(",")]
-    meta = {"timestamp": stamp, "machine": machine_description(), "accel": accel, "load_start": load_avg(),
+    meta = {"timestamp": stamp, "machine": machine_description(), "bridge_version": bridge_version(), "accel": accel, "load_start": load_avg(),
             "runtime_s": runtime, "image": str(image), "python": sys.version.split()[0],
             "jobs": [j.__dict__ for j in JOBS], "variants": [v.__dict__ for v in variants]}
     log(f"{meta['machine']}; accel {accel}; load {meta['load_start']}; {runtime} s per job; "
         f"{len(variants)} configurations x {len(JOBS)} jobs")
     rounds: dict[str, list[ConfigResult]] = {v.name: [] for v in variants}
     profiled = False
+    failures: list[str] = []
     for rnd in range(args.repeat):  # rounds interleave the configurations: drifting load hits all
         for v in variants:
             log(f"=== {v.name}: {v.description}" + (f" (round {rnd + 1}/{args.repeat})" if args.repeat > 1 else ""))
             spec = profile if v.attach == "vfio-user" and not profiled else None  # the first bridge run
             profiled = profiled or spec is not None
-            rounds[v.name].append(await run_variant(v, image, runtime, spec))
+            try:
+                rounds[v.name].append(await run_variant(v, image, runtime, spec, prefix))
+            except Exception as e:  # one broken configuration must not lose the others' figures
+                msg = f"{v.name} round {rnd + 1}: {type(e).__name__}: {e}"
+                failures.append(msg)
+                log("FAILED " + msg[:3000])
+    rounds = {n: rs for n, rs in rounds.items() if rs}
     configs = {n: merge_rounds(rs) for n, rs in rounds.items()}
     meta["rounds"] = args.repeat
+    meta["failures"] = failures
     meta["load_end"] = load_avg()
     builtin = [n for n in ("qemu-threads", "qemu-io_uring") if n in configs] or [
         n for n in configs if n.startswith("qemu")]
@@ -876,6 +905,8 @@ async def main_async(args: argparse.Namespace) -> int:
     title = (f"vscsi-bridge vs QEMU virtio-scsi, fio in a TCG guest, {stamp} "
              f"(load {meta['load_start']}; noisy shared machine)")
     plotted = await trio.to_thread.run_sync(plot, prefix.with_suffix(".png"), configs, base, title)
+    for failure in failures:
+        log("FAILED: " + failure.splitlines()[0][:500])
     log(f"wrote {prefix}.json, {prefix}.md" + (f", {prefix}.png" if plotted else ""))
     return 0
 
