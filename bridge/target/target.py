@@ -21,7 +21,8 @@ than an allocation length is not an error: the data are truncated (SPC-4 4.2.5.6
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from bridge.virtio.scsi_request import (
     REPORT_LUNS_WLUN,
@@ -186,15 +187,41 @@ class Target:
         (that is its speed); transports checkpoint in their own request loops.
         Task attributes are not interpreted: every command is treated as SIMPLE.
         """
-        try:
-            return await self._execute(req)
-        except Exception:
-            log.exception("internal error executing CDB %s", bytes(req.cdb[:16]).hex()
-                          if isinstance(req.cdb, bytes | bytearray | memoryview) else "?")
-            return ScsiResponse(VirtioScsiResponse.TARGET_FAILURE, ScsiStatus.CHECK_CONDITION,
-                                INTERNAL_TARGET_FAILURE.encode())
+        started = self.submit(req)
+        if type(started) is ScsiResponse:
+            return started
+        return await started
 
-    async def _execute(self, req: ScsiRequest) -> ScsiResponse:
+    def submit(self, req: ScsiRequest) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
+        """Start one command without blocking: its response when it completed at once
+        (a page-cache READ/WRITE, every error), else a coroutine that finishes it as an
+        abortable task. Never raises, and neither does the coroutine (except
+        trio.Cancelled). A transport that gets a coroutine must await it (an unstarted
+        one holds nothing: the command joins the task set when it starts).
+        """
+        try:
+            started = self._submit(req)
+        except Exception:
+            return self._internal_error(req)
+        if type(started) is ScsiResponse:
+            return started
+        return self._finish(req, started)
+
+    async def _finish(self, req: ScsiRequest, rest: Coroutine[Any, Any, ScsiResponse]
+                      ) -> ScsiResponse:
+        try:
+            return await rest
+        except Exception:
+            return self._internal_error(req)
+
+    @staticmethod
+    def _internal_error(req: ScsiRequest) -> ScsiResponse:
+        log.exception("internal error executing CDB %s", bytes(req.cdb[:16]).hex()
+                      if isinstance(req.cdb, bytes | bytearray | memoryview) else "?")
+        return ScsiResponse(VirtioScsiResponse.TARGET_FAILURE, ScsiStatus.CHECK_CONDITION,
+                            INTERNAL_TARGET_FAILURE.encode())
+
+    def _submit(self, req: ScsiRequest) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
         in_len = req.data_in_len
         out_len = req.data_out_len
         if in_len and out_len:
@@ -211,8 +238,8 @@ class Target:
             lu = self._lu_at(req.initiator.name, lun)
         cmd = Command(self, req, bytes(req.cdb), lu, lun, in_len, out_len)
         if lu is None:
-            return await self._run_without_lu(cmd)
-        return await self._run(cmd, lu)
+            return self._run_without_lu(cmd)
+        return self._run(cmd, lu)
 
     def _check_condition(self, cmd: Command, sense: SenseData, lu: LogicalUnit | None
                          ) -> ScsiResponse:
@@ -238,7 +265,8 @@ class Target:
             return ScsiResponse(VirtioScsiResponse.OVERRUN, residual=cmd.in_len or cmd.out_len)
         return ScsiResponse(VirtioScsiResponse.OK, status or ScsiStatus.GOOD, b"", cmd.residual)
 
-    async def _run(self, cmd: Command, lu: LogicalUnit) -> ScsiResponse:
+    def _run(self, cmd: Command, lu: LogicalUnit
+             ) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
         initiator = cmd.initiator
         info = None
         lookup_error: SenseError | None = None
@@ -278,14 +306,14 @@ class Target:
             except Overrun:
                 return ScsiResponse(VirtioScsiResponse.OVERRUN, residual=cmd.in_len or cmd.out_len)
             cmd.in_done = cmd.out_done = 0
-        task = Task(initiator, cmd.lun, cmd.req.tag)
-        if not lu.tasks.add(task):
+        return self._run_task(cmd, info, lu)
+
+    async def _run_task(self, cmd: Command, info: CommandInfo, lu: LogicalUnit) -> ScsiResponse:
+        task = Task(cmd.initiator, cmd.lun, cmd.req.tag)
+        tasks = lu.tasks
+        if not tasks.add(task):
             # SAM-5 5.10: OVERLAPPED COMMANDS ATTEMPTED for a tag already in use.
             return self._check_condition(cmd, SenseData(SenseKey.ABORTED_COMMAND, 0x4E, 0x00), lu)
-        return await self._run_task(cmd, info, lu, lu.tasks, task)
-
-    async def _run_task(self, cmd: Command, info: CommandInfo, lu: LogicalUnit, tasks: TaskSet,
-                        task: Task) -> ScsiResponse:
         status: int | None = None
         sense: SenseData | None = None
         overrun = False
