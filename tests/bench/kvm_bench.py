@@ -286,12 +286,35 @@ luns = {{ 0 = "bench0" }}
     return cfg
 
 
-async def start_bridge(run_dir: Path, image: Path, log_path: Path) -> trio.Process:
+def export_bridge(rev: str) -> tuple[Path, str]:
+    """The bridge package as committed at ``rev``, exported to $VSCSI_CACHE/bench/src-<sha>.
+
+    The checkout is shared with engineers editing bridge/ at the same time; running a
+    committed snapshot makes the figures belong to a known version. ``worktree``: the
+    checkout as it is.
+    """
+    if rev == "worktree":
+        return REPO, bridge_version()
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest = BENCH_DIR / f"src-{sha}"
+    if not (dest / "bridge" / "cli.py").exists():
+        tmp = Path(tempfile.mkdtemp(prefix="src-", dir=BENCH_DIR))
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "bridge"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest, f"{sha} (committed snapshot in {dest})"
+
+
+async def start_bridge(run_dir: Path, image: Path, log_path: Path, source: Path) -> trio.Process:
     cfg = bridge_config(run_dir, image)
     ready = run_dir / "ready"
+    # -m with cwd=source: sys.path[0] is the snapshot, ahead of the venv's editable install
     argv = [sys.executable, "-m", "bridge.cli", "serve", "--config", str(cfg), "--ready-file", str(ready)]
     log_file = log_path.open("wb")
-    proc = await trio.lowlevel.open_process(argv, cwd=str(REPO), stdout=log_file, stderr=subprocess.STDOUT)
+    proc = await trio.lowlevel.open_process(argv, cwd=str(source), stdout=log_file, stderr=subprocess.STDOUT)
     with trio.move_on_after(60):
         while not ready.exists():
             if proc.poll() is not None:
@@ -363,7 +386,7 @@ def cached_builtin_args(values: dict[str, str]) -> list[str]:
 
 
 async def run_variant(variant: Variant, image: Path, runtime: int, profile: ProfileSpec | None,
-                      prefix: Path) -> ConfigResult:
+                      prefix: Path, source: Path) -> ConfigResult:
     res = ConfigResult(variant.name, variant.description)
     if variant.warm:
         warm_file_cache(image)
@@ -377,7 +400,7 @@ async def run_variant(variant: Variant, image: Path, runtime: int, profile: Prof
     try:
         if variant.attach == "vfio-user":
             bridge_log = Path(f"{prefix}-{variant.name}-bridge.log")
-            bridge = await start_bridge(run_dir, image, bridge_log)
+            bridge = await start_bridge(run_dir, image, bridge_log, source)
             log(f"{variant.name}: bridge pid {bridge.pid} ready (log {bridge_log})")
             session = guest_session(attach="vfio-user", socket=run_dir / "bench.sock", **common)
         elif variant.cached:
@@ -848,7 +871,8 @@ async def main_async(args: argparse.Namespace) -> int:
         ]
     if args.only:
         variants = [v for v in variants if v.name in args.only.split(",")]
-    meta = {"timestamp": stamp, "machine": machine_description(), "bridge_version": bridge_version(), "accel": accel, "load_start": load_avg(),
+    source, version = await trio.to_thread.run_sync(export_bridge, args.bridge_rev)
+    meta = {"timestamp": stamp, "machine": machine_description(), "bridge_version": version, "accel": accel, "load_start": load_avg(),
             "runtime_s": runtime, "image": str(image), "python": sys.version.split()[0],
             "jobs": [j.__dict__ for j in JOBS], "variants": [v.__dict__ for v in variants]}
     log(f"{meta['machine']}; accel {accel}; load {meta['load_start']}; {runtime} s per job; "
@@ -862,7 +886,7 @@ async def main_async(args: argparse.Namespace) -> int:
             spec = profile if v.attach == "vfio-user" and not profiled else None  # the first bridge run
             profiled = profiled or spec is not None
             try:
-                rounds[v.name].append(await run_variant(v, image, runtime, spec, prefix))
+                rounds[v.name].append(await run_variant(v, image, runtime, spec, prefix, source))
             except Exception as e:  # one broken configuration must not lose the others' figures
                 msg = f"{v.name} round {rnd + 1}: {type(e).__name__}: {e}"
                 failures.append(msg)
@@ -930,6 +954,8 @@ def main() -> int:
                    help="also bridge-warm and qemu-cached-warm: image pre-read into the host page cache")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds over all configurations (interleaved); the table gives medians")
+    p.add_argument("--bridge-rev", default="HEAD",
+                   help="git revision of bridge/ to run (exported snapshot), or 'worktree' (default HEAD)")
     p.add_argument("--only", help="comma-separated configurations to run (bridge,qemu-threads,...)")
     return trio.run(main_async, p.parse_args())
 
