@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import trio
@@ -43,6 +44,7 @@ from bridge.virtio.scsi_request import (
     VIRTIO_SCSI_SENSE_DEFAULT_SIZE,
     InitiatorPort,
     ScsiRequest,
+    ScsiResponse,
     TmfRequest,
     TmfSubtype,
     VirtioScsiResponse,
@@ -402,21 +404,43 @@ class VirtioScsiPciDevice:
             qs.wake = trio.Event()
             self._drain(act, queue)
 
-    def _drain(self, act: _Activation, queue: int) -> None:
+    def _drain(self, act: _Activation, queue: int, pushed: bool = False) -> None:
         """Start every available chain (up to the queue depth), then decide about doorbells.
 
         virtio 1.2 2.7.10: with requests in flight the driver need not notify us
         (we come back to the ring on each completion), so notifications stay
         off; they are re-enabled when the queue goes idle, and the ring is
         checked once more after that to close the race with the driver.
+
+        Commands the target completes without blocking (page-cache reads and
+        writes, errors) are answered here, without a task; the used ring is
+        then signalled once for all of them (and for ``pushed``, a completion
+        the caller already put there) (virtio 1.2 2.7.7.2).
         """
-        qs = act.queues[queue]
         vq = self._vq(act, queue)
         if vq is None or act.nursery is None:
             return
-        handler = self._serve_control if queue == CONTROLQ else self._serve_command
+        used_before = vq.used_idx
+        try:
+            self._drain_ring(act, queue, vq)
+        finally:
+            if (pushed or vq.used_idx != used_before) and vq.should_interrupt():
+                self.pci.interrupt_queue(queue)
+
+    def _drain_ring(self, act: _Activation, queue: int, vq: SplitVirtqueue) -> None:
+        qs = act.queues[queue]
+        nursery = act.nursery
+        assert nursery is not None
+        control = queue == CONTROLQ
+        # Bound the work done in one go (no checkpoint in between): after a ring's
+        # worth of chains the worker task comes back after a scheduler pass.
+        budget = vq.size
         vq.disable_notification()
         while qs.inflight < vq.size:
+            if budget == 0:
+                qs.wake.set()
+                return
+            budget -= 1
             try:
                 chain = vq.pop()
             except VirtqueueBroken as e:
@@ -434,14 +458,28 @@ class VirtioScsiPciDevice:
                 if scope is not None:
                     scope.deadline = math.inf  # idle: wait for a doorbell only
                 return
-            if chain.head in qs.outstanding:
+            head = chain.head
+            if head in qs.outstanding:
                 # virtio 1.2 2.7.13: a driver must not re-post a chain it has not got back
                 self._warn_guest("queue %d: head %d made available again while in flight",
-                                 queue, chain.head)
-            qs.outstanding.add(chain.head)
-            qs.inflight += 1
+                                 queue, head)
             self.requests_per_queue[queue] += 1
-            act.nursery.start_soon(handler, act, queue, chain)
+            if control:
+                qs.outstanding.add(head)
+                qs.inflight += 1
+                nursery.start_soon(self._serve_control, act, queue, chain)
+                continue
+            try:
+                started = self._command_start(chain)
+            except Exception:
+                log.exception("request queue %d: command failed", queue)
+                started = self._reject_command(chain, "internal error", self.sense_size)
+            if type(started) is int:
+                vq.push(head, started)
+                continue
+            qs.outstanding.add(head)
+            qs.inflight += 1
+            nursery.start_soon(self._serve_command, act, queue, chain, started)
 
     def _complete(self, act: _Activation, queue: int, chain: DescriptorChain, written: int) -> None:
         qs = act.queues[queue]
@@ -449,18 +487,18 @@ class VirtioScsiPciDevice:
         qs.outstanding.discard(chain.head)
         if self._active is not act or qs.vq is None:
             return
-        vq = qs.vq
-        vq.push(chain.head, written)
-        if vq.should_interrupt():
-            self.pci.interrupt_queue(queue)
+        qs.vq.push(chain.head, written)
         # new chains may have arrived without a doorbell (suppressed while busy),
-        # or we may have stopped popping at the queue depth
-        self._drain(act, queue)
+        # or we may have stopped popping at the queue depth; one interrupt decision
+        # covers this completion and whatever the drain completes at once
+        self._drain(act, queue, pushed=True)
 
     # ---- request queues ---------------------------------------------
-    async def _serve_command(self, act: _Activation, queue: int, chain: DescriptorChain) -> None:
+    async def _serve_command(self, act: _Activation, queue: int, chain: DescriptorChain,
+                             pending: _PendingCommand) -> None:
         try:
-            written = await self._command(chain)
+            resp = await pending.response
+            written = pending.finish(resp)
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except Exception:
@@ -468,7 +506,9 @@ class VirtioScsiPciDevice:
             written = self._reject_command(chain, "internal error", self.sense_size)
         self._complete(act, queue, chain, written)
 
-    async def _command(self, chain: DescriptorChain) -> int:
+    def _command_start(self, chain: DescriptorChain) -> int | _PendingCommand:
+        """Parse a request and hand it to the target: the bytes written to the chain when
+        it is answered at once, else what the request's task must await and finish."""
         cdb_size, sense_size = self.cdb_size, self.sense_size
         if chain.error is not None:
             return self._reject_command(chain, chain.error, sense_size)
@@ -491,9 +531,11 @@ class VirtioScsiPciDevice:
             data_out=data_out, data_in=data_in,
         )
         data_in_len = iov_len(data_in) if data_in else 0
-        resp = await self.target.execute(req)
-        iov_from_bytes(resp_views, encode_cmd_resp(resp, sense_size))
-        return resp_len + max(0, data_in_len - resp.residual)
+        submit = getattr(self.target, "submit", None)
+        started = submit(req) if submit is not None else self.target.execute(req)
+        if type(started) is ScsiResponse:
+            return _finish_command(started, resp_views, resp_len, data_in_len, sense_size)
+        return _PendingCommand(started, resp_views, resp_len, data_in_len, sense_size)
 
     def _reject_command(self, chain: DescriptorChain, reason: str, sense_size: int) -> int:
         """A malformed request: FAILURE where a response fits, else NEEDS_RESET (virtio 1.2 2.1.2)."""
@@ -628,6 +670,31 @@ class VirtioScsiPciDevice:
 
 
 _GUEST_WARNINGS_IN_FULL = 20
+
+
+def _finish_command(resp: ScsiResponse, resp_views: list[memoryview], resp_len: int,
+                    data_in_len: int, sense_size: int) -> int:
+    """Write the virtio-scsi response; the bytes written to the chain (virtio 1.2 2.7.8)."""
+    iov_from_bytes(resp_views, encode_cmd_resp(resp, sense_size))
+    return resp_len + max(0, data_in_len - resp.residual)
+
+
+class _PendingCommand:
+    """A command the target finishes in a task: what to await, and where to answer."""
+
+    __slots__ = ("response", "resp_views", "resp_len", "data_in_len", "sense_size")
+
+    def __init__(self, response: Awaitable[ScsiResponse], resp_views: list[memoryview],
+                 resp_len: int, data_in_len: int, sense_size: int) -> None:
+        self.response = response
+        self.resp_views = resp_views
+        self.resp_len = resp_len
+        self.data_in_len = data_in_len
+        self.sense_size = sense_size
+
+    def finish(self, resp: ScsiResponse) -> int:
+        return _finish_command(resp, self.resp_views, self.resp_len, self.data_in_len,
+                               self.sense_size)
 
 
 def _lun_addressable(lun: bytes) -> bool:
