@@ -123,10 +123,21 @@ class Backing:
         thread (the caller then reads everything again through read_into)."""
         if not self.nowait_reads:
             return False
+        if len(views) > IOV_MAX:
+            try:
+                return self._preadv_all(views, offset, RWF_NOWAIT) == sum(len(v) for v in views)
+            except OSError:
+                return False  # the blocking path reports it
+        # The usual case: one preadv; a short (partly cached) read goes to a thread too.
         try:
-            return self._preadv_all(views, offset, RWF_NOWAIT) == sum(len(v) for v in views)
-        except OSError:
+            n = os.preadv(self.fd, views, offset, RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                self.nowait_reads = False
             return False  # the blocking path reports it
+        return n == sum(len(v) for v in views)
 
     async def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
         """Fill ``views`` from ``offset``: inline on a page-cache hit, else in a thread."""
