@@ -151,9 +151,13 @@ class SplitVirtqueue:
 
     def _walk(self, head: int) -> DescriptorChain:
         chain = DescriptorChain(head)
+        readable = chain.readable
+        writable_views = chain.writable
+        unpack = _DESC.unpack_from
+        buffer = self._buffer
         table = self._desc
         table_len = self.size
-        max_count = self.size  # virtio 1.2 2.7.5.2: no chain longer than the queue
+        max_count = table_len  # virtio 1.2 2.7.5.2: no chain longer than the queue
         count = 0
         i = head
         in_indirect = False
@@ -163,7 +167,7 @@ class SplitVirtqueue:
                 chain.fail("descriptor chain loops or is longer than its table")
                 break
             count += 1
-            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+            addr, length, flags, nxt = unpack(table, 16 * i)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 reason = self._indirect_problem(in_indirect, length, flags)
                 if reason is None:
@@ -181,24 +185,21 @@ class SplitVirtqueue:
                 count = 0
                 i = 0
                 continue
-            writable = bool(flags & VIRTQ_DESC_F_WRITE)
-            if writable:
-                view_ok = True
+            if flags & VIRTQ_DESC_F_WRITE:
                 if length:
                     try:
-                        chain.writable.extend(self._buffer(addr, length, True))
+                        writable_views.extend(buffer(addr, length, True))
                     except DmaError:
                         chain.fail("writable buffer outside guest memory or read-only")
-                        view_ok = False
-                if not seen_writable and not view_ok:
-                    chain.response_usable = False
+                        if not seen_writable:
+                            chain.response_usable = False
                 seen_writable = True
             elif seen_writable:
                 # virtio 1.2 2.7.4.2: readable descriptors come before writable ones
                 chain.fail("device-readable descriptor after a device-writable one")
             elif length:
                 try:
-                    chain.readable.extend(self._buffer(addr, length, False))
+                    readable.extend(buffer(addr, length, False))
                 except DmaError:
                     chain.fail("readable buffer outside guest memory")
             if not flags & VIRTQ_DESC_F_NEXT:
