@@ -73,6 +73,7 @@ from bridge.virtio.scsi_wire import (
     encode_an_resp,
     encode_cmd_failure,
     encode_cmd_resp,
+    encode_cmd_resp_into,
     encode_event,
     event_lun,
     parse_an_req,
@@ -174,6 +175,9 @@ class VirtioScsiPciDevice:
         self.requests_per_queue = [0] * self.pci.num_queues
         # ring positions kept across a client disconnect (no reset happened)
         self._positions: dict[int, tuple[int, int]] = {}
+        # Target.submit answers a command at once when it can (else a coroutine);
+        # a target with only execute() gets a task per command.
+        self._submit = getattr(target, "submit", None)
         subscribe = getattr(target, "subscribe", None)
         if subscribe is not None:
             subscribe(self._on_target_event)
@@ -531,7 +535,7 @@ class VirtioScsiPciDevice:
             data_out=data_out, data_in=data_in,
         )
         data_in_len = iov_len(data_in) if data_in else 0
-        submit = getattr(self.target, "submit", None)
+        submit = self._submit
         started = submit(req) if submit is not None else self.target.execute(req)
         if type(started) is ScsiResponse:
             return _finish_command(started, resp_views, resp_len, data_in_len, sense_size)
@@ -675,7 +679,11 @@ _GUEST_WARNINGS_IN_FULL = 20
 def _finish_command(resp: ScsiResponse, resp_views: list[memoryview], resp_len: int,
                     data_in_len: int, sense_size: int) -> int:
     """Write the virtio-scsi response; the bytes written to the chain (virtio 1.2 2.7.8)."""
-    iov_from_bytes(resp_views, encode_cmd_resp(resp, sense_size))
+    first = resp_views[0]
+    if len(first) == resp_len:  # the usual framing: the response has its own buffer
+        encode_cmd_resp_into(first, resp, sense_size)
+    else:
+        iov_from_bytes(resp_views, encode_cmd_resp(resp, sense_size))
     return resp_len + max(0, data_in_len - resp.residual)
 
 

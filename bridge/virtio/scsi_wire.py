@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bridge.virtio.scsi_request import ScsiResponse
 
@@ -50,8 +51,7 @@ _EVENT = struct.Struct("<I8sI")
 _U32 = struct.Struct("<I")
 
 
-@dataclass(frozen=True)
-class CmdReqHeader:
+class CmdReqHeader(NamedTuple):
     lun: bytes
     tag: int
     task_attr: int
@@ -84,6 +84,26 @@ def encode_cmd_resp(resp: ScsiResponse, sense_size: int) -> bytes:
         int(resp.response) & 0xFF,
     )
     return head + sense + bytes(sense_size - len(sense))
+
+
+_ZEROS = memoryview(bytes(4096))
+
+
+def encode_cmd_resp_into(buf: memoryview, resp: ScsiResponse, sense_size: int) -> None:
+    """encode_cmd_resp written straight into ``buf``, which holds cmd_resp_size(sense_size)."""
+    sense = resp.sense
+    n = min(len(sense), sense_size)
+    resid = max(0, min(resp.residual, 0xFFFFFFFF))
+    _CMD_RESP.pack_into(
+        buf, 0, n, resid, resp.status_qualifier & 0xFFFF, int(resp.status) & 0xFF,
+        int(resp.response) & 0xFF,
+    )
+    start = CMD_RESP_FIXED_SIZE
+    if n:
+        buf[start : start + n] = sense[:n]
+        start += n
+    pad = sense_size - n
+    buf[start : start + pad] = _ZEROS[:pad] if pad <= len(_ZEROS) else bytes(pad)
 
 
 def encode_cmd_failure(response: int, sense_size: int) -> bytes:
