@@ -184,7 +184,12 @@ class DmaSpaceImpl:
         return region if iova < region.end else None
 
     def view(self, iova: int, length: int, writable: bool) -> memoryview:
-        region = self._find(iova)
+        return self._view_in(self._find(iova), iova, length, writable)
+
+    @staticmethod
+    def _view_in(region: DmaRegion | None, iova: int, length: int, writable: bool
+                 ) -> memoryview:
+        """``view`` once the mapping holding ``iova`` was looked up (every check made here)."""
         if region is None or length < 0 or iova + length > region.end:
             raise DmaError(f"{iova:#x}+{length:#x} is not inside one DMA mapping")
         if region.view is None:
@@ -204,7 +209,7 @@ class DmaSpaceImpl:
             if region is None:
                 raise DmaError(f"{iova:#x}+{length:#x} is not inside DMA mappings")
             n = min(length, region.end - iova)
-            out.append(self.view(iova, n, writable))
+            out.append(self._view_in(region, iova, n, writable))
             iova += n
             length -= n
         return out
