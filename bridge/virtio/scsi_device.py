@@ -459,7 +459,7 @@ class VirtioScsiPciDevice:
                 if vq.enable_notification():
                     vq.disable_notification()
                     continue
-                if scope is not None:
+                if scope is not None and scope.deadline != math.inf:
                     scope.deadline = math.inf  # idle: wait for a doorbell only
                 return
             head = chain.head
