@@ -10,19 +10,17 @@ soon as a response arrives and records any grant the backend still held.
 
 from __future__ import annotations
 
-import itertools
 import math
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
 from bridge.xen import vscsiif
-from bridge.xen.ring import FrontRing, init_shared_ring
+from bridge.xen.ring import VSCSIIF_RING_SIZE, FrontRing, init_shared_ring
 from bridge.xen.sim_platform import SimEventChannel, SimXen
 from bridge.xen.vscsiif import Segment, VscsiifRequest, VscsiifResponse
 from bridge.xen.xenbus import XenbusState as S
-from bridge.xen.xenstore import XenStore, open_xenstore
+from bridge.xen.xenstore import XenStore
 
 PAGE = 4096
 
@@ -70,7 +68,7 @@ class SimFrontend:
         self.devices: set[tuple[int, int, int]] = set()
         self.sg_grant = 0
         self._pending: dict[int, _Pending] = {}
-        self._free_rqids = list(range(vscsiif_ring_size()))
+        self._free_rqids = list(range(VSCSIIF_RING_SIZE))
         self.leaked_grants: list[int] = []  # grants the backend still mapped after a response
         self.responses_seen = 0
         self.notifies_received = 0
@@ -191,7 +189,7 @@ class SimFrontend:
         for p in list(self._pending.values()):
             p.done.set()
         self._pending.clear()
-        self._free_rqids = list(range(vscsiif_ring_size()))
+        self._free_rqids = list(range(VSCSIIF_RING_SIZE))
         await self._set_state(S.INITIALISING)
         await self.connect(nursery)
 
@@ -314,12 +312,6 @@ class SimFrontend:
         return self._free_rqids[0]
 
 
-def vscsiif_ring_size() -> int:
-    from bridge.xen.ring import VSCSIIF_RING_SIZE
-
-    return VSCSIIF_RING_SIZE
-
-
 def raw_request(rqid: int, *, act: int = vscsiif.VSCSIIF_ACT_SCSI_CDB, cdb: bytes = b"\0" * 6,
                 cmd_len: int | None = None, nexus: tuple[int, int, int] = (0, 0, 0),
                 direction: int = vscsiif.DMA_NONE, nr_segments: int = 0,
@@ -329,12 +321,3 @@ def raw_request(rqid: int, *, act: int = vscsiif.VSCSIIF_ACT_SCSI_CDB, cdb: byte
                           cdb.ljust(16, b"\0")[:16], 0, *nexus, ref_rqid, direction, nr_segments,
                           tuple(segs) + (Segment(0, 0, 0),) * (26 - len(segs)))
 
-
-_ids = itertools.count(1)
-
-
-@asynccontextmanager
-async def frontend_for(sim: SimXen, xsd, nursery: trio.Nursery, domid: int, devid: int = 0):
-    """A frontend connected as domain ``domid`` to the simulated xenstored."""
-    async with open_xenstore(await xsd.connect(domid)) as xs:
-        yield SimFrontend(sim, xs, domid, devid)
