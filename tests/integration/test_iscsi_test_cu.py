@@ -14,6 +14,8 @@ on path A's ``lu0`` (``-d``), ReadOnly on ``ro``, MultipathIO on both paths of
 ``lu0``, Sanitize with ``-S``. Per-test outcomes come from CUnit's verbose report
 (parser shared with the PR test). No test may fail; a test may only skip when it
 is in ALLOWED_SKIPS below with the reason it prints and ours.
+
+A second guest runs the block-size-sensitive suites on a 4096-byte-block LU.
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ SANITIZE_TESTS = (
 )  # fmt: skip
 
 # Why a test may skip, with the text iscsi-test-cu prints for it ("[SKIPPED] ...").
-NOT_IMPLEMENTED = "is not implemented"
+NOT_IMPLEMENTED = "is not implemented"  # iscsi-test-cu's answer to INVALID COMMAND OPERATION CODE
 _OPTIONAL = "optional command not implemented by the bridge (SBC-3/SPC-4 make it optional)"
-_REMOVABLE = ("needs a removable medium; the bridge's LUs are fixed disks (RMB=0), "
-              "PREVENT ALLOW and START STOP LOEJ are for removable media (SBC-3 5.11, 5.25)")
+_REMOVABLE = ("needs a removable medium (eject with START STOP UNIT LOEJ, PREVENT ALLOW "
+              "MEDIUM REMOVAL); the bridge's LUs are fixed disks (INQUIRY RMB=0)")
 _LBPPB = ("needs more than one logical block per physical block (LBPPB >= 2); "
           "the bridge reports one (READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0)")
 _ISCSI = ("drives libiscsi's iSCSI session (PDU hooks that corrupt the CDB, task management, "
@@ -77,7 +79,7 @@ _COMMAND = {
 }
 ALLOWED_SKIPS: dict[str, tuple[str, str]] = {
     # name -> (substring of the [SKIPPED] line, our reason)
-    **{f"{s}.{t}": ("is not implemented", f"{_COMMAND[s]}: {_OPTIONAL}")
+    **{f"{s}.{t}": (NOT_IMPLEMENTED, f"{_COMMAND[s]}: {_OPTIONAL}")
        for s, tests in (
            ("Prefetch10", ("Simple", "BeyondEol", "ZeroBlocks", "Flags")),
            ("Prefetch16", ("Simple", "BeyondEol", "ZeroBlocks", "Flags")),
