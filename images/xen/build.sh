@@ -27,7 +27,7 @@ T0=$SECONDS
 
 say() { echo "[xen-build +$((SECONDS - T0))s] $*" >&2; }
 
-if [ -f "$OUT/.complete" ]; then
+if [ -f "$OUT/.complete" ] && command -v qemu-system-x86_64 >/dev/null 2>&1; then
     say "cached: $OUT"
     echo "$OUT"
     exit 0
@@ -45,6 +45,14 @@ if ! need debootstrap || ! need cpio || ! need qemu-system-x86_64 || [ ! -x /bin
 fi
 
 mkdir -p "$CACHE"
+# One build at a time (parallel test sessions): the second waits, then finds the first's result.
+exec 9>"$CACHE/xen-build.lock"
+flock 9
+if [ -f "$OUT/.complete" ]; then
+    say "built meanwhile: $OUT"
+    echo "$OUT"
+    exit 0
+fi
 WORK=$(mktemp -d "$CACHE/xen-build.XXXXXX")
 ROOT=$WORK/rootfs
 cleanup() {
@@ -177,12 +185,21 @@ pack "$WORK/domu-fio" "$WORK/out/domu-fio.cpio.gz"
 TRIO_VERSION=0.35.0
 say "pylib: trio==$TRIO_VERSION (pip --target)"
 PIP_PY=
-for py in "${VSCSI_PYTHON:-}" /root/.cache/vscsi-venv/bin/python python3; do
+for py in "${VSCSI_PYTHON:-}" "$CACHE/venv/bin/python" /root/.cache/vscsi-venv/bin/python python3; do
     [ -n "$py" ] && "$py" -m pip --version >/dev/null 2>&1 && { PIP_PY=$py; break; }
 done
-[ -n "$PIP_PY" ] || { say "no python with pip on the host (set VSCSI_PYTHON)"; exit 1; }
+PIP_EXTRA=
+if [ -z "$PIP_PY" ]; then
+    say "installing python3-pip on the host (no python with pip found; or set VSCSI_PYTHON)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip >&2
+    PIP_PY=python3
+fi
+# Debian's own python3 is "externally managed" (PEP 668) even for --target installs.
+[ -f "$("$PIP_PY" -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')/EXTERNALLY-MANAGED" ] \
+    && PIP_EXTRA=--break-system-packages
+# shellcheck disable=SC2086
 "$PIP_PY" -m pip install -q --disable-pip-version-check --no-compile --target "$WORK/out/pylib" \
-    --python-version 3.11 --only-binary=:all: "trio==$TRIO_VERSION" >&2
+    --python-version 3.11 --only-binary=:all: $PIP_EXTRA "trio==$TRIO_VERSION" >&2
 
 # ---- 5. the hypervisor and the kernel ------------------------------------------------------
 gunzip -c "$ROOT"/opt/vscsi/xen-hypervisor/boot/xen-4.17-amd64.gz >"$WORK/out/xen"
