@@ -169,23 +169,17 @@ def xen_config_from(bridge_config: Any) -> XenConfig:
     return XenConfig(domains=domains)
 
 
-async def run_xen_backend(target: TargetLike, platform: XenPlatform | Any = None,
-                          config: XenConfig | Any = None, xs: XenStore | None = None,
+async def run_xen_backend(target: TargetLike, platform: XenPlatform | None = None,
+                          config: XenConfig | None = None, xs: XenStore | None = None,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve Xen guests' vscsi devices until cancelled.
 
-    Called as ``run_xen_backend(target, platform, config)``; ``platform=None``
-    uses the real dom0 interfaces (/dev/xen/gntdev, /dev/xen/evtchn, the
-    xenstored socket or /dev/xen/xenbus). ``config`` is a XenConfig or the
-    bridge's BridgeConfig (its ``xen`` attachments); ``run_xen_backend(target,
-    bridge_config)`` is accepted too.
+    ``platform=None`` uses the real dom0 interfaces (/dev/xen/gntdev,
+    /dev/xen/evtchn, the xenstored socket or /dev/xen/xenbus). The bridge's
+    configuration becomes a XenConfig through ``xen_config_from``.
     """
-    if platform is not None and not isinstance(platform, XenPlatform):
-        platform, config = None, platform
     if config is None:
         config = XenConfig()
-    elif not isinstance(config, XenConfig):
-        config = xen_config_from(config)
     if platform is None:
         from bridge.xen.linux_platform import linux_platform
 
