@@ -222,11 +222,11 @@ class Target:
                             INTERNAL_TARGET_FAILURE.encode())
 
     def _submit(self, req: ScsiRequest) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
-        in_len = req.data_in_len
-        out_len = req.data_out_len
+        in_len = sum(map(len, req.data_in))  # req.data_in_len, without a generator
+        out_len = sum(map(len, req.data_out))
         if in_len and out_len:
             return ScsiResponse(VirtioScsiResponse.FAILURE)
-        lun_field = bytes(req.lun)
+        lun_field = req.lun if type(req.lun) is bytes else bytes(req.lun)
         if lun_field == REPORT_LUNS_WLUN:
             lun = REPORT_LUNS_WLUN_ADDR
             lu = None
