@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 
 def iov_len(views: Sequence[memoryview]) -> int:
-    return sum(len(v) for v in views)
+    return sum(map(len, views))
 
 
 def iov_split(views: Sequence[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:

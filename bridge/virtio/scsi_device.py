@@ -53,6 +53,7 @@ from bridge.virtio.scsi_request import (
 from bridge.virtio.scsi_wire import (
     AN_REQ_SIZE,
     AN_RESP_SIZE,
+    CMD_REQ_FIXED_SIZE,
     CMD_RESP_FIXED_SIZE,
     EVENT_SIZE,
     TMF_REQ_SIZE,
@@ -67,8 +68,6 @@ from bridge.virtio.scsi_wire import (
     VIRTIO_SCSI_T_PARAM_CHANGE,
     VIRTIO_SCSI_T_TMF,
     VIRTIO_SCSI_T_TRANSPORT_RESET,
-    cmd_req_size,
-    cmd_resp_size,
     ctrl_type,
     encode_an_resp,
     encode_cmd_failure,
@@ -516,7 +515,8 @@ class VirtioScsiPciDevice:
         cdb_size, sense_size = self.cdb_size, self.sense_size
         if chain.error is not None:
             return self._reject_command(chain, chain.error, sense_size)
-        hdr_len, resp_len = cmd_req_size(cdb_size), cmd_resp_size(sense_size)
+        hdr_len = CMD_REQ_FIXED_SIZE + cdb_size  # cmd_req_size
+        resp_len = CMD_RESP_FIXED_SIZE + sense_size  # cmd_resp_size
         hdr_views, data_out = iov_split(chain.readable, hdr_len)
         resp_views, data_in = iov_split(chain.writable, resp_len)
         if iov_len(hdr_views) < hdr_len or iov_len(resp_views) < resp_len:
