@@ -11,7 +11,7 @@ from .backing import Backing, create_sparse_image
 from .identity import parse_wwn, resolve_identity, store_sidecar
 from .io_gate import IoGate
 from .mode_pages import ModeParameters
-from .reservation_hooks import PersistentReservations
+from .reservations import PersistentReservations
 from .task_set import TaskSet
 
 log = logging.getLogger(__name__)

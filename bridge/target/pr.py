@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .cdb import u16, u32
 from .command import Command, command
-from .reservation_hooks import ReservationConflict
+from .reservations import ReservationConflict
 from .sense import parameter_list_length_error
 from .task_set import TaskSet
 
