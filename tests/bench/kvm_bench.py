@@ -888,6 +888,8 @@ async def main_async(args: argparse.Namespace) -> int:
             try:
                 rounds[v.name].append(await run_variant(v, image, runtime, spec, prefix, source))
             except Exception as e:  # one broken configuration must not lose the others' figures
+                while isinstance(e, BaseExceptionGroup) and e.exceptions:  # trio nurseries wrap it
+                    e = e.exceptions[0]
                 msg = f"{v.name} round {rnd + 1}: {type(e).__name__}: {e}"
                 failures.append(msg)
                 log("FAILED " + msg[:3000])
