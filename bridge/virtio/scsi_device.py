@@ -537,7 +537,7 @@ class VirtioScsiPciDevice:
         data_in_len = iov_len(data_in) if data_in else 0
         submit = self._submit
         started = submit(req) if submit is not None else self.target.execute(req)
-        if type(started) is ScsiResponse:
+        if isinstance(started, ScsiResponse):
             return _finish_command(started, resp_views, resp_len, data_in_len, sense_size)
         return _PendingCommand(started, resp_views, resp_len, data_in_len, sense_size)
 
