@@ -124,6 +124,61 @@ async def run_qd(drv: Driver, dma: FakeDma, qd: int, count: int, rng: random.Ran
     return clock() - cpu0, driver_cpu
 
 
+async def one_command(drv: Driver, dma: FakeDma, cdb: bytes, data_out: bytes = b"",
+                      data_in: int = 0) -> tuple[int, int, bytes, bytes]:
+    """One command through the device: (response, status, sense, data-in)."""
+    req, resp = dma.alloc(REQ_LEN), dma.alloc(RESP_LEN)
+    _REQ.pack_into(dma.mem, req, lun_to_virtio(0), 99, 0, 0, 0, cdb.ljust(10, b"\0"))
+    out, into = [(req, REQ_LEN)], [(resp, RESP_LEN)]
+    if data_out:
+        buf = dma.alloc(len(data_out))
+        dma.write(buf, data_out)
+        out.append((buf, len(data_out)))
+    if data_in:
+        din = dma.alloc(data_in)
+        into.append((din, data_in))
+    drv.add_chain(RQ, out, into)
+    drv.kick(RQ)
+    irq_fd = drv.irq_fds[RQ + 1]
+    with trio.move_on_after(10) as waited:
+        await trio.lowlevel.wait_readable(irq_fd)
+    if waited.cancelled_caught:
+        raise SystemExit(f"no interrupt for CDB {cdb.hex()}")
+    os.eventfd_read(irq_fd)
+    if len(drv.used(RQ)) != 1:
+        raise SystemExit("expected exactly one used element")
+    drv.set_used_event(RQ, drv.queues[RQ].last_used)  # interrupt for the next one
+    sense_len, _resid, _sq, status, response = struct.unpack_from("<IIHBB", dma.mem, resp)
+    return (response, status, dma.read(resp + 12, sense_len),
+            dma.read(din, data_in) if data_in else b"")
+
+
+async def check_paths(drv: Driver, dma: FakeDma) -> None:
+    """The paths the READ loop does not take: an error answered at once, a command the
+    target finishes in a task (INQUIRY), a WRITE read back."""
+    beyond = IMAGE_SIZE // BLOCK
+    response, status, sense, _ = await one_command(drv, dma, _READ10.pack(0x28, 0, beyond, 0, 1, 0),
+                                                  data_in=BLOCK)
+    if response or status != 2 or sense[2] & 0xF != 5 or sense[12] != 0x21:
+        raise SystemExit(f"READ beyond capacity: response {response} status {status} "
+                         f"sense {sense.hex()}")
+    response, status, _, data = await one_command(drv, dma, bytes((0x12, 0, 0, 0, 36, 0)),
+                                                  data_in=36)
+    if response or status or data[8:16] != b"VSCSIBRG":
+        raise SystemExit(f"INQUIRY: response {response} status {status} data {data.hex()}")
+    block = 5
+    original = struct.pack("<Q", block) * (IO // 8)
+    pattern = os.urandom(IO)
+    for content in (pattern, original):
+        write = _READ10.pack(0x2A, 0, block * (IO // BLOCK), 0, IO // BLOCK, 0)
+        response, status, _, _ = await one_command(drv, dma, write, data_out=content)
+        read = _READ10.pack(0x28, 0, block * (IO // BLOCK), 0, IO // BLOCK, 0)
+        r2, s2, _, data = await one_command(drv, dma, read, data_in=IO)
+        if response or status or r2 or s2 or data != content:
+            raise SystemExit("WRITE then READ did not return the data written")
+    print("checked: CHECK CONDITION answered at once, INQUIRY in a task, WRITE read back")
+
+
 async def main_async(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
@@ -140,6 +195,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 drv = Driver(dev, dma)
                 drv.init()
                 await trio.testing.wait_all_tasks_blocked()
+                await check_paths(drv, dma)
                 rng = random.Random(1)
                 print(f"4 KiB random READ(10), page-cached {IMAGE_SIZE >> 20} MiB image, "
                       f"{args.requests} requests per queue depth")
