@@ -12,6 +12,7 @@ queue stays broken until the device is reset.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -31,7 +32,14 @@ MAX_QUEUE_SIZE = 1024  # virtio 1.2 2.7: queue size is a power of 2 up to 32768;
 MAX_INDIRECT_DESCRIPTORS = 1024
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next (virtio 1.2 2.7.5)
-_U16 = struct.Struct("<H")
+# Ring indexes and event fields are read and written while the guest's vCPUs run:
+# they must be single 16-bit loads and stores. struct's standard-size formats ("<H")
+# copy byte by byte, so a guest could see a torn used->idx (e.g. 0x01FF -> 0x0100
+# seen as 0x0000) and take stale entries as completions ("request:id N is not a
+# head!"). The native format copies with one memcpy of two bytes, one aligned mov;
+# virtio is little-endian, as are the hosts we run on (asserted below).
+_U16 = struct.Struct("H")
+assert sys.byteorder == "little", "virtqueue indexes are accessed in native byte order"
 _USED_ELEM = struct.Struct("<II")  # id, len (virtio 1.2 2.7.8)
 
 _fence_lock = threading.Lock()
