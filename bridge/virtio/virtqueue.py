@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import struct
 import sys
-import threading
 from dataclasses import dataclass, field
 
+from bridge.barrier import full_fence
 from bridge.vfio_user.device import DmaError, DmaSpace
 
 # virtio 1.2 2.7.5 descriptor flags
@@ -41,19 +41,6 @@ _DESC = struct.Struct("<QIHH")  # addr, len, flags, next (virtio 1.2 2.7.5)
 _U16 = struct.Struct("H")
 assert sys.byteorder == "little", "virtqueue indexes are accessed in native byte order"
 _USED_ELEM = struct.Struct("<II")  # id, len (virtio 1.2 2.7.8)
-
-_fence_lock = threading.Lock()
-
-
-def full_fence() -> None:
-    """A store-load barrier between our ring writes and the next ring read.
-
-    x86 may reorder a store with a later load; a lock-prefixed instruction
-    (taken here by a lock acquire) orders them (virtio 1.2 2.7.7.2, 2.7.10.1).
-    """
-    _fence_lock.acquire()
-    _fence_lock.release()
-
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """virtio 1.2 2.7.7.2 / 2.7.10: has ``event_idx`` been passed when moving old -> new?"""

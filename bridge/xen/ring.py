@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 import sys
 
+from bridge.barrier import full_fence
 from bridge.xen.vscsiif import REQUEST_SIZE, RESPONSE_SIZE, VSCSIIF_PAGE_SIZE
 
 SRING_HEADER = struct.Struct("<IIII")
@@ -110,6 +111,7 @@ class BackRing(_Sring):
         if self.unconsumed():
             return True
         self._set(_REQ_EVENT, self.req_cons + 1)
+        full_fence()  # ring.h RING_FINAL_CHECK_FOR_REQUESTS: xen_mb() before looking again
         return bool(self.unconsumed())
 
     def put_response(self, data: bytes) -> None:
@@ -126,6 +128,7 @@ class BackRing(_Sring):
         old = self._get(_RSP_PROD)
         new = self.rsp_prod_pvt
         self._set(_RSP_PROD, new)
+        full_fence()  # ring.h RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: xen_mb() before rsp_event
         return ((new - self._get(_RSP_EVENT)) & _U32) < ((new - old) & _U32)
 
 
@@ -151,6 +154,7 @@ class FrontRing(_Sring):
         old = self._get(_REQ_PROD)
         new = self.req_prod_pvt
         self._set(_REQ_PROD, new)
+        full_fence()
         return ((new - self._get(_REQ_EVENT)) & _U32) < ((new - old) & _U32)
 
     def take_responses(self) -> list[bytes]:
@@ -166,4 +170,5 @@ class FrontRing(_Sring):
         if (self._get(_RSP_PROD) - self.rsp_cons) & _U32:
             return True
         self._set(_RSP_EVENT, self.rsp_cons + 1)
+        full_fence()
         return bool((self._get(_RSP_PROD) - self.rsp_cons) & _U32)
