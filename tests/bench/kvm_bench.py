@@ -1,11 +1,12 @@
 """Benchmark (not a test): fio in a booted guest, the bridge over vfio-user against QEMU's virtio-scsi.
 
     python tests/bench/kvm_bench.py [--quick] [--runtime S] [--profile] [--cached-builtin] [--warm]
+                                    [--repeat N] [--bridge-rev REV|worktree] [--only a,b]
 
 In ONE run, on the same guest (images/build-guest.sh, 2 vCPUs, 512 MiB) and the same
 pre-written raw image file, fio runs inside the guest against
 
-* ``bridge``: ``python -m bridge.cli serve`` in its own process (so that its CPU time is
+* ``bridge``: ``python -m bridge.cli serve`` (a committed snapshot of bridge/, --bridge-rev) in its own process (so that its CPU time is
   /proc/<pid>/stat utime+stime), the guest attached with qemu-configs/vfio-user.args;
 * ``qemu-threads`` and ``qemu-io_uring``: QEMU's built-in virtio-scsi-pci + scsi-hd
   (qemu-configs/builtin-virtio-scsi.args, cache.direct=true) with aio=threads / io_uring;
