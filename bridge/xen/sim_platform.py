@@ -178,6 +178,7 @@ class SimEventChannel:
         self._event = trio.Event()
         self.notifies_sent = 0
         self.closed = False
+        self.raised_at_bind = False
 
     def _raise(self) -> None:
         self._pending = True
@@ -238,6 +239,10 @@ class SimBinder:
             raise OSError(22, f"cannot bind dom{domid} port {remote_port}")
         local = self.hub._new(self.domid)
         local.peer, remote.peer = remote, local
+        # Xen's evtchn_bind_interdomain sets the new local port pending (notifications the
+        # remote sent to its unbound port were dropped): the first wait returns at once.
+        local.raised_at_bind = True
+        local._raise()
         return local
 
 
