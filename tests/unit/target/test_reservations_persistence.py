@@ -310,6 +310,9 @@ def test_kill_9_at_random_points_keeps_the_last_acknowledged_state(tmp_path):
             [sys.executable, "-c", _CHILD_CODE, root, path, json.dumps(steps)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            # Unbuffered: readline() must not pull later lines into a buffer that
+            # communicate() (which reads the raw fd) would never see.
+            bufsize=0,
         )
         # Wait for the first acknowledgement (start-up time varies with load),
         # then kill at a random moment inside the workload.
