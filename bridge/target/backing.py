@@ -74,6 +74,9 @@ class Backing:
         self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self.nowait_reads = RWF_NOWAIT != 0
+        # Set when the file refuses RWF_NOWAIT reads (EOPNOTSUPP): reads are then tried
+        # inline anyway, timed (see _read_inline_timed).
+        self.timed_inline_reads = False
         self.nowait_writes = RWF_NOWAIT != 0
         self.inline_writes = not self.is_block_device
         self._inline_backoff_until = 0.0
@@ -107,6 +110,7 @@ class Backing:
             except OSError as e:
                 if flags and e.errno == errno.EOPNOTSUPP:
                     self.nowait_reads = False
+                    self.timed_inline_reads = not self.is_block_device
                     return done
                 raise
             if n == 0:
@@ -123,7 +127,7 @@ class Backing:
         """Try the whole read without blocking (RWF_NOWAIT); False when it must go to a
         thread (the caller then reads everything again through read_into)."""
         if not self.nowait_reads:
-            return self._read_inline_timed(offset, views)
+            return self.timed_inline_reads and self._read_inline_timed(offset, views)
         if len(views) > IOV_MAX:
             try:
                 return self._preadv_all(views, offset, RWF_NOWAIT) == sum(len(v) for v in views)
@@ -137,6 +141,7 @@ class Backing:
         except OSError as e:
             if e.errno == errno.EOPNOTSUPP:
                 self.nowait_reads = False
+                self.timed_inline_reads = not self.is_block_device
             return False  # the blocking path reports it
         return n == sum(len(v) for v in views)
 

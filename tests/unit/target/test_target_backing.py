@@ -103,3 +103,27 @@ def test_parse_wwn():
                 "naa.5" + "0" * 31):
         with pytest.raises(ValueError):
             parse_wwn(bad)
+
+
+async def test_reads_inline_and_timed_where_rwf_nowait_is_refused(image, monkeypatch):
+    """tmpfs before Linux 6.6 answers RWF_NOWAIT reads with EOPNOTSUPP: the first read
+    goes to a thread, later ones are read inline (timed), and a slow one backs off."""
+    data = os.urandom(4096)
+    await image.write_from(0, [memoryview(data)], sync=False)
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "no RWF_NOWAIT here")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(backing_mod.os, "preadv", preadv)
+    buf = bytearray(4096)
+    assert not image.read_inline(0, [memoryview(buf)])  # refused: the caller uses a thread
+    assert not image.nowait_reads and image.timed_inline_reads
+    assert image.read_inline(0, [memoryview(buf)]) and buf == data  # now inline
+    image._inline_read_backoff_until = float("inf")  # as after a slow inline read
+    assert not image.read_inline(0, [memoryview(bytearray(4096))])
+    out = bytearray(4096)
+    await image.read_into(0, [memoryview(out)])  # the thread path still reads right
+    assert out == data
