@@ -9,6 +9,11 @@ not loaded) serving a PV domU through the real xen-scsifront, everything in ONE 
 3. LUN hotplug while the domU runs: Target.map_lun (LUN 2 added) then Target.unmap_lun (LUN 1
    removed), the backend's own Reconfiguring/Reconfigured path;
 4. sg_reset -d from the domU: VSCSIIF_ACT_SCSI_RESET -> LOGICAL UNIT RESET, answered;
+   then fence_scsi-style persistent-reservation fencing (SPC-4 5.13) on LU disk0 between the domU
+   (sg_persist) and a second initiator, the dom0 driver script itself (Target.execute with its own
+   InitiatorPort): both register, the domU reserves Write Exclusive Registrants Only, READ FULL STATUS
+   shows both iSCSI names, dom0 PREEMPT AND ABORTs the domU's key, the domU gets REGISTRATIONS
+   PREEMPTED, its writes fail with RESERVATION CONFLICT and its reads still work; dom0 CLEARs;
 5. the domU reboots itself (on_reboot=restart: a new domid), is attached again and finds the data it
    wrote before the reboot (an md5-checked block and fio --verify_only over the fio region).
 
@@ -29,6 +34,10 @@ pytestmark = pytest.mark.booted
 
 INITIATOR = "iqn.2026-11.org.vscsi-bridge:xen.domu.0"
 OTHER_INITIATOR = "iqn.2026-11.org.vscsi-bridge:xen.other.0"
+# The second initiator on LU disk0 (LUN 0 for it too): the dom0 driver script, for the PR fencing step.
+FENCER = "iqn.2026-11.org.vscsi-bridge:dom0.fencer"
+DOMU_KEY = "0xabcd1234"
+FENCER_KEY = "0xd0d0f00d"
 # disk0: identity from the configuration; disk1: from its identity sidecar written before the start.
 WWN0 = "naa.600a5c5100000000c0ffee0000000001"
 SERIAL0 = "CFG-LUN0-SERIAL"
@@ -50,6 +59,7 @@ import json
 import logging
 import os
 import signal
+import struct
 import sys
 import time
 
@@ -57,8 +67,9 @@ sys.path.insert(0, "/vscsi/src")
 import trio
 
 from bridge.target.logical_unit import LogicalUnitSpec
+from bridge.target.reservations import pr_in_cdb, pr_out_cdb
 from bridge.target.target import Target
-from bridge.virtio.scsi_request import TmfSubtype
+from bridge.virtio.scsi_request import InitiatorPort, ScsiRequest, TmfSubtype, lun_to_virtio
 from bridge.xen.runner import XenConfig, XenDomainConfig, run_xen_backend
 from bridge.xen.toolstack import attach
 from bridge.xen.xenstore import connect_xenstored, open_xenstore
@@ -88,7 +99,41 @@ class ObservedTarget(Target):
         return rsp
 
 
+async def persistent_reserve(target, words):
+    """pr out SA TYPE RKEY SARK | pr in SA: PERSISTENT RESERVE OUT/IN (SPC-4 6.15/6.16) on LUN 0
+    as the second initiator {FENCER}; unit attentions (power on, reset) are taken and retried."""
+    port = InitiatorPort("{FENCER}")
+    buf = None
+    if words[0] == "out":
+        params = struct.pack(">QQ8x", int(words[3], 0), int(words[4], 0))  # RK, SARK, flags 0
+        cdb, bufs = pr_out_cdb(int(words[1]), int(words[2]), len(params)), {{"data_out": [memoryview(params)]}}
+    else:
+        buf = bytearray(1024)
+        cdb, bufs = pr_in_cdb(int(words[1]), len(buf)), {{"data_in": [memoryview(buf)]}}
+    for attempt in range(8):
+        rsp = await target.execute(ScsiRequest(lun=lun_to_virtio(0), tag=0xF000 + attempt, cdb=cdb,
+                                               initiator=port, **bufs))
+        sense = bytes(rsp.sense)
+        key = 0 if len(sense) < 3 else (sense[1] if sense[0] & 0x7F >= 0x72 else sense[2]) & 0xF
+        if key != 6:  # UNIT ATTENTION
+            break
+    text = f"status=0x{{rsp.status:02x}} sense={{sense.hex()}}"
+    if rsp.status != 0:
+        return "error " + text
+    if buf is not None and int(words[1]) == 0:  # READ KEYS
+        n = struct.unpack_from(">I", buf, 4)[0] // 8
+        text += " keys=" + ",".join(hex(k) for k in struct.unpack_from(f">{{n}}Q", buf, 8))
+    elif buf is not None:  # READ RESERVATION
+        if struct.unpack_from(">I", buf, 4)[0] >= 16:
+            text += f" reservation key={{hex(struct.unpack_from('>Q', buf, 8)[0])}} type={{buf[21] & 0xF}}"
+        else:
+            text += " no reservation"
+    return "ok " + text
+
+
 async def command(target, xs, words):
+    if words[0] == "pr":
+        return await persistent_reserve(target, words[1:])
     if words[0] == "attach":  # attach DOMID LUN...: the toolstack part (bridge.xen.toolstack)
         await attach(xs, int(words[1]), 0, [int(w) for w in words[2:]])
     elif words[0] == "map":
@@ -133,7 +178,8 @@ async def main(ctl):
                         serial="{SERIAL_OTHER}"),
     ]
     target = ObservedTarget(specs, {{"{INITIATOR}": {{0: "disk0", 1: "disk1"}},
-                                     "{OTHER_INITIATOR}": {{2: "other"}}}})
+                                     "{OTHER_INITIATOR}": {{2: "other"}},
+                                     "{FENCER}": {{0: "disk0"}}}})
     config = XenConfig(grant_strategy="map",
                        domains=[XenDomainConfig(name="domu", initiator="{INITIATOR}")])
     started = time.monotonic()
@@ -226,8 +272,19 @@ step "bridge ready"
 # LUN 2 is mapped only for another initiator: the backend must refuse that dev.
 ctl attach "$dom" 0 1 2 || {{ finish; exit 13; }}
 step "attached"
-wait_guest "hotplug-add-ready" 900 || {{ finish; exit 14; }}
-step "domU checked LUNs, fio, reset"
+# Persistent-reservation fencing on disk0: this script's bridge is the second initiator.
+wait_guest " pr-registered$" 900 || {{ finish; exit 21; }}
+step "domU checked LUNs, fio, reset; registered"
+ctl pr out 6 0 0 {FENCER_KEY} || {{ finish; exit 22; }}  # REGISTER AND IGNORE EXISTING KEY
+wait_guest " pr-reserved$" 120 || {{ finish; exit 23; }}
+ctl pr out 5 5 {FENCER_KEY} {DOMU_KEY} || {{ finish; exit 24; }}  # PREEMPT AND ABORT, type 5
+ctl pr in 1
+ctl pr in 0
+wait_guest " pr-fenced$" 120 || {{ finish; exit 25; }}
+ctl pr out 3 0 {FENCER_KEY} 0 || {{ finish; exit 26; }}  # CLEAR
+step "domU fenced; reservation cleared"
+wait_guest "hotplug-add-ready" 300 || {{ finish; exit 14; }}
+step "domU checked the clear"
 ctl map 2 disk2
 wait_guest "hotplug-remove-ready" 300 || {{ finish; exit 15; }}
 step "domU saw LUN 2 added"
@@ -351,6 +408,40 @@ say "sg_reset rc=$rc"
 clear_ua $sg0
 if dd if=$d0 of=/dev/null bs=4k count=16 iflag=direct 2>/dev/null; then say "read after reset ok"; fi
 
+# fence_scsi-style: the dom0 script is the other registrant (key {FENCER_KEY}) and preempts us.
+sg_persist -n --out --register-ignore --param-sark={DOMU_KEY} $sg0 >/tmp/pr.out 2>&1
+say "pr register rc=$? $(tr '\n' ' ' </tmp/pr.out)"
+say "t=$(up) pr-registered"
+i=0
+until sg_persist -n -k $sg0 2>/dev/null | grep -qi "{FENCER_KEY}"; do
+    i=$((i + 1)); [ $i -gt 600 ] && fail 40
+    sleep 0.2
+done
+sg_persist -n --out --reserve --param-rk={DOMU_KEY} --prout-type=5 $sg0 >/tmp/pr.out 2>&1
+say "pr reserve rc=$? $(tr '\n' ' ' </tmp/pr.out)"
+sg_persist -n -s $sg0 2>&1 | sed 's/^/PRS /'
+say "t=$(up) pr-reserved"
+i=0
+until sg_turs $sg0 >/tmp/tur.out 2>&1; grep -qi "registrations preempted" /tmp/tur.out; do
+    i=$((i + 1)); [ $i -gt 600 ] && break
+    sleep 0.2
+done
+sed 's/^/PRUA /' /tmp/tur.out
+if dd if=/dev/zero of=$d0 bs=4k count=1 seek=10240 oflag=direct conv=notrunc 2>/tmp/ddw.out; then
+    say "pr fenced write succeeded"
+else
+    say "pr fenced write failed: $(tr '\n' ' ' </tmp/ddw.out)"
+fi
+say "pr fenced dmesg conflicts: $(dmesg | grep -ci 'reservation conflict')"
+if dd if=$d0 of=/dev/null bs=4k count=16 iflag=direct 2>/dev/null; then say "pr fenced read ok"; fi
+say "t=$(up) pr-fenced"
+i=0
+until sg_persist -n -k $sg0 2>/dev/null | grep -qi "no registered"; do
+    i=$((i + 1)); [ $i -gt 600 ] && fail 41
+    sleep 0.2
+done
+say "pr cleared"
+
 say "t=$(up) hotplug-add-ready"
 wait_luns "0 1 2" 180 || fail 4
 say "luns after add: $(luns)"
@@ -437,6 +528,28 @@ async def test_domu_through_bridge_xen_backend() -> None:
     assert "GUEST sg_reset rc=0" in guest, _lines(guest, "RESET ")
     assert stats["tmfs"].get("LOGICAL_UNIT_RESET:OK", 0) >= 1, stats
     assert "GUEST read after reset ok" in guest
+
+    # (4b) PR fencing between the domU and the dom0 initiator on LU disk0.
+    assert re.search(r"^GUEST pr register rc=0 ", guest, re.M), result.describe()
+    assert f"CTL pr out 6 0 0 {FENCER_KEY}: ok status=0x00" in script, script[-6000:]
+    assert re.search(r"^GUEST pr reserve rc=0 ", guest, re.M), result.describe()
+    prs = _lines(guest, "PRS ")
+    assert INITIATOR in prs and FENCER in prs, prs
+    assert re.search(r"reservation holder", prs, re.I), prs
+    assert re.search(r"write exclusive, registrants only", prs, re.I), prs
+    assert f"CTL pr out 5 5 {FENCER_KEY} {DOMU_KEY}: ok status=0x00" in script, script[-6000:]
+    assert f"CTL pr in 1: ok status=0x00 sense= reservation key={FENCER_KEY} type=5" in script
+    assert f"CTL pr in 0: ok status=0x00 sense= keys={FENCER_KEY}\n" in script, script[-6000:]
+    assert re.search(r"registrations preempted", _lines(guest, "PRUA "), re.I), _lines(guest, "PRUA ")
+    fenced = re.search(r"^GUEST pr fenced write (\w+)(.*)$", guest, re.M)
+    assert fenced and fenced.group(1) == "failed", result.describe()
+    conflicts = re.search(r"^GUEST pr fenced dmesg conflicts: (\d+)", guest, re.M)
+    # BLK_STS_NEXUS (RESERVATION CONFLICT) surfaces as EBADE "Invalid exchange".
+    assert (conflicts and int(conflicts.group(1)) >= 1) or "invalid exchange" in fenced.group(2).lower(), \
+        (fenced.group(0), conflicts)
+    assert "GUEST pr fenced read ok" in guest, result.describe()
+    assert f"CTL pr out 3 0 {FENCER_KEY} 0: ok status=0x00" in script, script[-6000:]
+    assert "GUEST pr cleared" in guest, result.describe()
 
     # (3) hotplug: LUN 2 added, then LUN 1 removed, while the domU runs.
     assert "CTL map 2 disk2: ok" in script and "CTL unmap 1: ok" in script, script[-6000:]
