@@ -382,6 +382,30 @@ async def _kill(process: trio.Process) -> None:
         await process.wait()
 
 
+def disk_check_script(pattern: str, lba: int, wait_seconds: int = 60) -> str:
+    """A guest script: list the SCSI devices, sg_inq and sg_readcap the first disk, write one
+    4 KiB block of 128 numbered lines of ``pattern`` (20 characters) at 512-byte ``lba`` with
+    O_DIRECT and read it back after dropping caches (prints both md5s and READBACK-OK)."""
+    return rf"""
+set -e
+vscsi_wait_disks 1 {wait_seconds}
+echo "--- lsscsi"
+vscsi_lsscsi
+sg=$(vscsi_lsscsi | awk '{{print $7}}' | head -n1)
+echo "--- sg_inq $sg"
+sg_inq "$sg"
+echo "--- sg_readcap"
+sg_readcap /dev/sda
+echo "--- write+read"
+i=0; while [ $i -lt 128 ]; do printf '{pattern}%011d\n' $i; i=$((i + 1)); done >/tmp/block
+dd if=/tmp/block of=/dev/sda bs=4096 count=1 seek={lba // 8} oflag=direct conv=fsync 2>/dev/null
+echo 3 >/proc/sys/vm/drop_caches
+dd if=/dev/sda of=/tmp/back bs=4096 count=1 skip={lba // 8} iflag=direct 2>/dev/null
+echo "wrote $(md5sum </tmp/block | cut -c1-32) read $(md5sum </tmp/back | cut -c1-32)"
+cmp /tmp/block /tmp/back && echo READBACK-OK
+"""
+
+
 # --- one-shot guests -------------------------------------------------------
 
 

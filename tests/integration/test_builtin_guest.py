@@ -15,6 +15,7 @@ import trio
 
 from tests.integration.guest import (
     CONFIG_DIR,
+    disk_check_script,
     ensure_images,
     guest_session,
     load_args,
@@ -26,24 +27,7 @@ from tests.integration.guest import (
 PATTERN = "VSCSI-GUEST-PATTERN-"
 PATTERN_LBA = 2048  # 512-byte blocks: offset 1 MiB
 
-GUEST_SCRIPT = rf"""
-set -e
-vscsi_wait_disks 1 30
-echo "--- lsscsi"
-vscsi_lsscsi
-sg=$(vscsi_lsscsi | awk '{{print $7}}' | head -n1)
-echo "--- sg_inq $sg"
-sg_inq "$sg"
-echo "--- sg_readcap"
-sg_readcap /dev/sda
-echo "--- write+read"
-i=0; while [ $i -lt 128 ]; do printf '{PATTERN}%011d\n' $i; i=$((i + 1)); done >/tmp/block
-dd if=/tmp/block of=/dev/sda bs=4096 count=1 seek={PATTERN_LBA // 8} oflag=direct conv=fsync 2>/dev/null
-echo 3 >/proc/sys/vm/drop_caches
-dd if=/dev/sda of=/tmp/back bs=4096 count=1 skip={PATTERN_LBA // 8} iflag=direct 2>/dev/null
-echo "wrote $(md5sum </tmp/block | cut -c1-32) read $(md5sum </tmp/back | cut -c1-32)"
-cmp /tmp/block /tmp/back && echo READBACK-OK
-"""
+GUEST_SCRIPT = disk_check_script(PATTERN, PATTERN_LBA, wait_seconds=30)
 
 
 @pytest.mark.booted

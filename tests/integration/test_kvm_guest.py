@@ -23,29 +23,14 @@ from bridge.target.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from bridge.virtio.scsi_request import InitiatorPort
-from tests.integration.guest import run_guest
+from tests.integration.guest import disk_check_script, run_guest
 
 INITIATOR = "iqn.2026-11.org.vscsi-bridge:kvm-guest"
 DISK_SIZE = 64 << 20
 PATTERN = "VSCSI-VFIO-USER-PAT-"  # 20 chars: 128 lines of 32 bytes = one 4 KiB block
 PATTERN_LBA = 2048  # 512-byte blocks: offset 1 MiB
 
-GUEST_SCRIPT = rf"""
-set -e
-vscsi_wait_disks 1 60
-echo "--- lsscsi"
-vscsi_lsscsi
-sg=$(vscsi_lsscsi | awk '{{print $7}}' | head -n1)
-echo "--- sg_inq $sg"
-sg_inq "$sg"
-echo "--- sg_readcap"
-sg_readcap /dev/sda
-echo "--- write+read"
-i=0; while [ $i -lt 128 ]; do printf '{PATTERN}%011d\n' $i; i=$((i + 1)); done >/tmp/block
-dd if=/tmp/block of=/dev/sda bs=4096 count=1 seek={PATTERN_LBA // 8} oflag=direct conv=fsync 2>/dev/null
-echo 3 >/proc/sys/vm/drop_caches
-dd if=/dev/sda of=/tmp/back bs=4096 count=1 skip={PATTERN_LBA // 8} iflag=direct 2>/dev/null
-cmp /tmp/block /tmp/back && echo READBACK-OK
+GUEST_SCRIPT = disk_check_script(PATTERN, PATTERN_LBA) + r"""
 echo "--- 1 MiB sequential"
 dd if=/dev/sda of=/dev/null bs=1M count=16 iflag=direct 2>&1 | tail -n1
 echo "--- virtio features"
