@@ -58,6 +58,9 @@ start=$(cut -d' ' -f1 /proc/uptime)
 dd if=/dev/sda of=/dev/null bs=1M count=32 iflag=direct || exit 4
 end=$(cut -d' ' -f1 /proc/uptime)
 echo "read 32MiB O_DIRECT: $start -> $end"
+# Stay connected a while: dom0 dumps the frontend's xenstore nodes once it sees state 4, and on an
+# idle host this script can finish (and the frontend close) before that dump ran.
+sleep 10
 """
 
 
