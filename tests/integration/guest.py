@@ -375,6 +375,15 @@ def script_output(console: str) -> str:
     return body[: m.start()] if m else body
 
 
+async def _start_qemu(launch: _Launch, console: _Console) -> trio.Process:
+    """Start QEMU with its console on a pipe; the command line goes first into the log."""
+    console._log.write("# " + " ".join(launch.argv) + "\n")
+    return await trio.lowlevel.open_process(
+        launch.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, cwd=launch.workdir,
+    )  # fmt: skip
+
+
 async def _kill(process: trio.Process) -> None:
     if process.returncode is None:
         process.kill()
@@ -445,13 +454,9 @@ async def run_guest(
         append=append, extra_args=extra_args, serial_extra=(), log_path=log_path,
     )  # fmt: skip
     console = _Console(launch.log_path)
-    console._log.write("# " + " ".join(launch.argv) + "\n")
     timed_out = False
     try:
-        process = await trio.lowlevel.open_process(
-            launch.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, cwd=launch.workdir,
-        )  # fmt: skip
+        process = await _start_qemu(launch, console)
         try:
             assert process.stdout is not None
             async with trio.open_nursery() as nursery:
@@ -655,12 +660,8 @@ async def guest_session(
         serial_extra=serial_extra, log_path=log_path,
     )  # fmt: skip
     console = _Console(launch.log_path)
-    console._log.write("# " + " ".join(launch.argv) + "\n")
     try:
-        process = await trio.lowlevel.open_process(
-            launch.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, cwd=launch.workdir,
-        )  # fmt: skip
+        process = await _start_qemu(launch, console)
         try:
             assert process.stdout is not None
             async with trio.open_nursery() as nursery:
