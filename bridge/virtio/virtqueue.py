@@ -33,12 +33,13 @@ MAX_INDIRECT_DESCRIPTORS = 1024
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next (virtio 1.2 2.7.5)
 # Ring indexes and event fields are read and written while the guest's vCPUs run:
-# they must be single 16-bit loads and stores. struct's standard-size formats ("<H")
-# copy byte by byte, so a guest could see a torn used->idx (e.g. 0x01FF -> 0x0100
-# seen as 0x0000) and take stale entries as completions ("request:id N is not a
-# head!"). The native format copies with one memcpy of two bytes, one aligned mov;
-# virtio is little-endian, as are the hosts we run on (asserted below).
-_U16 = struct.Struct("H")
+# each must be one 16-bit load or store. struct cannot do that: "<H" copies byte by
+# byte, and every pack_into first zeroes its bytes (memset) before writing them, so
+# the guest could see used->idx go 0x0100 -> 0x0000 -> 0x0101 and take stale
+# entries as completions ("request:id N is not a head!"). Item assignment on a
+# memoryview cast to "H" is one aligned 2-byte memcpy, i.e. one mov (checked from
+# another process in tests/unit/virtio/test_shared_index_stores.py). virtio is
+# little-endian, as are the hosts we run on (asserted below).
 assert sys.byteorder == "little", "virtqueue indexes are accessed in native byte order"
 _USED_ELEM = struct.Struct("<II")  # id, len (virtio 1.2 2.7.8)
 
@@ -109,6 +110,12 @@ class SplitVirtqueue:
             self._used = dma.view(device_addr, 6 + 8 * size, True)
         except DmaError as e:
             raise VirtqueueBroken(f"ring outside guest memory: {e}") from None
+        # 16-bit word views: avail = flags, idx, ring[size], used_event;
+        # used = flags, idx, ring[size] (4 words each), avail_event (2.7.6, 2.7.8)
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
+        self._used_event_word = 2 + size
+        self._avail_event_word = 2 + 4 * size
         # virtio 1.2 2.7: both indexes start at 0 when the queue is enabled;
         # ``position`` resumes a queue whose client reconnected without a reset.
         self.last_avail_idx, self.used_idx = (p & 0xFFFF for p in position)
@@ -118,7 +125,7 @@ class SplitVirtqueue:
 
     # ---- driver area -------------------------------------------------
     def avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail, 2)[0]
+        return self._avail16[1]
 
     def has_available(self) -> bool:
         return self.broken is None and self.avail_idx() != self.last_avail_idx
@@ -134,7 +141,7 @@ class SplitVirtqueue:
         if pending > self.size:
             # virtio 1.2 2.7.6: the driver can never make more than size entries available
             self._break(f"available index moved from {self.last_avail_idx} to {avail}")
-        head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
+        head = self._avail16[2 + self.last_avail_idx % self.size]
         if head >= self.size:
             self._break(f"head index {head} out of range")
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
@@ -230,7 +237,7 @@ class SplitVirtqueue:
         slot = self.used_idx % self.size
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written & 0xFFFFFFFF)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.used_idx)
+        self._used16[1] = self.used_idx
 
     def should_interrupt(self) -> bool:
         """After one or more pushes: does the driver want an interrupt? (2.7.7.2)"""
@@ -241,9 +248,9 @@ class SplitVirtqueue:
         self._signalled_used = new
         self._signalled_valid = True
         if self._event_idx:
-            used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            used_event = self._avail16[self._used_event_word]
             return not valid or vring_need_event(used_event, new, old)
-        flags = _U16.unpack_from(self._avail, 0)[0]
+        flags = self._avail16[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def enable_notification(self) -> bool:
@@ -251,16 +258,16 @@ class SplitVirtqueue:
         if self.broken is not None:
             return False
         if self._event_idx:
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail_idx)
+            self._used16[self._avail_event_word] = self.last_avail_idx
         else:
-            _U16.pack_into(self._used, 0, 0)
+            self._used16[0] = 0
         full_fence()
         return self.avail_idx() != self.last_avail_idx
 
     def disable_notification(self) -> None:
         """While we are draining anyway, notifications are not needed (2.7.10)."""
         if not self._event_idx:
-            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[0] = VIRTQ_USED_F_NO_NOTIFY
 
     @property
     def position(self) -> tuple[int, int]:
@@ -268,7 +275,7 @@ class SplitVirtqueue:
 
     def release(self) -> None:
         """Drop the ring views (device reset, client gone)."""
-        for v in (self._desc, self._avail, self._used):
+        for v in (self._avail16, self._used16, self._desc, self._avail, self._used):
             try:
                 v.release()
             except BufferError:

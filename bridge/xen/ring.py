@@ -5,12 +5,10 @@ rsp_prod, rsp_event (RING_IDX = uint32) and padding to 64 bytes, then the
 ring of 252-byte request/response slots. Indexes are free-running uint32s;
 the slot is index & (size - 1).
 
-Barriers: CPython cannot emit fences. On x86 (TSO) stores are not reordered
-with other stores nor loads with loads; the only reordering (store->load) is
-in the final-check and push-and-check rules, where the re-read that follows
-the store happens hundreds of instructions later. This is the documented
-limit of a Python backend; the indexes themselves are 4-byte aligned and
-written with one store each.
+Ordering: on x86 (TSO) stores are not reordered with stores nor loads with
+loads; the store->load cases (the final-check and push-and-check rules) get
+ring.h's xen_mb() from bridge/barrier.py. The indexes are 4-byte aligned and
+read and written with one access each (see _Sring).
 """
 
 from __future__ import annotations
@@ -42,7 +40,6 @@ class RingBroken(Exception):
     """The other end published indexes that cannot be right (more than a ring ahead)."""
 
 
-_INDEX = struct.Struct("I")
 assert sys.byteorder == "little", "ring indexes are accessed in native byte order"
 
 
@@ -54,14 +51,18 @@ class _Sring:
         self.size = size
 
     # The producer/consumer indexes are shared with the other domain while it runs:
-    # one 32-bit load or store each. struct's "<I" copies byte by byte (a torn index
-    # would publish half-updated slots); the native "I" is one memcpy of four bytes,
-    # an aligned mov on the little-endian hosts Xen's x86 and Arm ABIs have.
+    # one 32-bit load or store each. struct cannot store one: "<I" copies byte by
+    # byte and every pack_into zeroes its bytes first (a frontend could read
+    # rsp_prod == 0, or req_event == 0 and skip a notification). Item access on a
+    # memoryview cast to "I" is one aligned 4-byte memcpy, one mov on the
+    # little-endian hosts Xen's x86 and Arm ABIs have. The cast view is made per
+    # access so that nothing outlives the grant mapping (gntdev unmap needs every
+    # view of the page released).
     def _get(self, off: int) -> int:
-        return _INDEX.unpack_from(self.page, off)[0]
+        return self.page[off:off + 4].cast("I")[0]
 
     def _set(self, off: int, value: int) -> None:
-        _INDEX.pack_into(self.page, off, value & _U32)
+        self.page[off:off + 4].cast("I")[0] = value & _U32
 
     def _slot(self, idx: int) -> int:
         return SRING_HEADER_SIZE + (idx & (self.size - 1)) * REQUEST_SIZE
