@@ -1,25 +1,29 @@
 """Benchmark (prints figures, asserts nothing): the bridge's Xen backend against Linux's
 xen-scsiback + LIO fileio, in one Xen-in-QEMU boot, same domU kernel, same image.
 
-    python3 images/xen/bench_backends.py [--strategy map] [--runtime 5]
+    python3 images/xen/bench_backends.py [--strategies map,copy] [--runtime 5]
 
-Phase 1 serves /tmp/disk.img (dom0 tmpfs) with the bridge (dom0-bridge.py, the checkout's code);
-phase 2 with xen-scsiback + LIO on the same file. Each phase boots a PV domU with fio and runs the
-same fio rows. Under TCG the guest CPU is slow and other load on the host moves every number:
-the ratio bridge/kernel of one run is the figure, not the absolute values.
+One phase per bridge grant strategy (dom0-bridge.py, the checkout's code) serving /tmp/disk.img
+(dom0 tmpfs), then one with xen-scsiback + LIO on the same file. Each phase boots a PV domU with
+fio and runs the same rows (IOPS, bandwidth, completion-latency p50/p99). Under TCG the guest CPU
+is slow and other load on the host moves every number: the ratio bridge/kernel of one run is the
+figure, not the absolute values. Writes $VSCSI_CACHE/bench/xen-<timestamp>.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.bench.kvm_bench import BENCH_DIR, pip_install  # noqa: E402
 from tests.integration.xen_harness import run_xen  # noqa: E402
 
 ROWS = [
@@ -39,19 +43,23 @@ boot_guest() {{ # NAME: a booted domU (modules loaded) whose domid is in $dom
     xl unpause $1
     domu_wait_booted $1 300 || return 3
 }}
-bridge_start /vscsi/run/bridge.log bridge /tmp/disk.img $((128 << 20)) --grant-strategy {strategy} || exit 10
-boot_guest bridge || exit 11
-bridge_attach "$dom" 0 0 >/dev/null || exit 12
-domu_wait_gone bridge 900
-echo "phase bridge: domU rc $(domu_rc bridge)"
-bridge_stop; echo "phase bridge: bridge exit $?"
-vscsi_remove_nodes "$dom" 0
+for s in {strategies}; do
+    echo "phase bridge-$s: starting"
+    bridge_start /vscsi/run/bridge-$s.log bridge-$s /tmp/disk.img $((128 << 20)) --grant-strategy $s || exit 10
+    boot_guest bridge-$s || exit 11
+    bridge_attach "$dom" 0 0 >/dev/null || exit 12
+    domu_wait_gone bridge-$s 900
+    echo "phase bridge-$s: domU rc $(domu_rc bridge-$s)"
+    bridge_stop; echo "phase bridge-$s: bridge exit $?"
+    vscsi_remove_nodes "$dom" 0
+    grep -v ' DEBUG ' /vscsi/run/bridge-$s.log | tail -4
+done
+echo "phase kernel: starting"
 lio_fileio_pvscsi /tmp/disk.img $((128 << 20)) naa.6001405000000010 0 || exit 20
 boot_guest kernel || exit 21
 vscsi_write_nodes "$dom" 0 naa.6001405000000010:0 0:0:0:0
 domu_wait_gone kernel 900
 echo "phase kernel: domU rc $(domu_rc kernel)"
-grep -v ' DEBUG ' /vscsi/run/bridge.log | tail -8
 """
 
 GUEST = r"""
@@ -60,53 +68,119 @@ while [ ! -e /dev/sda ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
 [ -e /dev/sda ] || {{ echo "no /dev/sda"; exit 1; }}
 f() {{ # NAME RW BS QD
     fio --name=$1 --filename=/dev/sda --direct=1 --ioengine=libaio --rw=$2 --bs=$3 --iodepth=$4 \
-        --size=128M --runtime={runtime} --time_based 2>&1 | grep -E ' IOPS=' | sed "s/^/BENCH $1 /"
+        --size=128M --runtime={runtime} --time_based --percentile_list=50:99 >/tmp/$1.out 2>&1
+    grep -E ' IOPS=' /tmp/$1.out | sed "s/^/BENCH $1 /"
+    echo "BENCHLAT $1 $(grep -A1 'clat percentiles' /tmp/$1.out | tr -d '\n')"
 }}
 {rows}
 """
 
 UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 BENCH_RE = re.compile(r"BENCH (\S+) +\w+: IOPS=([\d.]+)(k?), BW=([\d.]+)([KMG]?i?B)/s")
+LAT_RE = re.compile(r"BENCHLAT (\S+) +clat percentiles \((nsec|usec|msec)\):.*?"
+                    r"50(?:\.0+)?th=\[ *(\d+)\].*?99(?:\.0+)?th=\[ *(\d+)\]")
+LAT_SCALE = {"nsec": 1e-3, "usec": 1.0, "msec": 1e3}
 
 
-def parse(console: str) -> dict[str, tuple[float, float]]:
-    """Row name -> (IOPS, bytes/s) from fio's summary lines."""
-    out = {}
+def log(msg: str) -> None:
+    print(f"[xen-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse(console: str) -> dict[str, dict[str, float]]:
+    """Row name -> iops, bytes/s and clat p50/p99 (microseconds) from fio's output."""
+    out: dict[str, dict[str, float]] = {}
     for m in BENCH_RE.finditer(console):
         iops = float(m.group(2)) * (1000 if m.group(3) else 1)
-        out[m.group(1)] = (iops, float(m.group(4)) * UNITS.get(m.group(5), 1))
+        out[m.group(1)] = {"iops": iops, "bw": float(m.group(4)) * UNITS.get(m.group(5), 1)}
+    for m in LAT_RE.finditer(console):
+        scale = LAT_SCALE[m.group(2)]
+        row = out.setdefault(m.group(1), {})
+        row["p50_us"] = int(m.group(3)) * scale
+        row["p99_us"] = int(m.group(4)) * scale
     return out
+
+
+def table(phases: dict[str, dict[str, dict[str, float]]], strategies: list[str]) -> list[str]:
+    kernel = phases.get("kernel", {})
+    head = f"{'row':18} {'kernel IOPS':>11} {'p50 us':>8}"
+    for s in strategies:
+        head += f" {s + ' IOPS':>11} {'p50 us':>8} {'ratio':>6}"
+    lines = [head]
+    for name, *_ in ROWS:
+        k = kernel.get(name, {})
+        line = f"{name:18} {k.get('iops', 0):>11.0f} {k.get('p50_us', 0):>8.0f}"
+        for s in strategies:
+            b = phases.get(f"bridge-{s}", {}).get(name, {})
+            ratio = f"{b['iops'] / k['iops']:.2f}" if b.get("iops") and k.get("iops") else "-"
+            line += f" {b.get('iops', 0):>11.0f} {b.get('p50_us', 0):>8.0f} {ratio:>6}"
+        lines.append(line)
+    return lines
+
+
+def plot(path: Path, phases: dict[str, dict[str, dict[str, float]]], title: str) -> bool:
+    if not pip_install("matplotlib", "matplotlib"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, *_ in ROWS]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(phases))
+    for i, (phase, rows) in enumerate(phases.items()):
+        xs = [j + i * width for j in range(len(names))]
+        ax1.bar(xs, [rows.get(n, {}).get("iops", 0) for n in names], width, label=phase)
+        ax2.bar(xs, [rows.get(n, {}).get("p50_us", 0) for n in names], width, label=phase)
+    for ax, ylabel in ((ax1, "IOPS"), (ax2, "completion latency p50 (us)")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=20,
+                      fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    ax2.set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def _progress(line: str) -> None:
+    if re.search(r"phase |BENCH |VSCSI-DOMU-RC|VSCSI-XEN-DOM0-RC|vscsi-dom0:", line):
+        log(line.strip())
 
 
 async def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--strategy", default="map", help="bridge grant strategy (map or copy)")
+    ap.add_argument("--strategies", default="map,copy",
+                    help="bridge grant strategies, comma-separated (map, copy)")
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio row")
     args = ap.parse_args()
+    strategies = [s for s in args.strategies.split(",") if s]
     rows = "\n".join(f"f {n} {rw} {bs} {qd}" for n, rw, bs, qd in ROWS)
+    log(f"one Xen boot: {len(strategies)} bridge phase(s) ({', '.join(strategies)}) then "
+        f"xen-scsiback + LIO; {len(ROWS)} fio rows of {args.runtime} s each per phase")
     result = await run_xen(
-        DOM0.format(strategy=args.strategy),
+        DOM0.format(strategies=" ".join(strategies)),
         files={"guest.sh": GUEST.format(runtime=args.runtime, rows=rows)},
-        timeout=2400,
+        timeout=3600,
+        progress=_progress,
     )
     print(result.script_output)
-    bridge, kernel = parse(result.domu_console("bridge")), parse(result.domu_console("kernel"))
-    print(
-        f"Xen PV domU, fio O_DIRECT libaio, {args.runtime} s per row; bridge grant strategy "
-        f"{args.strategy}; whole run {result.seconds:.0f} s (rc {result.rc})"
-    )
-    print(
-        f"{'row':20} {'bridge IOPS':>12} {'kernel IOPS':>12} {'bridge MiB/s':>13} "
-        f"{'kernel MiB/s':>13} {'ratio':>7}"
-    )
-    for name, *_ in ROWS:
-        b, k = bridge.get(name), kernel.get(name)
-        ratio = f"{b[0] / k[0]:.3f}" if b and k and k[0] else "-"
-        print(
-            f"{name:20} {b[0] if b else '-':>12} {k[0] if k else '-':>12} "
-            f"{(f'{b[1] / 2**20:.2f}' if b else '-'):>13} "
-            f"{(f'{k[1] / 2**20:.2f}' if k else '-'):>13} {ratio:>7}"
-        )
+    phases = {f"bridge-{s}": parse(result.domu_console(f"bridge-{s}")) for s in strategies}
+    phases["kernel"] = parse(result.domu_console("kernel"))
+    title = (f"Xen PV domU (TCG), fio O_DIRECT libaio, {args.runtime} s per row; "
+             f"ratio = bridge IOPS / kernel IOPS")
+    print(title + f"; whole run {result.seconds:.0f} s (rc {result.rc})")
+    lines = table(phases, strategies)
+    print("\n".join(lines))
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    stem = BENCH_DIR / f"xen-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"runtime": args.runtime, "rc": result.rc, "seconds": result.seconds,
+         "phases": phases}, indent=1))
+    stem.with_suffix(".md").write_text(f"{title}\n\n```\n" + "\n".join(lines) + "\n```\n")
+    wrote = plot(stem.with_suffix(".png"), phases, title)
+    log(f"wrote {stem}.json, .md" + (", .png" if wrote else " (no plot: matplotlib missing)"))
     return 0 if result.rc == 0 else 1
 
 

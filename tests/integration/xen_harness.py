@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +167,28 @@ def _domu_consoles(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
+async def _follow(run_dir: Path, progress: Callable[[str], None]) -> None:
+    """Report new complete lines of the serial log and the domU console logs every 2 s."""
+    offsets: dict[Path, int] = {}
+    while True:
+        await trio.sleep(2)
+        logs = [run_dir / "serial.log", *sorted((run_dir / "console").glob("guest-*.log"))]
+        for log in logs:
+            try:
+                data = log.read_bytes()
+            except OSError:
+                continue
+            start = offsets.get(log, 0)
+            end = data.rfind(b"\n") + 1
+            if end <= start:
+                continue
+            offsets[log] = end
+            prefix = "" if log.name == "serial.log" else log.stem.removeprefix("guest-") + ": "
+            for line in data[start:end].decode(errors="replace").replace("\r", "").splitlines():
+                if line.strip():
+                    progress(prefix + line)
+
+
 async def run_xen(
     dom0_script: str,
     *,
@@ -177,6 +199,7 @@ async def run_xen(
     dom0_mem_mb: int = 1024,
     cpus: int = 2,
     keep: bool | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> XenResult:
     """Boot Xen, run ``dom0_script`` (POSIX sh, lib.sh sourced) in dom0, return what happened.
 
@@ -184,6 +207,8 @@ async def run_xen(
     ``checkout`` is the source tree shared as /vscsi/src (default: this checkout).
     Raises XenEnvironmentError if the environment cannot be built or QEMU cannot start; a dom0
     that crashes or hangs gives rc None (and timed_out for a hang) with the console to look at.
+    ``progress`` is called with each new line of dom0's serial console and of the domU consoles
+    (prefixed with the domU's name) while the boot runs: long jobs show where they are.
     """
     env = await build_xen_env()
     keep = os.environ.get("VSCSI_XEN_KEEP") == "1" if keep is None else keep
@@ -213,7 +238,13 @@ async def run_xen(
             except OSError as exc:
                 raise XenEnvironmentError(f"cannot start QEMU: {exc}") from exc
             with trio.move_on_after(timeout) as scope:
-                await proc.wait()
+                if progress is None:
+                    await proc.wait()
+                else:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_follow, run_dir, progress)
+                        await proc.wait()
+                        nursery.cancel_scope.cancel()
             if scope.cancelled_caught:
                 timed_out = True
                 proc.kill()
