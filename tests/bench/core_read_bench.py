@@ -5,7 +5,12 @@ reads served inline with RWF_NOWAIT versus reads sent to a worker thread; and fo
 WRITE(10)s: inline RWF_NOWAIT (where the kernel supports it), inline timed pwritev, and
 worker thread, which is how the write path choice in bridge/target/backing.py was made.
 
-    python tests/bench/core_read_bench.py [--seconds 3] [--concurrency 1]
+--cold: 4 KiB READ(10)s that miss the page cache (a 256 MiB image evicted with
+posix_fadvise(DONTNEED) before each pass, reads spread over all of it), read after the
+RWF_NOWAIT miss with Linux AIO on the O_DIRECT descriptor versus in a worker thread; the
+share of requests that missed the cache is printed with the figures.
+
+    python tests/bench/core_read_bench.py [--seconds 3] [--concurrency 1] [--cold [--dir D]]
 """
 
 from __future__ import annotations
@@ -25,25 +30,37 @@ from bridge.target.target import Target
 from bridge.virtio.scsi_request import InitiatorPort, ScsiRequest, lun_to_virtio
 
 IMAGE_SIZE = 64 << 20
+COLD_IMAGE_SIZE = 256 << 20
 IO = 4096
 INITIATOR = "iqn.2026-11.org.bench:initiator"
 
 
-def make_image(directory: str) -> str:
+def make_image(directory: str, size: int = IMAGE_SIZE, cached: bool = True) -> str:
     path = os.path.join(directory, "bench.img")
     with open(path, "wb") as f:
-        chunk = os.urandom(1 << 20)
-        for _ in range(IMAGE_SIZE >> 20):
-            f.write(chunk)
-    with open(path, "rb") as f:  # pre-read: every page in the page cache
-        while f.read(1 << 20):
-            pass
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    if cached:
+        with open(path, "rb") as f:  # pre-read: every page in the page cache
+            while f.read(1 << 20):
+                pass
     return path
 
 
-async def run_mode(target: Target, op: int, seconds: float, concurrency: int) -> tuple[float, float]:
+def evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def run_mode(target: Target, op: int, seconds: float, concurrency: int,
+                   image_size: int = IMAGE_SIZE) -> tuple[float, float]:
     nblocks = IO // 512
-    max_lba = IMAGE_SIZE // 512 - nblocks
+    max_lba = image_size // 512 - nblocks
     rng = random.Random(1)
     count = 0
     tag = 0
@@ -79,7 +96,48 @@ async def run_mode(target: Target, op: int, seconds: float, concurrency: int) ->
     return count / wall, cpu / count * 1e6
 
 
+async def cold_reads(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(dir=args.dir or "/var/tmp") as d:
+        path = make_image(d, COLD_IMAGE_SIZE, cached=False)
+        target = Target([LogicalUnitSpec(name="bench", path=path)], {INITIATOR: {0: "bench"}})
+        backing = target.logical_unit("bench").backing
+        direct_fd = backing.direct_fd
+        misses = 0
+        real_read_into = backing.read_into
+
+        async def counting_read_into(offset, views):  # only called when RWF_NOWAIT missed
+            nonlocal misses
+            misses += 1
+            await real_read_into(offset, views)
+
+        backing.read_into = counting_read_into  # type: ignore[method-assign]
+        try:
+            print(f"4 KiB random READ(10)s, cold {COLD_IMAGE_SIZE >> 20} MiB image in {d}, "
+                  f"concurrency {args.concurrency}, {args.seconds:.0f} s each")
+            if direct_fd is None:
+                print("  (O_DIRECT refused here: both rows use the thread path)")
+            for label, fd in (("miss -> worker thread   ", None),
+                              ("miss -> Linux AIO O_DIRECT", direct_fd),
+                              ("miss -> worker thread   ", None),
+                              ("miss -> Linux AIO O_DIRECT", direct_fd)):
+                backing.direct_fd = fd
+                evict(path)
+                misses = 0
+                t0 = time.perf_counter()
+                rps, cpu_us = await run_mode(target, 0x28, args.seconds, args.concurrency,
+                                             COLD_IMAGE_SIZE)
+                count = rps * (time.perf_counter() - t0)
+                print(f"{label}: {rps:7.0f} requests/s  {1e6 / rps * args.concurrency:7.0f} us/request"
+                      f"  {cpu_us:6.1f} CPU us/request  ({misses / max(count, 1):.0%} missed)")
+        finally:
+            backing.direct_fd = direct_fd
+            target.close()
+
+
 async def main_async(args: argparse.Namespace) -> None:
+    if args.cold:
+        await cold_reads(args)
+        return
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         path = make_image(d)
         target = Target([LogicalUnitSpec(name="bench", path=path)], {INITIATOR: {0: "bench"}})
@@ -112,7 +170,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--dir", default=None, help="directory for the image (default: $TMPDIR)")
+    p.add_argument("--dir", default=None,
+                   help="directory for the image (default: $TMPDIR; /var/tmp with --cold)")
+    p.add_argument("--cold", action="store_true", help="page-cache misses: AIO vs thread")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     trio.run(main_async, args)
