@@ -35,6 +35,7 @@ SYS_IO_SUBMIT = 209
 IOCB_CMD_PREADV = 7
 IOCB_FLAG_RESFD = 1 << 0
 MAX_IN_FLIGHT = 128
+IOV_MAX = 1024  # UIO_MAXIOV: the kernel's limit on one PREADV's segments
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _syscall = _libc.syscall
@@ -144,6 +145,8 @@ class AioContext:
         views = [v for v in views if v.nbytes]
         if not views:
             return 0
+        if len(views) > IOV_MAX:
+            raise AioUnsuitable("more buffers than IOV_MAX")
         iov = (Iovec * len(views))()
         keep = []
         for i, v in enumerate(views):
@@ -167,10 +170,10 @@ class AioContext:
         ret = _syscall(ctypes.c_long(SYS_IO_SUBMIT), ctypes.c_ulong(self._ctx), ctypes.c_long(1),
                        iocbpp)
         if ret != 1:
+            # Not submitted (EAGAIN: no room in the ring, ENOMEM, EBADF ...); the errors of
+            # the read itself (O_DIRECT's EINVAL) come back as its completion.
             err = ctypes.get_errno() if ret < 0 else errno.EAGAIN
-            if err in (errno.EAGAIN, errno.ENOMEM):
-                raise AioUnavailable(f"io_submit: {os.strerror(err)}")
-            raise OSError(err, os.strerror(err))  # EINVAL, EBADF: the caller redoes it
+            raise AioUnavailable(f"io_submit: {os.strerror(err)}")
         self._in_flight[key] = _InFlight(trio.lowlevel.current_task(), iocb, iov, keep)
         # Not cancellable: the kernel writes into the buffers until the completion.
         res = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)

@@ -335,3 +335,36 @@ async def test_backing_without_o_direct_uses_threads(cold, monkeypatch):
     await b.read_into(0, [mem])
     assert bytes(mem) == data[:4096] and (spy.aio, spy.thread) == (0, 1)
 
+
+
+async def test_more_buffers_than_iov_max_use_the_thread_path(cold, monkeypatch):
+    b, data = cold
+    b.nowait_reads = False
+    spy = Spy(monkeypatch, b)
+    mem = guest_memory(1025 * 512)
+    views = [mem[i * 512:(i + 1) * 512] for i in range(1025)]
+    with pytest.raises(aio.AioUnsuitable):
+        await aio.preadv(b.direct_fd, views, 0, 512)
+    await b.read_into(0, views)
+    assert bytes(mem) == data[:1025 * 512]
+    assert (spy.aio, spy.thread) == (0, 1) and b.direct_align == 512
+
+
+async def test_io_submit_refusal_is_not_taken_for_an_alignment_problem(cold, monkeypatch):
+    """io_submit failing (here: a bad descriptor, EBADF) means not submitted: the
+    read goes to a thread and the O_DIRECT settings stay as they were."""
+    b, data = cold
+    b.nowait_reads = False
+    spy = Spy(monkeypatch, b)
+    closed = -1
+    with pytest.raises(aio.AioUnavailable):
+        await aio.preadv(closed, [guest_memory(4096)], 0, 512)
+    real_fd = b.direct_fd
+    b.direct_fd = closed
+    mem = guest_memory(4096)
+    try:
+        await b.read_into(4096, [mem])
+    finally:
+        b.direct_fd = real_fd
+    assert bytes(mem) == data[4096:8192]
+    assert spy.thread == 1 and b.direct_align == 512
