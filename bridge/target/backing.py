@@ -197,13 +197,13 @@ class Backing:
             if done == total:
                 return
         rest = skip(views, done)
+        # Neither the direct read nor the thread read is cancellable: the kernel writes
+        # into guest memory until it completes (the caller answers ABORTED after it).
         if self.direct_fd is not None and not (offset + done) % self.direct_align:
             done += await self._read_direct(offset + done, rest)
             if done == total:
                 return
             rest = skip(views, done)
-        # Not cancellable: a worker-thread read cannot be interrupted (the caller answers
-        # ABORTED after it returns).
         await trio.to_thread.run_sync(self._preadv_all, rest, offset + done, 0)
 
     async def _read_direct(self, offset: int, views: Sequence[memoryview]) -> int:

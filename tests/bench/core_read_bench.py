@@ -142,6 +142,7 @@ async def main_async(args: argparse.Namespace) -> None:
         path = make_image(d)
         target = Target([LogicalUnitSpec(name="bench", path=path)], {INITIATOR: {0: "bench"}})
         lu = target.logical_unit("bench")
+        direct_fd = lu.backing.direct_fd
         try:
             print(f"4 KiB random requests on a page-cached {IMAGE_SIZE >> 20} MiB image, "
                   f"concurrency {args.concurrency}, {args.seconds:.0f} s each")
@@ -154,6 +155,8 @@ async def main_async(args: argparse.Namespace) -> None:
             ):
                 if op == 0x28:
                     lu.backing.nowait_reads = nowait
+                    # the thread row: no direct (AIO) reads either
+                    lu.backing.direct_fd = None if not nowait else direct_fd
                 else:
                     lu.backing.nowait_writes = nowait == "nowait"
                     lu.backing.inline_writes = nowait == "inline"
@@ -163,6 +166,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     note = "  (kernel refused RWF_NOWAIT writes: EOPNOTSUPP, fell back to threads)"
                 print(f"{label}: {rps:9.0f} requests/s  {cpu_us:7.1f} CPU us/request{note}")
         finally:
+            lu.backing.direct_fd = direct_fd
             target.close()
 
 
