@@ -78,6 +78,11 @@ class _Connection:
         self.slot_freed = trio.Event()
         self.inflight: dict[int, int | None] = {}  # rqid -> tag (None for TMFs)
         self.broken: str | None = None
+        self.idle_wait: trio.CancelScope | None = None  # the ring loop's wait for an event
+
+
+# How often a connected ring is checked for a lost wake-up either way (see _watch_ring).
+WATCH_INTERVAL = 10.0
 
 
 class VscsiBackend:
@@ -101,7 +106,8 @@ class VscsiBackend:
         self._tags = itertools.count(1)
         self._watch: Any = None
         self._nursery: trio.Nursery | None = None
-        self.stats = {"requests": 0, "errors": 0, "notifies": 0, "connects": 0}
+        self.stats = {"requests": 0, "errors": 0, "notifies": 0, "connects": 0,
+                      "lost_wakeups": 0}
 
     # ---- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
@@ -289,6 +295,7 @@ class VscsiBackend:
         try:
             with conn.scope:
                 async with trio.open_nursery() as requests:
+                    requests.start_soon(self._watch_ring, conn)
                     await self._ring_loop(conn, requests)
         finally:
             conn.done.set()
@@ -316,9 +323,48 @@ class VscsiBackend:
                 continue
             if ring.final_check_for_requests():
                 continue
-            await conn.evtchn.wait()
+            with trio.CancelScope() as conn.idle_wait:
+                await conn.evtchn.wait()
+            conn.idle_wait = None
             if _debug():
                 log.debug("%s: event on port %d", self.be, conn.evtchn.port)
+
+    async def _watch_ring(self, conn: _Connection) -> None:
+        """Every WATCH_INTERVAL: recover (and log) a lost wake-up in either direction, and
+        name requests in flight across two checks. ring.h's protocol never loses one when
+        both ends follow it; this turns a lost one into a pause and a log line instead of a
+        guest whose I/O hangs. A condition counts only when seen at two checks in a row
+        with the indexes unchanged (the other end may simply not have run yet)."""
+        previous: set[int] = set()
+        seen_requests = seen_responses = None
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            ring = conn.ring
+            idx = ring.indexes()
+            requests = idx["req_prod"] if conn.idle_wait is not None and ring.unconsumed() \
+                else None
+            if requests is not None and requests == seen_requests:
+                self.stats["lost_wakeups"] += 1
+                log.warning("%s: requests published without an event (%s): taking them",
+                            self.be, idx)
+                assert conn.idle_wait is not None
+                conn.idle_wait.cancel()
+                requests = None
+            seen_requests = requests
+            responses = (idx["rsp_prod"], idx["rsp_event"]) \
+                if ring.frontend_waits_for_published() else None
+            if responses is not None and responses == seen_responses:
+                self.stats["lost_wakeups"] += 1
+                log.warning("%s: frontend waits for responses already published (%s): "
+                            "notifying", self.be, idx)
+                conn.evtchn.notify()
+                responses = None
+            seen_responses = responses
+            stuck = previous & conn.inflight.keys()
+            if stuck:
+                log.warning("%s: rqid %s in flight for more than %.0f s (%s)", self.be,
+                            sorted(stuck), WATCH_INTERVAL, idx)
+            previous = set(conn.inflight)
 
     def _respond(self, conn: _Connection, rsp: VscsiifResponse) -> None:
         if self.conn is not conn:

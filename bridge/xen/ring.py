@@ -124,6 +124,18 @@ class BackRing(_Sring):
         self.page[off:off + RESPONSE_SIZE] = data
         self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & _U32
 
+    def indexes(self) -> dict[str, int]:
+        """The shared and private indexes, for logs."""
+        return {"req_prod": self._get(_REQ_PROD), "req_event": self._get(_REQ_EVENT),
+                "rsp_prod": self._get(_RSP_PROD), "rsp_event": self._get(_RSP_EVENT),
+                "req_cons": self.req_cons, "rsp_prod_pvt": self.rsp_prod_pvt}
+
+    def frontend_waits_for_published(self) -> bool:
+        """rsp_event lies at or below rsp_prod: the frontend asked to be woken for a
+        response that is already there (a notification it should have had)."""
+        prod = self._get(_RSP_PROD)
+        return ((prod - self._get(_RSP_EVENT)) & _U32) < self.size
+
     def push_responses_and_check_notify(self) -> bool:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: notify only if rsp_event lies in (old, new]."""
         old = self._get(_RSP_PROD)

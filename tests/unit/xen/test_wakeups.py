@@ -20,6 +20,7 @@ from functools import partial
 
 import trio
 
+from bridge.xen import backend as backend_module
 from bridge.xen import vscsiif
 from bridge.xen.ring import FrontRing
 from bridge.xen.sim_platform import SimEventChannel
@@ -141,3 +142,50 @@ async def test_bind_marks_the_backend_port_pending_like_xen(env):
         # The first wait consumed it: the backend is idle on an empty ring now.
         await _clear_ua(fe)
         assert (await fe.submit(TUR)).rslt == 0
+
+
+async def test_lost_request_notification_is_recovered_by_the_ring_watch(env, monkeypatch):
+    """A frontend notification that never arrives: the ring watch finds the published
+    request after two checks, logs it and serves it (the guest pauses instead of hanging)."""
+    monkeypatch.setattr(backend_module, "WATCH_INTERVAL", 0.05)
+    spurious: list[int] = []
+    async with _connected(env, spurious) as (backend, fe):
+        await _clear_ua(fe)
+        orig_notify = fe.evtchn.notify
+        dropped = []
+        fe.evtchn.notify = lambda: dropped.append(1)
+        with trio.fail_after(5):
+            assert (await fe.submit(TUR)).rslt == 0
+        fe.evtchn.notify = orig_notify
+        assert dropped == [1]
+        assert backend.stats["lost_wakeups"] == 1
+
+
+async def test_lost_response_notification_is_recovered_by_the_ring_watch(env, monkeypatch):
+    """The backend's notification is lost: the frontend asked for it (rsp_event <= rsp_prod)
+    and still waits at the next two checks, so the watch notifies once more."""
+    monkeypatch.setattr(backend_module, "WATCH_INTERVAL", 0.05)
+    spurious: list[int] = []
+    async with _connected(env, spurious) as (backend, fe):
+        await _clear_ua(fe)
+        ch = backend.conn.evtchn
+        orig_notify = ch.notify
+        dropped = []
+
+        def drop_once() -> None:
+            if not dropped:
+                dropped.append(1)
+                return
+            orig_notify()
+
+        ch.notify = drop_once
+        with trio.fail_after(5):
+            assert (await fe.submit(TUR)).rslt == 0
+        assert dropped == [1]
+        assert backend.stats["lost_wakeups"] == 1
+        # and nothing more: a frontend that keeps up is never notified by the watch
+        with trio.fail_after(5):
+            for _ in range(20):
+                assert (await fe.submit(TUR)).rslt == 0
+        await trio.sleep(0.3)
+        assert backend.stats["lost_wakeups"] == 1
