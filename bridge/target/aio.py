@@ -184,9 +184,13 @@ class AioContext:
     def _collect(self) -> None:
         """Hand every completed event to its waiting task (io_getevents, no waiting)."""
         while self._in_flight:
-            n = _check(_syscall(ctypes.c_long(SYS_IO_GETEVENTS), ctypes.c_ulong(self._ctx),
-                                ctypes.c_long(0), ctypes.c_long(self.depth), self._events,
-                                ctypes.byref(self._no_wait)))
+            n = _syscall(ctypes.c_long(SYS_IO_GETEVENTS), ctypes.c_ulong(self._ctx),
+                         ctypes.c_long(0), ctypes.c_long(self.depth), self._events,
+                         ctypes.byref(self._no_wait))
+            if n < 0:
+                if ctypes.get_errno() == errno.EINTR:
+                    continue
+                _check(n)
             for i in range(n):
                 ev = self._events[i]
                 entry = self._in_flight.pop(ev.data, None)
