@@ -92,15 +92,31 @@ class Backing:
         self._inline_read_backoff_until = 0.0
         self.closed = False
         self.direct_align = DIRECT_ALIGN
-        self.direct_fd: int | None = None
-        try:
-            # The same open file through procfs, so it is the same inode as self.fd.
-            self.direct_fd = os.open(f"/proc/self/fd/{self.fd}",
-                                     os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-            log.info("%s: page-cache hits read inline, misses with Linux AIO (O_DIRECT)", path)
-        except OSError as e:
-            log.info("%s: page-cache hits read inline, misses in worker threads "
-                     "(no O_DIRECT: %s)", path, e.strerror)
+        self.direct_fd: int | None = self._open_direct()
+
+    def _open_direct(self) -> int | None:
+        """A second, O_DIRECT descriptor of the same inode (through procfs; by path if
+        /proc is not mounted, checked to be the same file), or None where refused."""
+        flags = os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC
+        why = ""
+        for name in (f"/proc/self/fd/{self.fd}", self.path):
+            try:
+                fd = os.open(name, flags)
+            except OSError as e:
+                why = why or e.strerror or str(e)
+                if e.errno == errno.EINVAL:
+                    break  # O_DIRECT itself refused (tmpfs before Linux 6.6)
+                continue
+            st, mine = os.fstat(fd), os.fstat(self.fd)
+            if (st.st_dev, st.st_ino, st.st_rdev) == (mine.st_dev, mine.st_ino, mine.st_rdev):
+                log.info("%s: page-cache hits read inline, misses with Linux AIO (O_DIRECT)",
+                         self.path)
+                return fd
+            os.close(fd)
+            why = "the path now names another file"
+        log.info("%s: page-cache hits read inline, misses in worker threads (no O_DIRECT: %s)",
+                 self.path, why)
+        return None
 
     def close(self) -> None:
         if not self.closed:

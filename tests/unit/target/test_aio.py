@@ -376,3 +376,53 @@ async def test_io_submit_refusal_is_not_taken_for_an_alignment_problem(cold, mon
         b.direct_fd = real_fd
     assert bytes(mem) == data[4096:8192]
     assert spy.thread == 1 and b.direct_align == 512
+
+
+def _refusing_open(monkeypatch, refuse):
+    real_open = os.open
+
+    def fake_open(name, flags, *args):
+        err = refuse(str(name), flags)
+        if err:
+            raise OSError(err, os.strerror(err), name)
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+async def test_o_direct_refused_means_thread_reads(direct_dir, monkeypatch, caplog):
+    """As on tmpfs before Linux 6.6: open(O_DIRECT) answers EINVAL."""
+    path, data = make_image(direct_dir, "nodirect")
+    _refusing_open(monkeypatch, lambda name, flags: errno.EINVAL if flags & os.O_DIRECT else 0)
+    caplog.set_level("INFO", logger="bridge.target.backing")
+    b = Backing(path)
+    monkeypatch.undo()
+    try:
+        assert b.direct_fd is None
+        assert "misses in worker threads (no O_DIRECT: Invalid argument)" in caplog.text
+        spy = Spy(monkeypatch, b)
+        b.nowait_reads = False
+        mem = guest_memory(4096)
+        await b.read_into(4096, [mem])
+        assert bytes(mem) == data[4096:8192] and (spy.aio, spy.thread) == (0, 1)
+    finally:
+        b.close()
+        os.unlink(path)
+
+
+async def test_without_proc_the_direct_descriptor_is_opened_by_path(direct_dir, monkeypatch):
+    path, data = make_image(direct_dir, "noproc")
+    _refusing_open(monkeypatch, lambda name, flags: errno.ENOENT if name.startswith("/proc/") else 0)
+    b = Backing(path)
+    monkeypatch.undo()
+    try:
+        assert b.direct_fd is not None
+        assert os.fstat(b.direct_fd).st_ino == os.fstat(b.fd).st_ino
+        spy = Spy(monkeypatch, b)
+        b.nowait_reads = False
+        mem = guest_memory(4096)
+        await b.read_into(8192, [mem])
+        assert bytes(mem) == data[8192:12288] and (spy.aio, spy.thread) == (1, 0)
+    finally:
+        b.close()
+        os.unlink(path)
