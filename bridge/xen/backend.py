@@ -80,6 +80,12 @@ class _Connection:
         self.broken: str | None = None
         self.idle_wait: trio.CancelScope | None = None  # the ring loop's wait for an event
 
+    def kick(self) -> None:
+        """Make the ring loop look at the ring again, whatever it waits for."""
+        if self.idle_wait is not None:
+            self.idle_wait.cancel()
+        self.slot_freed.set()
+
 
 # How often a connected ring is checked for a lost wake-up either way (see _watch_ring).
 WATCH_INTERVAL = 10.0
@@ -316,8 +322,10 @@ class VscsiBackend:
             if raws:
                 await trio.sleep(0)
                 continue
-            if ring.unconsumed():
+            if ring.full() and ring.unconsumed():
                 # Every slot holds a request still being answered: wait for a response.
+                # (Not just "unconsumed": the frontend may have published since
+                # take_requests read req_prod, with nothing in flight to free a slot.)
                 conn.slot_freed = trio.Event()
                 await conn.slot_freed.wait()
                 continue
@@ -341,14 +349,15 @@ class VscsiBackend:
             await trio.sleep(WATCH_INTERVAL)
             ring = conn.ring
             idx = ring.indexes()
-            requests = idx["req_prod"] if conn.idle_wait is not None and ring.unconsumed() \
-                else None
+            # requests published and not taken, with no progress since the last check
+            requests = (idx["req_prod"], idx["req_cons"], idx["rsp_prod_pvt"]) \
+                if ring.unconsumed() and not ring.full() else None
             if requests is not None and requests == seen_requests:
                 self.stats["lost_wakeups"] += 1
-                log.warning("%s: requests published without an event (%s): taking them",
-                            self.be, idx)
-                assert conn.idle_wait is not None
-                conn.idle_wait.cancel()
+                log.warning("%s: requests published but not taken (%s, waiting for %s): "
+                            "taking them", self.be, idx,
+                            "an event" if conn.idle_wait is not None else "a free slot")
+                conn.kick()
                 requests = None
             seen_requests = requests
             responses = (idx["rsp_prod"], idx["rsp_event"]) \

@@ -107,6 +107,10 @@ class BackRing(_Sring):
     def unconsumed(self) -> int:
         return (self._get(_REQ_PROD) - self.req_cons) & _U32
 
+    def full(self) -> bool:
+        """Every slot holds a request not answered yet (RING_REQUEST_CONS_OVERFLOW)."""
+        return ((self.req_cons - self.rsp_prod_pvt) & _U32) >= self.size
+
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: arm req_event, then look again."""
         if self.unconsumed():

@@ -14,6 +14,8 @@ Copied into each run directory by tests/integration/xen_harness.py; lib.sh wraps
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -62,13 +64,32 @@ async def serve(args: argparse.Namespace) -> None:
             if args.ready:
                 with open(args.ready, "w") as f:
                     f.write("ready\n")
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
+            # SIGUSR1: Python stacks of every thread (even with the trio loop blocked);
+            # SIGUSR2: each backend's ring indexes, requests in flight and counters.
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                           signal.SIGUSR2) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGUSR2:
+                        _dump_backends()
+                        continue
                     nursery.cancel_scope.cancel()
                     break
     finally:
         target.close()
         print(f"dom0-bridge: stopped after {time.monotonic() - started:.1f} s", flush=True)
+
+
+def _dump_backends() -> None:
+    from bridge.xen.backend import VscsiBackend
+
+    for obj in gc.get_objects():
+        if isinstance(obj, VscsiBackend):
+            conn = obj.conn
+            ring = conn.ring.indexes() if conn is not None else None
+            print(f"dom0-bridge: {obj.be}: stats {obj.stats} ring {ring} "
+                  f"inflight {dict(conn.inflight) if conn else None} "
+                  f"idle {conn.idle_wait is not None if conn else None}", flush=True)
 
 
 def main() -> int:

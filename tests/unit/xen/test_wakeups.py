@@ -189,3 +189,32 @@ async def test_lost_response_notification_is_recovered_by_the_ring_watch(env, mo
                 assert (await fe.submit(TUR)).rslt == 0
         await trio.sleep(0.3)
         assert backend.stats["lost_wakeups"] == 1
+
+
+async def test_request_published_right_after_the_backend_looked_is_served(env):
+    """The frontend publishes between the backend's read of req_prod (ring empty) and its
+    next look at the ring, with nothing in flight: the backend must not wait for a slot to
+    free (none will) but take the request. Seen on real Xen as a LUN scan that never ended."""
+    spurious: list[int] = []
+    async with _connected(env, spurious) as (backend, fe):
+        await _clear_ua(fe)
+        ring = backend.conn.ring
+        held: list[bytes] = []
+        orig_push, orig_take = fe.push, ring.take_requests
+
+        def held_push(raw: bytes) -> None:
+            held.append(raw)  # not on the ring yet: only the event goes out
+            fe.evtchn.notify()
+
+        def racy_take(limit=None):
+            out = orig_take(limit)
+            if not out and held:
+                orig_push(held.pop())  # published just after the backend found none
+            return out
+
+        fe.push = held_push
+        ring.take_requests = racy_take
+        with trio.fail_after(5):
+            assert (await fe.submit(TUR)).rslt == 0
+        fe.push = orig_push
+        assert backend.stats["lost_wakeups"] == 0
