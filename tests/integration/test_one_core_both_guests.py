@@ -16,7 +16,7 @@ Why the Xen side is simulated here: the alternative, QEMU running inside a Xen d
 that is itself a TCG guest, was measured too slow on this machine -- one Xen cycle
 (boot Xen + dom0 + domU) already takes 3+ minutes under TCG before a nested QEMU
 guest is started on top. The real xen-scsifront under real Xen is covered by
-tests/integration/xen_bridge_booted.py; this test proves the sharing: data and
+tests/integration/test_xen_bridge_booted.py; this test proves the sharing: data and
 persistent reservations crossing between a virtio-scsi and a vscsiif I_T nexus.
 
 Steps, each asserted:
