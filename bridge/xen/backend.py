@@ -21,7 +21,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,6 +110,9 @@ class VscsiBackend:
         self._pending: dict[int, str] = {}  # target LUN -> "add" | "remove"
         self._latched_close = False
         self._tags = itertools.count(1)
+        # Target.submit: an immediate answer or an awaitable (a target with only execute()
+        # gets a task per command)
+        self._submit = getattr(target, "submit", None)
         self._watch: Any = None
         self._nursery: trio.Nursery | None = None
         self.stats = {"requests": 0, "errors": 0, "notifies": 0, "connects": 0,
@@ -426,8 +429,27 @@ class VscsiBackend:
             self._fail(conn, req.rqid, RsltHost.ERROR, f"grant: {exc}")
             return
         tag = next(self._tags)
+        views = bufs.views if bufs is not None else []
+        to_device = req.sc_data_direction == vscsiif.DMA_TO_DEVICE
+        sreq = ScsiRequest(lun=lun_to_virtio(lun), tag=tag, cdb=req.cdb, initiator=self.initiator,
+                           data_out=list(views) if to_device else [],
+                           data_in=[] if to_device else list(views))
+        data_len = sum(map(len, views))
+        # Target.submit answers at once what it can (page-cache reads and writes, errors):
+        # no task then, the response goes out now. Anything else runs as a task.
+        if self._submit is not None:
+            try:
+                started = self._submit(sreq)
+            except Exception:
+                log.exception("%s: target failed on rqid %d", self.be, req.rqid)
+                started = ScsiResponse(response=VirtioScsiResponse.TARGET_FAILURE)
+            if isinstance(started, ScsiResponse):
+                self._respond(conn, self._cdb_done(req, sreq, bufs, data_len, started))
+                return
+        else:
+            started = self.target.execute(sreq)
         conn.inflight[req.rqid] = tag
-        requests.start_soon(self._run_cdb, conn, req, lun, bufs, tag)
+        requests.start_soon(self._run_cdb, conn, req, sreq, bufs, data_len, started)
 
     def _acquire(self, req: VscsiifRequest) -> RequestBuffers | None:
         entries = req.seg[: req.seg_count]
@@ -441,36 +463,38 @@ class VscsiBackend:
         return self.datapath.acquire(self.domid, segs,
                                      req.sc_data_direction == vscsiif.DMA_FROM_DEVICE)
 
-    async def _run_cdb(self, conn: _Connection, req: VscsiifRequest, lun: int,
-                       bufs: RequestBuffers | None, tag: int) -> None:
-        views = bufs.views if bufs is not None else []
-        data_len = sum(len(v) for v in views)
-        to_device = req.sc_data_direction == vscsiif.DMA_TO_DEVICE
-        sreq = ScsiRequest(lun=lun_to_virtio(lun), tag=tag, cdb=req.cdb, initiator=self.initiator,
-                           data_out=list(views) if to_device else [],
-                           data_in=[] if to_device else list(views))
-        rsp: VscsiifResponse
+    async def _run_cdb(self, conn: _Connection, req: VscsiifRequest, sreq: ScsiRequest,
+                       bufs: RequestBuffers | None, data_len: int,
+                       pending: Awaitable[ScsiResponse]) -> None:
+        result: ScsiResponse | None = None
         try:
             try:
-                result = await self.target.execute(sreq)
+                result = await pending
             except trio.Cancelled:
                 raise
             except Exception:
                 log.exception("%s: target failed on rqid %d", self.be, req.rqid)
                 result = ScsiResponse(response=VirtioScsiResponse.TARGET_FAILURE)
-            rsp = translate.response_for(req.rqid, result, data_len)
         finally:
-            sreq.data_out = []
-            sreq.data_in = []
-            del views
-            if bufs is not None:
-                try:
-                    _finish(bufs, self.be)
-                except GrantError as exc:
-                    log.warning("%s: rqid %d: copy back failed: %s", self.be, req.rqid, exc)
-                    rsp = translate.error_response(req.rqid, RsltHost.ERROR)
+            if result is None:  # cancelled: release the guest's pages all the same
+                self._cdb_done(req, sreq, bufs, data_len, None)
         conn.inflight.pop(req.rqid, None)
-        self._respond(conn, rsp)
+        self._respond(conn, self._cdb_done(req, sreq, bufs, data_len, result))
+
+    def _cdb_done(self, req: VscsiifRequest, sreq: ScsiRequest, bufs: RequestBuffers | None,
+                  data_len: int, result: ScsiResponse | None) -> VscsiifResponse:
+        """Release the request's guest pages (unmap, or copy back) and build its response."""
+        sreq.data_out = []
+        sreq.data_in = []
+        if bufs is not None:
+            try:
+                _finish(bufs, self.be)
+            except GrantError as exc:
+                log.warning("%s: rqid %d: copy back failed: %s", self.be, req.rqid, exc)
+                return translate.error_response(req.rqid, RsltHost.ERROR)
+        if result is None:
+            return translate.error_response(req.rqid, RsltHost.ERROR)
+        return translate.response_for(req.rqid, result, data_len)
 
     async def _run_tmf(self, conn: _Connection, req: VscsiifRequest, lun: int | None) -> None:
         ok = False

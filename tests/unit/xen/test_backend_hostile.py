@@ -7,6 +7,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.virtio.scsi_request import ScsiResponse
 from bridge.xen import vscsiif
 from bridge.xen.backend import BackendConfig
 from bridge.xen.vscsiif import RsltHost, Segment
@@ -31,6 +32,11 @@ def grant_pages(fe, n: int, readonly: bool) -> list[int]:
         refs.append(fe.sim.grant_table.grant(fe.domid, 0, page, readonly))
     return refs
 
+
+
+async def _answer(started):
+    """Target.submit's result awaited: an immediate response or its coroutine's."""
+    return started if isinstance(started, ScsiResponse) else await started
 
 async def test_bad_requests_get_error_responses(env):
     async with running_backend(env) as (backend, fe, _):
@@ -86,14 +92,14 @@ async def test_sg_grant_refused_when_not_offered(env):
 
 async def test_rqid_already_in_flight(env, monkeypatch):
     gate = trio.Event()
-    real_execute = env.target.execute
+    real_submit = env.target.submit
 
     async def gated(req):
         if bytes(req.cdb[:1]) == b"\x28":
             await gate.wait()
-        return await real_execute(req)
+        return await _answer(real_submit(req))
 
-    monkeypatch.setattr(env.target, "execute", gated)
+    monkeypatch.setattr(env.target, "submit", gated)  # every command through the gate (a task)
     async with running_backend(env) as (backend, fe, n):
         await clear_ua(fe)
         rq = fe.next_rqid_hint()
@@ -138,20 +144,20 @@ async def test_abort_and_reset_become_tmfs(env, monkeypatch):
     gate = trio.Event()
     seen_tags = {}
     tmfs = []
-    real_execute = env.target.execute
+    real_submit = env.target.submit
     real_tmf = env.target.task_management
 
     async def gated(req):
         if bytes(req.cdb[:1]) == b"\x28":
             seen_tags["read"] = req.tag
             await gate.wait()
-        return await real_execute(req)
+        return await _answer(real_submit(req))
 
     async def recording_tmf(tmf):
         tmfs.append(tmf)
         return await real_tmf(tmf)
 
-    monkeypatch.setattr(env.target, "execute", gated)
+    monkeypatch.setattr(env.target, "submit", gated)  # every command through the gate (a task)
     monkeypatch.setattr(env.target, "task_management", recording_tmf)
     async with running_backend(env) as (backend, fe, n):
         await clear_ua(fe)
