@@ -116,6 +116,13 @@ class Target:
     def subscribe(self, callback: Callable[[TargetEvent], None]) -> None:
         self._subscribers.append(callback)
 
+    def unsubscribe(self, callback: Callable[[TargetEvent], None]) -> None:
+        """Stop delivering events to ``callback`` (a transport instance that ended)."""
+        try:
+            self._subscribers.remove(callback)
+        except ValueError:
+            pass
+
     def _emit(self, event: TargetEvent) -> None:
         log.info("event %s", event)
         for cb in list(self._subscribers):

@@ -143,6 +143,9 @@ class VscsiBackend:
                 nursery.cancel_scope.cancel()
         finally:
             self._watch = None
+            unsubscribe = getattr(self.target, "unsubscribe", None)
+            if unsubscribe is not None:
+                unsubscribe(self._on_target_event)
             with trio.CancelScope(shield=True):
                 await self._disconnect()
             log.info("%s: backend stopped", self.be)

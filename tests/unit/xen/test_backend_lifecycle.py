@@ -84,13 +84,15 @@ async def test_close_and_reconnect_like_a_rebooted_frontend(env):
 
 async def test_detach_stops_backend_and_removes_nodes(env):
     async with running_backend(env) as (backend, fe, n):
+        assert backend._on_target_event in env.target._subscribers
         with trio.fail_after(10):
             assert await detach(env.xs0, DOMID, 0)
         assert not await env.xs0.exists(fe.backend)
         assert not await env.xs0.exists(fe.path)
         with trio.fail_after(5):
-            while backend._watch is not None:
-                await trio.sleep(0.005)
+            while backend._on_target_event in env.target._subscribers:
+                await trio.sleep(0.005)  # a stopped backend no longer listens to the target
+        assert backend._watch is None
         assert env.sim.grant_table.mapped_count() == 0
 
 
