@@ -116,9 +116,11 @@ def qemu_binary() -> str:
 
 
 def qemu_command(
-    env: Path, run_dir: Path, checkout: Path, *, memory_mb: int, dom0_mem_mb: int, cpus: int
+    env: Path, run_dir: Path, checkout: Path, *, memory_mb: int, dom0_mem_mb: int, cpus: int,
+    extra_shares: Mapping[str, Path] | None = None,
 ) -> list[str]:
-    """The QEMU command line that boots Xen with the PV dom0 (9p shares root, img, run, src)."""
+    """The QEMU command line that boots Xen with the PV dom0 (9p shares root, img, run, src,
+    and ``extra_shares``: mount tag -> host directory, read-only, mounted by the dom0 script)."""
     accel = os.environ.get("VSCSI_XEN_ACCEL", "tcg,thread=multi")
     xen_args = (
         f"console=com1 com1=115200,8n1 dom0_mem={dom0_mem_mb}M,max:{dom0_mem_mb}M "
@@ -131,6 +133,7 @@ def qemu_command(
         ("img", env, True),
         ("run", run_dir, False),
         ("src", checkout, True),
+        *((tag, path, True) for tag, path in (extra_shares or {}).items()),
     ]
     cmd = [
         qemu_binary(),
@@ -200,6 +203,7 @@ async def run_xen(
     cpus: int = 2,
     keep: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    extra_shares: Mapping[str, Path] | None = None,
 ) -> XenResult:
     """Boot Xen, run ``dom0_script`` (POSIX sh, lib.sh sourced) in dom0, return what happened.
 
@@ -227,7 +231,8 @@ async def run_xen(
             else:
                 target.write_bytes(content)
         cmd = qemu_command(
-            env, run_dir, checkout or REPO, memory_mb=memory_mb, dom0_mem_mb=dom0_mem_mb, cpus=cpus
+            env, run_dir, checkout or REPO, memory_mb=memory_mb, dom0_mem_mb=dom0_mem_mb, cpus=cpus,
+            extra_shares=extra_shares,
         )
         (run_dir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
         start = time.monotonic()
