@@ -48,6 +48,7 @@ from bridge.virtio.scsi_request import (
     TmfRequest,
     TmfSubtype,
     VirtioScsiResponse,
+    command_starter,
     lun_from_virtio,
 )
 from bridge.virtio.scsi_wire import (
@@ -174,9 +175,7 @@ class VirtioScsiPciDevice:
         self.requests_per_queue = [0] * self.pci.num_queues
         # ring positions kept across a client disconnect (no reset happened)
         self._positions: dict[int, tuple[int, int]] = {}
-        # Target.submit answers a command at once when it can (else a coroutine);
-        # a target with only execute() gets a task per command.
-        self._submit = getattr(target, "submit", None)
+        self._start_command = command_starter(target)
         subscribe = getattr(target, "subscribe", None)
         if subscribe is not None:
             subscribe(self._on_target_event)
@@ -535,8 +534,7 @@ class VirtioScsiPciDevice:
             data_out=data_out, data_in=data_in,
         )
         data_in_len = iov_len(data_in) if data_in else 0
-        submit = self._submit
-        started = submit(req) if submit is not None else self.target.execute(req)
+        started = self._start_command(req)
         if isinstance(started, ScsiResponse):
             return _finish_command(started, resp_views, resp_len, data_in_len, sense_size)
         return _PendingCommand(started, resp_views, resp_len, data_in_len, sense_size)

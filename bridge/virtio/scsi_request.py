@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 # virtio 1.2 5.6.6.1: cdb_size and sense_size defaults after reset.
@@ -154,6 +155,16 @@ class ScsiResponse:
     sense: bytes = b""
     residual: int = 0
     status_qualifier: int = 0
+
+
+def command_starter(
+    target: object,
+) -> Callable[[ScsiRequest], ScsiResponse | Awaitable[ScsiResponse]]:
+    """How a transport starts a command: the target's ``submit`` (its response when it
+    completed at once, else an awaitable that finishes it), or for a target with only
+    ``execute`` that coroutine (every command then runs as a task)."""
+    submit = getattr(target, "submit", None)
+    return submit if submit is not None else target.execute  # type: ignore[attr-defined]
 
 
 @dataclass

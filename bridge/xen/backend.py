@@ -36,6 +36,7 @@ from bridge.virtio.scsi_request import (
     TmfResponse,
     TmfSubtype,
     VirtioScsiResponse,
+    command_starter,
     lun_to_virtio,
 )
 from bridge.xen import translate, vscsiif
@@ -110,9 +111,7 @@ class VscsiBackend:
         self._pending: dict[int, str] = {}  # target LUN -> "add" | "remove"
         self._latched_close = False
         self._tags = itertools.count(1)
-        # Target.submit: an immediate answer or an awaitable (a target with only execute()
-        # gets a task per command)
-        self._submit = getattr(target, "submit", None)
+        self._start_command = command_starter(target)
         self._watch: Any = None
         self._nursery: trio.Nursery | None = None
         self.stats = {"requests": 0, "errors": 0, "notifies": 0, "connects": 0,
@@ -438,19 +437,16 @@ class VscsiBackend:
                            data_out=list(views) if to_device else [],
                            data_in=[] if to_device else list(views))
         data_len = sum(map(len, views))
-        # Target.submit answers at once what it can (page-cache reads and writes, errors):
-        # no task then, the response goes out now. Anything else runs as a task.
-        if self._submit is not None:
-            try:
-                started = self._submit(sreq)
-            except Exception:
-                log.exception("%s: target failed on rqid %d", self.be, req.rqid)
-                started = ScsiResponse(response=VirtioScsiResponse.TARGET_FAILURE)
-            if isinstance(started, ScsiResponse):
-                self._respond(conn, self._cdb_done(req, sreq, bufs, data_len, started))
-                return
-        else:
-            started = self.target.execute(sreq)
+        # What the target answers at once (page-cache reads and writes, errors) goes out
+        # now, without a task; anything else runs as a task.
+        try:
+            started = self._start_command(sreq)
+        except Exception:
+            log.exception("%s: target failed on rqid %d", self.be, req.rqid)
+            started = ScsiResponse(response=VirtioScsiResponse.TARGET_FAILURE)
+        if isinstance(started, ScsiResponse):
+            self._respond(conn, self._cdb_done(req, sreq, bufs, data_len, started))
+            return
         conn.inflight[req.rqid] = tag
         requests.start_soon(self._run_cdb, conn, req, sreq, bufs, data_len, started)
 
@@ -469,18 +465,14 @@ class VscsiBackend:
     async def _run_cdb(self, conn: _Connection, req: VscsiifRequest, sreq: ScsiRequest,
                        bufs: RequestBuffers | None, data_len: int,
                        pending: Awaitable[ScsiResponse]) -> None:
-        result: ScsiResponse | None = None
         try:
-            try:
-                result = await pending
-            except trio.Cancelled:
-                raise
-            except Exception:
-                log.exception("%s: target failed on rqid %d", self.be, req.rqid)
-                result = ScsiResponse(response=VirtioScsiResponse.TARGET_FAILURE)
-        finally:
-            if result is None:  # cancelled: release the guest's pages all the same
-                self._cdb_done(req, sreq, bufs, data_len, None)
+            result = await pending
+        except Exception:
+            log.exception("%s: target failed on rqid %d", self.be, req.rqid)
+            result = ScsiResponse(response=VirtioScsiResponse.TARGET_FAILURE)
+        except BaseException:  # cancelled: release the guest's pages all the same
+            self._cdb_done(req, sreq, bufs, data_len, None)
+            raise
         conn.inflight.pop(req.rqid, None)
         self._respond(conn, self._cdb_done(req, sreq, bufs, data_len, result))
 
