@@ -76,21 +76,18 @@ def parse_cmd_req(raw: bytes, cdb_size: int) -> CmdReqHeader:
 
 
 def encode_cmd_resp(resp: ScsiResponse, sense_size: int) -> bytes:
-    """virtio_scsi_resp_cmd; sense beyond ``sense_size`` is cut (sense_len says what fits)."""
-    sense = bytes(resp.sense[:sense_size])
-    resid = max(0, min(resp.residual, 0xFFFFFFFF))
-    head = _CMD_RESP.pack(
-        len(sense), resid, resp.status_qualifier & 0xFFFF, int(resp.status) & 0xFF,
-        int(resp.response) & 0xFF,
-    )
-    return head + sense + bytes(sense_size - len(sense))
+    """virtio_scsi_resp_cmd as bytes (for a response split over several buffers)."""
+    buf = bytearray(CMD_RESP_FIXED_SIZE + sense_size)
+    encode_cmd_resp_into(memoryview(buf), resp, sense_size)
+    return bytes(buf)
 
 
 _ZEROS = memoryview(bytes(4096))
 
 
 def encode_cmd_resp_into(buf: memoryview, resp: ScsiResponse, sense_size: int) -> None:
-    """encode_cmd_resp written straight into ``buf``, which holds cmd_resp_size(sense_size)."""
+    """virtio_scsi_resp_cmd written into ``buf`` (cmd_resp_size(sense_size) bytes); sense
+    beyond ``sense_size`` is cut (sense_len says what fits)."""
     sense = resp.sense
     n = min(len(sense), sense_size)
     resid = max(0, min(resp.residual, 0xFFFFFFFF))
