@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -73,6 +73,30 @@ def create_sparse_image(path: str, size: int) -> None:
     log.info("created sparse image %s of %d bytes", path, size)
 
 
+class _InlineTimer:
+    """Blocking calls made inline on the trio loop, timed: one that took longer than
+    INLINE_WRITE_SLOW sends this kind of I/O to worker threads for INLINE_WRITE_BACKOFF
+    seconds (plus the time it took)."""
+
+    __slots__ = ("what", "until")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.until = 0.0
+
+    def allowed(self) -> bool:
+        return time.perf_counter() >= self.until
+
+    def call(self, fn: Callable[..., int], *args: object) -> int:
+        now = time.perf_counter()
+        result = fn(*args)
+        took = time.perf_counter() - now
+        if took > INLINE_WRITE_SLOW:
+            self.until = now + took + INLINE_WRITE_BACKOFF
+            log.debug("inline %s took %.0f us: threads for a while", self.what, took * 1e6)
+        return result
+
+
 class Backing:
     """One open raw image file or block device."""
 
@@ -88,8 +112,8 @@ class Backing:
         self.timed_inline_reads = False
         self.nowait_writes = RWF_NOWAIT != 0
         self.inline_writes = not self.is_block_device
-        self._inline_backoff_until = 0.0
-        self._inline_read_backoff_until = 0.0
+        self._write_timer = _InlineTimer("write")
+        self._read_timer = _InlineTimer("read")
         self.closed = False
         self.direct_align = DIRECT_ALIGN
         self.direct_fd: int | None = self._open_direct()
@@ -188,19 +212,12 @@ class Backing:
         """No RWF_NOWAIT for reads on this file (tmpfs before Linux 6.6 answers EOPNOTSUPP):
         read inline anyway, timed like inline writes; a slow one sends reads to threads for
         a while. A worker-thread hop costs ~60-80 ms in a PV dom0 under TCG."""
-        if self.is_block_device or len(views) > IOV_MAX:
-            return False
-        now = time.perf_counter()
-        if now < self._inline_read_backoff_until:
+        if self.is_block_device or len(views) > IOV_MAX or not self._read_timer.allowed():
             return False
         try:
-            n = os.preadv(self.fd, views, offset)
+            n = self._read_timer.call(os.preadv, self.fd, views, offset)
         except OSError:
             return False  # the blocking path reports it
-        took = time.perf_counter() - now
-        if took > INLINE_WRITE_SLOW:
-            self._inline_read_backoff_until = now + took + INLINE_WRITE_BACKOFF
-            log.debug("inline read took %.0f us: threads for a while", took * 1e6)
         return n == sum(len(v) for v in views)
 
     async def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
@@ -239,7 +256,7 @@ class Backing:
                     self.direct_align = max(self.direct_align, PAGE)
                     log.info("%s: O_DIRECT read refused at %d-byte alignment, trying %d",
                              self.path, align, PAGE)
-                elif self.direct_fd is not None and not self.closed:
+                elif not self.closed:
                     log.info("%s: O_DIRECT reads refused: misses go to worker threads", self.path)
                     os.close(self.direct_fd)
                     self.direct_fd = None
@@ -278,15 +295,9 @@ class Backing:
             done = self._pwritev_all(views, offset, RWF_NOWAIT)
             if done or self.nowait_writes:
                 return done
-        if (self.inline_writes and total <= INLINE_WRITE_MAX and not (offset | total) % PAGE):
-            now = time.perf_counter()
-            if now >= self._inline_backoff_until:
-                done = self._pwritev_all(views, offset, 0)
-                took = time.perf_counter() - now
-                if took > INLINE_WRITE_SLOW:
-                    self._inline_backoff_until = now + took + INLINE_WRITE_BACKOFF
-                    log.debug("inline write took %.0f us: threads for a while", took * 1e6)
-                return done
+        if (self.inline_writes and total <= INLINE_WRITE_MAX and not (offset | total) % PAGE
+                and self._write_timer.allowed()):
+            return self._write_timer.call(self._pwritev_all, views, offset, 0)
         return 0
 
     def write_inline(self, offset: int, views: Sequence[memoryview], sync: bool) -> bool:

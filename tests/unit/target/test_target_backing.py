@@ -122,7 +122,7 @@ async def test_reads_inline_and_timed_where_rwf_nowait_is_refused(image, monkeyp
     assert not image.read_inline(0, [memoryview(buf)])  # refused: the caller uses a thread
     assert not image.nowait_reads and image.timed_inline_reads
     assert image.read_inline(0, [memoryview(buf)]) and buf == data  # now inline
-    image._inline_read_backoff_until = float("inf")  # as after a slow inline read
+    image._read_timer.until = float("inf")  # as after a slow inline read
     assert not image.read_inline(0, [memoryview(bytearray(4096))])
     out = bytearray(4096)
     await image.read_into(0, [memoryview(out)])  # the thread path still reads right
