@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,3 +24,12 @@ def sparse_image(tmp_path: Path) -> Callable[[int], Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A per-test directory directly under /tmp: unix socket paths (the bridge's vfio-user
+    socket, QMP) are limited to 108 bytes, too few for pytest's tmp_path."""
+    d = Path(tempfile.mkdtemp(prefix="vscsi-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -418,6 +418,22 @@ cmp /tmp/block /tmp/back && echo READBACK-OK
 # --- one-shot guests -------------------------------------------------------
 
 
+async def run_shown(g: GuestSession, script: str, *, timeout: float = 120,
+                    prompt: str = "$") -> CommandResult:
+    """``g.run`` with the command, its output and its exit status printed (pytest shows
+    them for a failing test)."""
+    r = await g.run(script, timeout=timeout)
+    print(f"{prompt} {script}\n{r.output}(rc={r.rc})")
+    return r
+
+
+async def run_ok(g: GuestSession, script: str, *, timeout: float = 120, prompt: str = "$") -> str:
+    """``run_shown`` that must exit 0; its output."""
+    r = await run_shown(g, script, timeout=timeout, prompt=prompt)
+    assert r.rc == 0, f"{script!r} failed (rc={r.rc}):\n{r.output}"
+    return r.output
+
+
 async def run_guest(
     script: str,
     *,

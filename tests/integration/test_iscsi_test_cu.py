@@ -21,8 +21,6 @@ A second guest runs the block-size-sensitive suites on a 4096-byte-block LU.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -169,13 +167,6 @@ def check_report(result: GuestResult, suites: tuple[str, ...], what: str, t0: fl
     wrong = {n: r for n, r in report.skip_reasons.items() if ALLOWED_SKIPS[n][0] not in r}
     assert not wrong, wrong  # skipped, but for another reason than the one allowed
     return report
-
-
-@pytest.fixture
-def run_dir():
-    d = Path(tempfile.mkdtemp(prefix="vscsi-cu-", dir="/tmp"))  # short unix socket paths
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_suite_selection_is_the_scsi_family_without_pr() -> None:

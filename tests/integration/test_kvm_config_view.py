@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -86,13 +84,6 @@ def section(out: str, lun: int) -> str:
     m = re.search(rf"^=== LUN {lun} .*?(?=^=== LUN |\Z)", out, re.MULTILINE | re.DOTALL)
     assert m, f"no output for LUN {lun}:\n{out}"
     return m.group(0)
-
-
-@pytest.fixture
-def run_dir():
-    d = Path(tempfile.mkdtemp(prefix="vscsi-cfg-", dir="/tmp"))  # short: unix socket paths
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.booted

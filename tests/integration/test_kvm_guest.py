@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,14 +35,6 @@ dd if=/dev/sda of=/dev/null bs=1M count=16 iflag=direct 2>&1 | tail -n1
 echo "--- virtio features"
 cat /sys/bus/virtio/devices/*/features
 """
-
-
-@pytest.fixture
-def run_dir():
-    # unix socket paths are limited to 108 bytes: keep them short
-    d = Path(tempfile.mkdtemp(prefix="vscsi-kvm-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.booted

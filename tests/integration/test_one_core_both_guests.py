@@ -38,13 +38,12 @@ Steps, each asserted:
 from __future__ import annotations
 
 import re
-import shutil
 import struct
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -60,7 +59,7 @@ from bridge.xen.sim_platform import SimXen
 from bridge.xen.sim_xenstored import SimXenstored
 from bridge.xen.toolstack import attach
 from bridge.xen.xenstore import open_xenstore
-from tests.integration.guest import CommandResult, GuestSession, guest_session
+from tests.integration.guest import guest_session, run_ok, run_shown
 from tests.unit.xen.frontend import Result, SimFrontend
 
 KVM_INITIATOR = "iqn.2026-11.org.vscsi-bridge:kvm-shared"
@@ -172,24 +171,9 @@ async def shared_bridge(run_dir: Path) -> AsyncIterator[tuple[Target, XenSide, s
         target.close()
 
 
-async def run(g: GuestSession, script: str, timeout: float = 120) -> CommandResult:
-    r = await g.run(script, timeout=timeout)
-    print(f"kvm$ {script}\n{r.output}(rc={r.rc})")
-    return r
-
-
-async def ok(g: GuestSession, script: str) -> str:
-    r = await run(g, script)
-    assert r.rc == 0, f"{script!r} failed (rc={r.rc}):\n{r.output}"
-    return r.output
-
-
-@pytest.fixture
-def run_dir():
-    # unix socket paths are limited to 108 bytes: keep them short
-    d = Path(tempfile.mkdtemp(prefix="vscsi-1c-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+# the guest's commands, printed with their output and exit status
+run = partial(run_shown, prompt="kvm$")
+ok = partial(run_ok, prompt="kvm$")
 
 
 @pytest.mark.booted

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,13 @@ from bridge.target.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from bridge.virtio.scsi_request import InitiatorPort
-from tests.integration.guest import REPO, CommandResult, GuestSession, guest_session
+from tests.integration.guest import (
+    REPO,
+    GuestSession,
+    guest_session,
+    run_ok,
+    run_shown,
+)
 
 NODES = {
     "a": ("iqn.2026-11.org.vscsi-bridge:node-a", 0xAAA1),
@@ -55,14 +60,6 @@ BLOCK_C_BEFORE = 102  # C writes here while still registered
 BLOCK_B = 103
 WERO = 5  # SPC-4 table 212: Write Exclusive - Registrants Only
 GUEST_MEM = "256M"
-
-
-@pytest.fixture
-def run_dir():
-    # unix socket paths are limited to 108 bytes: keep them short
-    d = Path(tempfile.mkdtemp(prefix="vscsi-pr-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @asynccontextmanager
@@ -106,16 +103,9 @@ async def guests(run_dir: Path, nodes: list[str]) -> AsyncIterator[dict[str, Gue
             stop.set()
 
 
-async def run(g: GuestSession, script: str, timeout: float = 90) -> CommandResult:
-    r = await g.run(script, timeout=timeout)
-    print(f"$ {script}\n{r.output}(rc={r.rc})")
-    return r
-
-
-async def ok(g: GuestSession, script: str) -> str:
-    r = await run(g, script)
-    assert r.rc == 0, f"{script!r} failed (rc={r.rc}):\n{r.output}"
-    return r.output
+# the guest's commands, printed with their output and exit status
+run = partial(run_shown, timeout=90)
+ok = partial(run_ok, timeout=90)
 
 
 def keys_in(out: str) -> list[int]:

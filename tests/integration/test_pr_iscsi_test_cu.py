@@ -12,8 +12,6 @@ two-initiator checks are covered by test_pr_guests.py (three guests, three nexus
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,13 +110,6 @@ def test_parse_cunit_outcomes() -> None:
                          "ProutReserve.AccessWE": "failed"}
     assert ISCSI_ONLY in r.skip_reasons["ProutReserve.AccessEA"]
     assert (r.summary_tests, r.summary_failed, r.asserts, r.rcs) == (3, 1, 9, {"ProutReserve": 1})
-
-
-@pytest.fixture
-def run_dir():
-    d = Path(tempfile.mkdtemp(prefix="vscsi-cu-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.booted

@@ -13,8 +13,6 @@ import os
 import shutil
 import socket as stdsocket
 import struct
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +26,6 @@ from tests.integration.dummy_pci import DEVICE_ID, VENDOR_ID, DummyPci
 QEMU = os.environ.get("VSCSI_QEMU",
                       "/root/.cache/vscsi-bridge/bin/qemu-system-x86_64")
 log = logging.getLogger(__name__)
-
-
-@pytest.fixture
-def tmp_path() -> Iterator[Path]:
-    """A short directory: unix socket paths are limited to 108 bytes."""
-    d = Path(tempfile.mkdtemp(prefix="vfu-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _require_qemu() -> None:
@@ -107,9 +97,9 @@ def _boot_sector() -> bytes:
     return code.ljust(510, b"\0") + b"\x55\xaa"
 
 
-async def _run_qemu_once(tmp_path: Path, vfu_sock: str, run: int, during=None) -> list:
-    qmp_path = str(tmp_path / f"qmp{run}.sock")
-    boot = tmp_path / "boot.img"
+async def _run_qemu_once(run_dir: Path, vfu_sock: str, run: int, during=None) -> list:
+    qmp_path = str(run_dir / f"qmp{run}.sock")
+    boot = run_dir / "boot.img"
     boot.write_bytes(_boot_sector())
     args = [
         QEMU, "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none",
@@ -120,7 +110,7 @@ async def _run_qemu_once(tmp_path: Path, vfu_sock: str, run: int, during=None) -
         "-drive", f"file={boot},format=raw,if=ide",
         "-qmp", f"unix:{qmp_path},server=on,wait=off", "-S",
     ]
-    stderr_path = tmp_path / f"qemu{run}.err"
+    stderr_path = run_dir / f"qemu{run}.err"
     with open(stderr_path, "wb") as err:
         proc = await trio.lowlevel.open_process(args, stdin=None, stdout=err, stderr=err)
         try:
@@ -145,18 +135,18 @@ async def _run_qemu_once(tmp_path: Path, vfu_sock: str, run: int, during=None) -
     return devices
 
 
-async def test_qemu_vfio_user_pci_sees_the_device_and_maps_guest_ram(tmp_path: Path) -> None:
+async def test_qemu_vfio_user_pci_sees_the_device_and_maps_guest_ram(run_dir: Path) -> None:
     _require_qemu()
     device = DummyPci()
     seen: list[p.Message | p.OversizedMessage] = []
-    vfu_sock = str(tmp_path / "vfu.sock")
+    vfu_sock = str(run_dir / "vfu.sock")
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: serve(vfu_sock, device, trace=seen.append,
                                                       task_status=task_status))
         for run in (1, 2):  # the second run is a QEMU restart against the same server
             seen.clear()
             before = len(device.events)
-            devices = await _run_qemu_once(tmp_path, vfu_sock, run,
+            devices = await _run_qemu_once(run_dir, vfu_sock, run,
                                            lambda qmp: _check_dma(qmp, device))
             ours = [d for d in devices if d["id"]["vendor"] == VENDOR_ID]
             assert len(ours) == 1, devices
