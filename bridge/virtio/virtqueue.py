@@ -38,7 +38,7 @@ _DESC = struct.Struct("<QIHH")  # addr, len, flags, next (virtio 1.2 2.7.5)
 # the guest could see used->idx go 0x0100 -> 0x0000 -> 0x0101 and take stale
 # entries as completions ("request:id N is not a head!"). Item assignment on a
 # memoryview cast to "H" is one aligned 2-byte memcpy, i.e. one mov (checked from
-# another process in tests/unit/virtio/test_shared_index_stores.py). virtio is
+# another process in tests/unit/test_shared_index_stores.py). virtio is
 # little-endian, as are the hosts we run on (asserted below).
 assert sys.byteorder == "little", "virtqueue indexes are accessed in native byte order"
 _USED_ELEM = struct.Struct("<II")  # id, len (virtio 1.2 2.7.8)
