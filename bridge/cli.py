@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from bridge.config import BridgeConfig, ConfigError, demo_config, load_config
-from bridge.target.reservations_state import ReservationStateError
+from bridge.scsi.reservations_state import ReservationStateError
 
 log = logging.getLogger("bridge")
 
@@ -45,7 +45,7 @@ def _describe(config: BridgeConfig) -> str:
 
 async def serve(config: BridgeConfig, ready_file: str | None = None) -> None:
     """Run the target core and every configured transport until SIGINT/SIGTERM."""
-    from bridge.target.target import Target
+    from bridge.scsi.target import Target
     from bridge.vfio_user.server import serve as serve_vfio_user
     from bridge.virtio.scsi_device import VirtioScsiPciDevice
     from bridge.virtio.scsi_request import InitiatorPort

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.target.identity import parse_wwn
-from bridge.target.logical_unit import LogicalUnitSpec
+from bridge.scsi.identity import parse_wwn
+from bridge.scsi.logical_unit import LogicalUnitSpec
 
 IQN_PREFIX = "iqn.2026-11.org.vscsi-bridge"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from bridge.target.events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
 from bridge.vfio_user.device import PCI_MSIX_IRQ_INDEX, DmaSpace, IrqInfo, RegionInfo
 from bridge.virtio.iov import iov_from_bytes, iov_len, iov_split, iov_to_bytes
 from bridge.virtio.pci import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioPciTransport

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import trio
 
-from bridge.target.events import LunAdded, LunRemoved
+from bridge.scsi.events import LunAdded, LunRemoved
 from bridge.virtio.scsi_request import (
     InitiatorPort,
     ScsiRequest,

@@ -44,8 +44,8 @@ async def attach(args: argparse.Namespace) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from bridge.target.logical_unit import LogicalUnitSpec
-    from bridge.target.target import Target
+    from bridge.scsi.logical_unit import LogicalUnitSpec
+    from bridge.scsi.target import Target
     from bridge.xen.devices import initiator_name
     from bridge.xen.runner import XenConfig, XenDomainConfig, run_xen_backend
 

@@ -43,8 +43,8 @@ echo "NESTED read back: $(dd if=/dev/sda bs=512 count=1 skip=100 iflag=direct 2>
 BRIDGE = r"""
 import sys, trio
 sys.path.insert(0, "/vscsi/src")
-from bridge.target.logical_unit import LogicalUnitSpec
-from bridge.target.target import Target
+from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from bridge.virtio.scsi_request import InitiatorPort

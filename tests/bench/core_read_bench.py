@@ -3,7 +3,7 @@
 Prints requests/s and CPU microseconds per request (time.process_time, all threads) for
 reads served inline with RWF_NOWAIT versus reads sent to a worker thread; and for 4 KiB
 WRITE(10)s: inline RWF_NOWAIT (where the kernel supports it), inline timed pwritev, and
-worker thread, which is how the write path choice in bridge/target/backing.py was made.
+worker thread, which is how the write path choice in bridge/scsi/backing.py was made.
 
 --cold: 4 KiB READ(10)s that miss the page cache (a 256 MiB image evicted with
 posix_fadvise(DONTNEED) before each pass, reads spread over all of it), read after the
@@ -28,9 +28,9 @@ import time
 
 import trio
 
-from bridge.target import aio
-from bridge.target.logical_unit import LogicalUnitSpec
-from bridge.target.target import Target
+from bridge.scsi import aio
+from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.target import Target
 from bridge.virtio.scsi_request import InitiatorPort, ScsiRequest, lun_to_virtio
 
 IMAGE_SIZE = 64 << 20

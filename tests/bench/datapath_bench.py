@@ -35,8 +35,8 @@ import trio.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from bridge.target.logical_unit import LogicalUnitSpec  # noqa: E402
-from bridge.target.target import Target  # noqa: E402
+from bridge.scsi.logical_unit import LogicalUnitSpec  # noqa: E402
+from bridge.scsi.target import Target  # noqa: E402
 from bridge.virtio.scsi_device import VirtioScsiPciDevice  # noqa: E402
 from bridge.virtio.scsi_request import InitiatorPort, ScsiRequest, lun_to_virtio  # noqa: E402
 from bridge.virtio.virtqueue import vring_need_event  # noqa: E402

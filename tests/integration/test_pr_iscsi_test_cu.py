@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from bridge.target.logical_unit import LogicalUnitSpec
-from bridge.target.target import Target
+from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from bridge.virtio.scsi_request import InitiatorPort

@@ -70,9 +70,9 @@ import time
 sys.path.insert(0, "/vscsi/src")
 import trio
 
-from bridge.target.logical_unit import LogicalUnitSpec
-from bridge.target.reservations import pr_in_cdb, pr_out_cdb
-from bridge.target.target import Target
+from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.reservations import pr_in_cdb, pr_out_cdb
+from bridge.scsi.target import Target
 from bridge.virtio.scsi_request import InitiatorPort, ScsiRequest, TmfSubtype, lun_to_virtio
 from bridge.xen.runner import XenConfig, XenDomainConfig, run_xen_backend
 from bridge.xen.toolstack import attach

@@ -198,7 +198,7 @@ async def test_hostile_control_and_event_chains(nursery):
     assert g.drv.status() & STATUS_NEEDS_RESET
     assert not g.target.tmfs
     # an event buffer too small is returned empty, the next good one gets the event
-    from bridge.target.events import LunAdded
+    from bridge.scsi.events import LunAdded
 
     small = g.dma.alloc(4)
     good = g.dma.alloc(16)

@@ -7,7 +7,7 @@ import struct
 import pytest
 import trio
 
-from bridge.target.events import CapacityChanged, LunAdded, LunRemoved
+from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from bridge.virtio.scsi_request import InitiatorPort, TmfSubtype, VirtioScsiResponse, lun_to_virtio
 from bridge.virtio.scsi_wire import (

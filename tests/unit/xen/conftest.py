@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from bridge.target.logical_unit import LogicalUnitSpec
-from bridge.target.target import Target
+from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.target import Target
 from bridge.xen.backend import BackendConfig, VscsiBackend
 from bridge.xen.sim_platform import SimXen
 from bridge.xen.sim_xenstored import SimXenstored

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bridge.target.reservations import (
+from bridge.scsi.reservations import (
     PersistentReservations,
     ReservationConflict,
     pr_in_cdb,
     pr_out_cdb,
 )
-from bridge.target.reservations_codec import encode_iscsi_transport_id
-from bridge.target.sense import SenseError
+from bridge.scsi.reservations_codec import encode_iscsi_transport_id
+from bridge.scsi.sense import SenseError
 from bridge.virtio.scsi_request import InitiatorPort
 
 A = InitiatorPort("iqn.2026-11.org.test:node-a")

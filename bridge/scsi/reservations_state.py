@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.target.reservations_table import ReservationType
+from bridge.scsi.reservations_table import ReservationType
 
 STATE_FORMAT_VERSION = 1
 _MAX_KEY = (1 << 64) - 1

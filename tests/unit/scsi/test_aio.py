@@ -1,4 +1,4 @@
-"""Linux native AIO on O_DIRECT (bridge/target/aio.py) and the backing's direct-read path.
+"""Linux native AIO on O_DIRECT (bridge/scsi/aio.py) and the backing's direct-read path.
 
 Real io_submit/io_getevents on a file of a real filesystem: tmp_path may be tmpfs, so
 the files live under /var/tmp (or $VSCSI_AIO_TEST_DIR), checked to accept O_DIRECT; if no
@@ -17,8 +17,8 @@ import pytest
 import trio
 import trio.testing
 
-from bridge.target import aio
-from bridge.target.backing import Backing
+from bridge.scsi import aio
+from bridge.scsi.backing import Backing
 
 SIZE = 1 << 20
 
@@ -394,7 +394,7 @@ async def test_o_direct_refused_means_thread_reads(direct_dir, monkeypatch, capl
     """As on tmpfs before Linux 6.6: open(O_DIRECT) answers EINVAL."""
     path, data = make_image(direct_dir, "nodirect")
     _refusing_open(monkeypatch, lambda name, flags: errno.EINVAL if flags & os.O_DIRECT else 0)
-    caplog.set_level("INFO", logger="bridge.target.backing")
+    caplog.set_level("INFO", logger="bridge.scsi.backing")
     b = Backing(path)
     monkeypatch.undo()
     try:

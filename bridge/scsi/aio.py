@@ -254,7 +254,7 @@ def current_context() -> AioContext | None:
                 _warned = True
     _CONTEXT.set(ctx)
     if ctx is not None:
-        trio.lowlevel.spawn_system_task(ctx.reap, name="bridge.target.aio reaper")
+        trio.lowlevel.spawn_system_task(ctx.reap, name="bridge.scsi.aio reaper")
     return ctx
 
 

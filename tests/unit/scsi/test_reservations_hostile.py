@@ -7,8 +7,8 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.target.reservations import ReservationType, conflict_table_rows
-from bridge.target.reservations_table import SPC2_ALLOWED_FROM_OTHERS, command_key
+from bridge.scsi.reservations import ReservationType, conflict_table_rows
+from bridge.scsi.reservations_table import SPC2_ALLOWED_FROM_OTHERS, command_key
 
 from .test_reservations_helpers import KEY_A, KEY_B, A, B, ReservationConflict, SenseError, make
 

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from bridge.target.reservations import ReservationType, pr_in_cdb
-from bridge.target.reservations_codec import parse_iscsi_transport_id
+from bridge.scsi.reservations import ReservationType, pr_in_cdb
+from bridge.scsi.reservations_codec import parse_iscsi_transport_id
 
 from .test_reservations_helpers import (
     KEY_A,

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from bridge.target import backing as backing_mod
-from bridge.target.backing import Backing, create_sparse_image
-from bridge.target.identity import parse_wwn
+from bridge.scsi import backing as backing_mod
+from bridge.scsi.backing import Backing, create_sparse_image
+from bridge.scsi.identity import parse_wwn
 
 
 @pytest.fixture

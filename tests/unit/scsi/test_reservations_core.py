@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from bridge.target.logical_unit import LogicalUnitSpec
-from bridge.target.target import Target
+from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.target import Target
 from bridge.virtio.scsi_request import ScsiStatus
 
 from .helpers import assert_check, assert_good, read10, run, write10

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from bridge.target.sense import SenseKey
+from bridge.scsi.sense import SenseKey
 from bridge.virtio.scsi_request import ScsiStatus, VirtioScsiResponse
 
 from .helpers import (

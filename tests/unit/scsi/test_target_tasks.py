@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from bridge.target.events import CapacityChanged, LunAdded, LunRemoved
-from bridge.target.sense import SenseKey
+from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved
+from bridge.scsi.sense import SenseKey
 from bridge.virtio.scsi_request import (
     InitiatorPort,
     ScsiRequest,
@@ -278,8 +278,8 @@ async def test_nexus_loss(target):
 
 
 def test_constructor_errors(tmp_path):
-    from bridge.target.logical_unit import LogicalUnitSpec
-    from bridge.target.target import Target
+    from bridge.scsi.logical_unit import LogicalUnitSpec
+    from bridge.scsi.target import Target
 
     spec = LogicalUnitSpec(name="d", path=str(tmp_path / "d.img"), size=MiB)
     with pytest.raises(ValueError, match="no logical unit named"):
@@ -301,8 +301,8 @@ def test_constructor_errors(tmp_path):
 async def test_configured_identity_and_sidecar(tmp_path):
     import json
 
-    from bridge.target.logical_unit import LogicalUnitSpec
-    from bridge.target.target import Target
+    from bridge.scsi.logical_unit import LogicalUnitSpec
+    from bridge.scsi.target import Target
 
     spec = LogicalUnitSpec(name="d", path=str(tmp_path / "d.img"), size=MiB,
                            wwn="naa.6001405abcdef012", serial="SN-0001")

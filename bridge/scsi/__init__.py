@@ -1,8 +1,8 @@
 """SCSI target core: logical units, commands, sense, unit attentions, task set, reservations.
 
 Entry points (import them from their modules; this package imports nothing itself):
-- ``bridge.target.logical_unit.LogicalUnitSpec``: one LU as configured.
-- ``bridge.target.target.Target``: ``execute(ScsiRequest)``, ``task_management(TmfRequest)``,
+- ``bridge.scsi.logical_unit.LogicalUnitSpec``: one LU as configured.
+- ``bridge.scsi.target.Target``: ``execute(ScsiRequest)``, ``task_management(TmfRequest)``,
   ``luns_for``, ``subscribe``, ``map_lun``, ``unmap_lun``, ``add_logical_unit``, ``resize``,
   ``nexus_loss``, ``close``.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.target.reservations import ReservationType, pr_in_cdb, pr_out_cdb
+from bridge.scsi.reservations import ReservationType, pr_in_cdb, pr_out_cdb
 
 from .test_reservations_helpers import (
     KEY_A,

@@ -32,7 +32,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.target.reservations_codec import (
+from bridge.scsi.reservations_codec import (
     PERSISTENT_RESERVE_IN,
     PERSISTENT_RESERVE_OUT,
     TYPE_MASK_BITS,
@@ -52,7 +52,7 @@ from bridge.target.reservations_codec import (
     parse_register_and_move_parameters,
     pr_in_allocation_length,
 )
-from bridge.target.reservations_state import (
+from bridge.scsi.reservations_state import (
     PrState,
     Registration,
     Reservation,
@@ -62,7 +62,7 @@ from bridge.target.reservations_state import (
     save_state,
     temp_path,
 )
-from bridge.target.reservations_table import (
+from bridge.scsi.reservations_table import (
     SPC2_ALLOWED_FROM_OTHERS,
     ConflictRow,
     ReservationType,
@@ -70,7 +70,7 @@ from bridge.target.reservations_table import (
     conflict_row,
     conflict_table_rows,
 )
-from bridge.target.sense import (
+from bridge.scsi.sense import (
     SenseError,
     SenseKey,
     invalid_field_in_cdb,

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from bridge.target import reservations_state
-from bridge.target.reservations import ReservationStateError, ReservationType
+from bridge.scsi import reservations_state
+from bridge.scsi.reservations import ReservationStateError, ReservationType
 
 from .test_reservations_helpers import (
     KEY_A,
@@ -245,8 +245,8 @@ _CHILD_CODE = textwrap.dedent(
     """
     import json, struct, sys
     sys.path.insert(0, sys.argv[1])
-    from bridge.target.reservations import PersistentReservations, pr_out_cdb, ReservationConflict
-    from bridge.target.sense import SenseError
+    from bridge.scsi.reservations import PersistentReservations, pr_out_cdb, ReservationConflict
+    from bridge.scsi.sense import SenseError
     from bridge.virtio.scsi_request import InitiatorPort
     path, steps = sys.argv[2], json.loads(sys.argv[3])
     pr = PersistentReservations("disk0", path, lambda *a: None)

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from bridge.target import backing as backing_mod
+from bridge.scsi import backing as backing_mod
 
 from .helpers import assert_good, make_target, run, write10, write16
 

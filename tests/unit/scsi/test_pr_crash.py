@@ -33,8 +33,8 @@ from typing import Any
 
 import trio
 
-from bridge.target.reservations import PersistentReservations, ReservationConflict, pr_out_cdb
-from bridge.target.sense import SenseError
+from bridge.scsi.reservations import PersistentReservations, ReservationConflict, pr_out_cdb
+from bridge.scsi.sense import SenseError
 from bridge.virtio.scsi_request import InitiatorPort
 
 REPO = Path(__file__).resolve().parents[3]
@@ -91,8 +91,8 @@ def parameters(status: dict[str, Any], step: tuple[int, int, int], salt: int) ->
 
 
 async def _child_main(image: str, seed: int, start: int) -> None:
-    from bridge.target.logical_unit import LogicalUnitSpec
-    from bridge.target.target import Target
+    from bridge.scsi.logical_unit import LogicalUnitSpec
+    from bridge.scsi.target import Target
     from bridge.virtio.scsi_request import ScsiRequest, lun_to_virtio
 
     target = Target([LogicalUnitSpec(name="lu0", path=image, size=1 << 20)],
@@ -165,7 +165,7 @@ class Model:
 
 
 def _start(image: Path, seed: int, start: int) -> subprocess.Popen[bytes]:
-    code = "from tests.unit.target.test_pr_crash import child; child()"
+    code = "from tests.unit.scsi.test_pr_crash import child; child()"
     return subprocess.Popen([sys.executable, "-c", code, str(image), str(seed), str(start)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             bufsize=0)  # unbuffered: readline() must not take ACK lines from communicate()

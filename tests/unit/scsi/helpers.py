@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from bridge.target.logical_unit import LogicalUnitSpec
-from bridge.target.target import Target
+from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.target import Target
 from bridge.virtio.scsi_request import (
     InitiatorPort,
     ScsiRequest,
