@@ -45,10 +45,10 @@ def _describe(config: BridgeConfig) -> str:
 
 async def serve(config: BridgeConfig, ready_file: str | None = None) -> None:
     """Run the target core and every configured transport until SIGINT/SIGTERM."""
+    from bridge.scsi.request import InitiatorPort
     from bridge.scsi.target import Target
     from bridge.vfio_user.server import serve as serve_vfio_user
     from bridge.virtio.scsi_device import VirtioScsiPciDevice
-    from bridge.virtio.scsi_request import InitiatorPort
 
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
     target = Target(config.lus, config.lun_maps())

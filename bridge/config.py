@@ -14,6 +14,7 @@ from typing import Any
 
 from bridge.scsi.identity import parse_wwn
 from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.request import MAX_LUN
 
 IQN_PREFIX = "iqn.2026-11.org.vscsi-bridge"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -21,7 +22,6 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 <
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # SPC-4 7.6.4.6: iSCSI names are at most 223 bytes; iqn./eui./naa. forms (RFC 3720 3.2.6.3).
 _ISCSI_NAME_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[!-~]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
-MAX_LUN = 16383  # virtio-scsi max_lun; flat space addressing (SAM-5 4.7.7)
 
 
 class ConfigError(Exception):

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bridge.virtio.scsi_request import ScsiRequest
+from bridge.scsi.request import ScsiRequest
 
 from .buffers import gather, prefix, scatter
 from .cdb import cdb_length

@@ -32,6 +32,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bridge.scsi.request import InitiatorPort
 from bridge.scsi.reservations_codec import (
     PERSISTENT_RESERVE_IN,
     PERSISTENT_RESERVE_OUT,
@@ -77,7 +78,6 @@ from bridge.scsi.sense import (
     invalid_field_in_parameter_list,
     invalid_opcode,
 )
-from bridge.virtio.scsi_request import InitiatorPort
 
 __all__ = [
     "ConflictRow",

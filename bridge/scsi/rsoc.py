@@ -8,6 +8,7 @@ import struct
 from .cdb import u16, u32
 from .command import COMMANDS, SERVICE_ACTION_OPCODES, Command, CommandInfo, command
 from .sense import invalid_field_in_cdb
+from .task_management import supported_tmf_flags
 
 # SPC-4 6.35.4 command timeouts descriptor: nominal and recommended timeouts (seconds).
 NOMINAL_TIMEOUT = 0  # not specified
@@ -66,18 +67,12 @@ async def report_supported_operation_codes(cmd: Command) -> None:
     raise invalid_field_in_cdb(2, 2)
 
 
-# SPC-4 6.36 byte 0: ATS ATSS CACAS CTSS LURS QTS TRS WAKES; byte 1: QUAS QTSS ITNRS.
-TMF_SUPPORT_0 = 0x80 | 0x40 | 0x10 | 0x08 | 0x04  # ABORT TASK (SET), CLEAR TASK SET, LUR, QT
-TMF_SUPPORT_1 = 0x02 | 0x01  # QUERY TASK SET, I_T NEXUS RESET
-
-
 @command(0xA3, 0x0D, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
          "a3 1f 80 00 00 00 ff ff ff ff 00 00")
 async def report_supported_tmfs(cmd: Command) -> None:
     repd = bool(cmd.cdb[2] & 0x80)
     alloc = u32(cmd.cdb, 6)
-    if repd:
-        data = bytes((TMF_SUPPORT_0, TMF_SUPPORT_1, 0, 0x0C)) + bytes(12)
-    else:
-        data = bytes((TMF_SUPPORT_0, TMF_SUPPORT_1, 0, 0))
+    # SPC-4 6.38: the flags come from the table the TMFs are dispatched through.
+    flags = supported_tmf_flags()
+    data = flags + (bytes((0, 0x0C)) + bytes(12) if repd else bytes(2))
     cmd.send(data, alloc)

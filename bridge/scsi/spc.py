@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from bridge.virtio.scsi_request import REPORT_LUNS_WLUN_ADDR
+from bridge.scsi.request import REPORT_LUNS_WLUN
 
 from .cdb import lu_not_supported, u16, u32
 from .command import Command, command
@@ -26,7 +26,7 @@ REVISION = b"0001"
          medium=True)
 async def test_unit_ready(cmd: Command) -> None:
     """SPC-4 6.37: GOOD, or NOT READY while stopped by START STOP UNIT (checked in dispatch)."""
-    if cmd.lu is None and cmd.lun != REPORT_LUNS_WLUN_ADDR:
+    if cmd.lu is None and cmd.lun != REPORT_LUNS_WLUN:
         raise lu_not_supported()
 
 
@@ -34,7 +34,7 @@ def standard_inquiry(cmd: Command) -> bytes:
     """SPC-4 6.6.2 standard INQUIRY data, 96 bytes."""
     lu = cmd.lu
     if lu is None:
-        pdt = PDT_WELL_KNOWN_LU if cmd.lun == REPORT_LUNS_WLUN_ADDR else PQ_NOT_CAPABLE | PDT_UNKNOWN
+        pdt = PDT_WELL_KNOWN_LU if cmd.lun == REPORT_LUNS_WLUN else PQ_NOT_CAPABLE | PDT_UNKNOWN
         vendor, product = "VSCSIBRG", "vscsi-bridge"
     else:
         pdt = PDT_DIRECT_ACCESS
@@ -70,7 +70,7 @@ async def inquiry(cmd: Command) -> None:
     if cmd.lu is None:
         if page != 0x00:
             raise invalid_field_in_cdb(2)
-        pdt = PDT_WELL_KNOWN_LU if cmd.lun == REPORT_LUNS_WLUN_ADDR else PQ_NOT_CAPABLE | PDT_UNKNOWN
+        pdt = PDT_WELL_KNOWN_LU if cmd.lun == REPORT_LUNS_WLUN else PQ_NOT_CAPABLE | PDT_UNKNOWN
         cmd.send(bytes((pdt, 0x00, 0x00, 0x01, 0x00)), alloc)
         return
     body = build(cmd.lu, cmd.target)
@@ -86,7 +86,7 @@ async def request_sense(cmd: Command) -> None:
     """
     desc = bool(cmd.cdb[1] & 0x01)
     if cmd.lu is None:
-        if cmd.lun == REPORT_LUNS_WLUN_ADDR:
+        if cmd.lun == REPORT_LUNS_WLUN:
             sense = SenseData(SenseKey.NO_SENSE, 0, 0)
         else:
             sense = lu_not_supported().sense
@@ -98,7 +98,7 @@ async def request_sense(cmd: Command) -> None:
 
 def encode_lun(lun: int) -> bytes:
     """SAM-5 4.7: single-level LUN, peripheral device addressing below 256, flat above."""
-    if lun == REPORT_LUNS_WLUN_ADDR:
+    if lun == REPORT_LUNS_WLUN:
         return bytes((0xC1, 0x01)) + bytes(6)
     if lun < 256:
         return bytes((0x00, lun)) + bytes(6)
@@ -120,7 +120,7 @@ async def report_luns(cmd: Command) -> None:
     if select in (0, 2):
         luns.extend(cmd.target.luns_for(cmd.initiator))
     if select in (1, 2):
-        luns.append(REPORT_LUNS_WLUN_ADDR)
+        luns.append(REPORT_LUNS_WLUN)
     body = b"".join(encode_lun(n) for n in luns)
     cmd.send(struct.pack(">II", len(body), 0) + body, alloc)
     # SPC-4 6.33: clears REPORTED LUNS DATA HAS CHANGED on every LU of this I_T nexus.

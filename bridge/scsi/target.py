@@ -24,19 +24,6 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bridge.virtio.scsi_request import (
-    REPORT_LUNS_WLUN,
-    REPORT_LUNS_WLUN_ADDR,
-    ScsiRequest,
-    ScsiResponse,
-    ScsiStatus,
-    TmfRequest,
-    TmfResponse,
-    TmfSubtype,
-    VirtioScsiResponse,
-    lun_from_virtio,
-)
-
 # Handler modules register their rows in the dispatch table on import.
 from . import mode, pr, rsoc, sbc, sbc_provisioning, sbc_verify, spc, unit_state  # noqa: F401
 from .cdb import lu_not_supported
@@ -44,7 +31,19 @@ from .command import Command, CommandInfo, Overrun, check_cdb, lookup
 from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
 from .logical_unit import LogicalUnit, LogicalUnitSpec
 from .pr import ReservationConflictStatus
+from .request import (
+    MAX_LUN,
+    REPORT_LUNS_WLUN,
+    ScsiRequest,
+    ScsiResponse,
+    ScsiStatus,
+    ServiceResponse,
+    TmfRequest,
+    TmfResponse,
+    TmfServiceResponse,
+)
 from .sense import SenseData, SenseError, SenseKey, invalid_opcode
+from .task_management import TASK_MANAGEMENT_FUNCTIONS
 from .task_set import Task, TaskSet
 from .unit_attention import (
     BUS_DEVICE_RESET_OCCURRED,
@@ -56,8 +55,6 @@ from .unit_attention import (
 
 log = logging.getLogger(__name__)
 
-MAX_LUN = 0x3FFF  # flat space addressing (SAM-5 4.7.7), what virtio's LUN field carries
-COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = (0x2F, 0x00)
 INTERNAL_TARGET_FAILURE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
 
 
@@ -225,24 +222,17 @@ class Target:
     def _internal_error(req: ScsiRequest) -> ScsiResponse:
         log.exception("internal error executing CDB %s", bytes(req.cdb[:16]).hex()
                       if isinstance(req.cdb, bytes | bytearray | memoryview) else "?")
-        return ScsiResponse(VirtioScsiResponse.TARGET_FAILURE, ScsiStatus.CHECK_CONDITION,
+        return ScsiResponse(ServiceResponse.TARGET_FAILURE, ScsiStatus.CHECK_CONDITION,
                             INTERNAL_TARGET_FAILURE.encode())
 
     def _submit(self, req: ScsiRequest) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
         in_len = sum(map(len, req.data_in))  # req.data_in_len, without a generator
         out_len = sum(map(len, req.data_out))
         if in_len and out_len:
-            return ScsiResponse(VirtioScsiResponse.FAILURE)
-        lun_field = req.lun if type(req.lun) is bytes else bytes(req.lun)
-        if lun_field == REPORT_LUNS_WLUN:
-            lun = REPORT_LUNS_WLUN_ADDR
-            lu = None
-        else:
-            addr = lun_from_virtio(lun_field)
-            if addr is None or addr[0] != 0:
-                return ScsiResponse(VirtioScsiResponse.BAD_TARGET)
-            lun = addr[1]
-            lu = self._lu_at(req.initiator.name, lun)
+            # The core has no bidirectional commands (virtio: VIRTIO_SCSI_F_INOUT not offered).
+            return ScsiResponse(ServiceResponse.SERVICE_DELIVERY_FAILURE)
+        lun = req.lun
+        lu = None if lun == REPORT_LUNS_WLUN else self._lu_at(req.initiator.name, lun)
         cmd = Command(self, req, bytes(req.cdb), lu, lun, in_len, out_len)
         if lu is None:
             return self._run_without_lu(cmd)
@@ -251,12 +241,12 @@ class Target:
     def _check_condition(self, cmd: Command, sense: SenseData, lu: LogicalUnit | None
                          ) -> ScsiResponse:
         descriptor = lu.mode.d_sense if lu is not None else False
-        return ScsiResponse(VirtioScsiResponse.OK, ScsiStatus.CHECK_CONDITION,
+        return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.CHECK_CONDITION,
                             sense.encode(descriptor), cmd.residual)
 
     async def _run_without_lu(self, cmd: Command) -> ScsiResponse:
         """Unmapped LUN or the REPORT LUNS well-known LUN (see the module docstring)."""
-        wlun = cmd.lun == REPORT_LUNS_WLUN_ADDR
+        wlun = cmd.lun == REPORT_LUNS_WLUN
         try:
             if not wlun and cmd.cdb[:1] not in (b"\x12", b"\xa0", b"\x03"):
                 raise lu_not_supported()
@@ -269,8 +259,8 @@ class Target:
         except SenseError as e:
             return self._check_condition(cmd, e.sense, None)
         except Overrun:
-            return ScsiResponse(VirtioScsiResponse.OVERRUN, residual=cmd.in_len or cmd.out_len)
-        return ScsiResponse(VirtioScsiResponse.OK, status or ScsiStatus.GOOD, b"", cmd.residual)
+            return ScsiResponse(ServiceResponse.DATA_OVERRUN, residual=cmd.in_len or cmd.out_len)
+        return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, status or ScsiStatus.GOOD, b"", cmd.residual)
 
     def _run(self, cmd: Command, lu: LogicalUnit
              ) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
@@ -300,18 +290,18 @@ class Target:
             return self._check_condition(cmd, SenseData(SenseKey.NOT_READY, 0x04, 0x02), lu)
         # SPC-4 5.13: reservation conflicts answer RESERVATION CONFLICT without sense.
         if lu.reservations.conflicts(initiator, cmd.cdb):
-            return ScsiResponse(VirtioScsiResponse.OK, ScsiStatus.RESERVATION_CONFLICT, b"",
+            return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.RESERVATION_CONFLICT, b"",
                                 cmd.residual)
         if info.fast is not None:
             # Completes without yielding, so it cannot be aborted half-way and needs no
             # entry in the task set (nor the cost of a cancel scope).
             try:
                 if info.fast(cmd):
-                    return ScsiResponse(VirtioScsiResponse.OK, ScsiStatus.GOOD, b"", cmd.residual)
+                    return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.GOOD, b"", cmd.residual)
             except SenseError as e:
                 return self._check_condition(cmd, e.sense, lu)
             except Overrun:
-                return ScsiResponse(VirtioScsiResponse.OVERRUN, residual=cmd.in_len or cmd.out_len)
+                return ScsiResponse(ServiceResponse.DATA_OVERRUN, residual=cmd.in_len or cmd.out_len)
             cmd.in_done = cmd.out_done = 0
         return self._run_task(cmd, info, lu)
 
@@ -337,69 +327,37 @@ class Target:
         finally:
             tasks.remove(task)
         if task.aborted:
-            return ScsiResponse(VirtioScsiResponse.ABORTED, residual=cmd.in_len or cmd.out_len)
+            return ScsiResponse(ServiceResponse.TASK_ABORTED, residual=cmd.in_len or cmd.out_len)
         if overrun:
-            return ScsiResponse(VirtioScsiResponse.OVERRUN, residual=cmd.in_len or cmd.out_len)
+            return ScsiResponse(ServiceResponse.DATA_OVERRUN, residual=cmd.in_len or cmd.out_len)
         if sense is not None:
             return self._check_condition(cmd, sense, lu)
-        return ScsiResponse(VirtioScsiResponse.OK, status or ScsiStatus.GOOD, b"", cmd.residual)
+        return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, status or ScsiStatus.GOOD, b"", cmd.residual)
 
     # -- task management -----------------------------------------------------------
 
     async def task_management(self, tmf: TmfRequest) -> TmfResponse:
-        """virtio 1.2 5.6.6.2; never raises."""
+        """SAM-5 7, through the table in task_management.py; never raises."""
         try:
             return TmfResponse(await self._task_management(tmf))
         except Exception:
-            log.exception("internal error in TMF %s", tmf.subtype)
-            return TmfResponse(VirtioScsiResponse.FAILURE)
+            log.exception("internal error in TMF %s", tmf.function)
+            return TmfResponse(TmfServiceResponse.SERVICE_DELIVERY_OR_TARGET_FAILURE)
 
-    async def _task_management(self, tmf: TmfRequest) -> VirtioScsiResponse:
-        ok = VirtioScsiResponse.OK  # FUNCTION COMPLETE
+    async def _task_management(self, tmf: TmfRequest) -> TmfServiceResponse:
         initiator = tmf.initiator.name
-        addr = lun_from_virtio(bytes(tmf.lun))
-        if addr is None or addr[0] != 0:
-            return VirtioScsiResponse.BAD_TARGET
-        lun = addr[1]
-        try:
-            subtype = TmfSubtype(tmf.subtype)
-        except ValueError:
-            return VirtioScsiResponse.FUNCTION_REJECTED
-        log.info("TMF %s from %s on LUN %d tag %#x", subtype.name, initiator, lun, tmf.tag)
-        if subtype is TmfSubtype.I_T_NEXUS_RESET:
+        log.info("TMF %s from %s on LUN %d tag %#x", tmf.function.name, initiator, tmf.lun,
+                 tmf.tag)
+        info = TASK_MANAGEMENT_FUNCTIONS.get(tmf.function)
+        if info is None:
+            return TmfServiceResponse.FUNCTION_REJECTED
+        if info.handler is None:  # I_T NEXUS RESET: every LU of the nexus
             await self._i_t_nexus_reset(initiator)
-            return ok
-        if subtype is TmfSubtype.CLEAR_ACA:
-            return VirtioScsiResponse.FUNCTION_REJECTED  # NACA is never accepted: no ACA
-        lu = self._lu_at(initiator, lun)
+            return TmfServiceResponse.FUNCTION_COMPLETE
+        lu = self._lu_at(initiator, tmf.lun)
         if lu is None:
-            return VirtioScsiResponse.INCORRECT_LUN
-        if subtype is TmfSubtype.ABORT_TASK:
-            t = lu.tasks.find(initiator, lun, tmf.tag)
-            if t is not None:
-                await TaskSet.abort([t])
-            return ok
-        if subtype is TmfSubtype.ABORT_TASK_SET:
-            await TaskSet.abort(lu.tasks.matching(initiator, lun))
-            return ok
-        if subtype is TmfSubtype.CLEAR_TASK_SET:
-            tasks = lu.tasks.matching()
-            await TaskSet.abort(tasks)
-            # SAM-5 7.4 (TAS=0): other initiators learn through COMMANDS CLEARED BY
-            # ANOTHER INITIATOR.
-            for other in {t.initiator for t in tasks} - {initiator}:
-                self.unit_attentions.establish(other, lu.name, COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
-            return ok
-        if subtype is TmfSubtype.LOGICAL_UNIT_RESET:
-            await self.logical_unit_reset(lu)
-            return ok
-        if subtype is TmfSubtype.QUERY_TASK:
-            found = lu.tasks.find(initiator, lun, tmf.tag) is not None
-            return VirtioScsiResponse.FUNCTION_SUCCEEDED if found else ok
-        if subtype is TmfSubtype.QUERY_TASK_SET:
-            found = bool(lu.tasks.matching(initiator, lun))
-            return VirtioScsiResponse.FUNCTION_SUCCEEDED if found else ok
-        return VirtioScsiResponse.FUNCTION_REJECTED
+            return TmfServiceResponse.INCORRECT_LOGICAL_UNIT_NUMBER
+        return await info.handler(self, tmf, lu)
 
     async def logical_unit_reset(self, lu: LogicalUnit) -> None:
         """SAM-5 6.3.3: abort every task, SPC-2 release, back to the power-on state (mode

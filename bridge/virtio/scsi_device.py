@@ -35,22 +35,11 @@ from dataclasses import dataclass, field
 import trio
 
 from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from bridge.scsi.interface import ScsiTarget
+from bridge.scsi.request import MAX_LUN, InitiatorPort, ScsiRequest, ScsiResponse, TmfRequest
 from bridge.vfio_user.device import PCI_MSIX_IRQ_INDEX, DmaSpace, IrqInfo, RegionInfo
 from bridge.virtio.iov import iov_from_bytes, iov_len, iov_split, iov_to_bytes
 from bridge.virtio.pci import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioPciTransport
-from bridge.virtio.scsi_request import (
-    REPORT_LUNS_WLUN,
-    VIRTIO_SCSI_CDB_DEFAULT_SIZE,
-    VIRTIO_SCSI_SENSE_DEFAULT_SIZE,
-    InitiatorPort,
-    ScsiRequest,
-    ScsiResponse,
-    TmfRequest,
-    TmfSubtype,
-    VirtioScsiResponse,
-    command_starter,
-    lun_from_virtio,
-)
 from bridge.virtio.scsi_wire import (
     AN_REQ_SIZE,
     AN_RESP_SIZE,
@@ -58,10 +47,14 @@ from bridge.virtio.scsi_wire import (
     CMD_RESP_FIXED_SIZE,
     EVENT_SIZE,
     TMF_REQ_SIZE,
+    TMF_RESPONSE_CODE,
+    TMF_SUBTYPES,
+    VIRTIO_SCSI_CDB_DEFAULT_SIZE,
     VIRTIO_SCSI_EVT_RESET_REMOVED,
     VIRTIO_SCSI_EVT_RESET_RESCAN,
     VIRTIO_SCSI_F_CHANGE,
     VIRTIO_SCSI_F_HOTPLUG,
+    VIRTIO_SCSI_SENSE_DEFAULT_SIZE,
     VIRTIO_SCSI_T_AN_QUERY,
     VIRTIO_SCSI_T_AN_SUBSCRIBE,
     VIRTIO_SCSI_T_EVENTS_MISSED,
@@ -69,7 +62,9 @@ from bridge.virtio.scsi_wire import (
     VIRTIO_SCSI_T_PARAM_CHANGE,
     VIRTIO_SCSI_T_TMF,
     VIRTIO_SCSI_T_TRANSPORT_RESET,
+    VirtioScsiResponse,
     ctrl_type,
+    decode_lun,
     encode_an_resp,
     encode_cmd_failure,
     encode_cmd_resp,
@@ -98,7 +93,6 @@ _CONFIG = struct.Struct("<IIIIIIIHHI")
 CONFIG_SIZE = _CONFIG.size  # 36
 _SENSE_SIZE_OFF = 20
 _CDB_SIZE_OFF = 24
-MAX_LUN = 16383
 MAX_SENSE_OR_CDB_SIZE = 4096  # bound what a driver may make us gather or write
 
 # SBC-3: CAPACITY DATA HAS CHANGED, reported as PARAM_CHANGE reason asc | ascq << 8
@@ -130,7 +124,7 @@ class VirtioScsiPciDevice:
 
     def __init__(
         self,
-        target,
+        target: ScsiTarget,
         initiator: InitiatorPort,
         num_queues: int = 2,
         queue_size: int = 256,
@@ -175,10 +169,7 @@ class VirtioScsiPciDevice:
         self.requests_per_queue = [0] * self.pci.num_queues
         # ring positions kept across a client disconnect (no reset happened)
         self._positions: dict[int, tuple[int, int]] = {}
-        self._start_command = command_starter(target)
-        subscribe = getattr(target, "subscribe", None)
-        if subscribe is not None:
-            subscribe(self._on_target_event)
+        target.subscribe(self._on_target_event)
 
     # ---- VfioUserDevice ---------------------------------------------
     def regions(self) -> list[RegionInfo]:
@@ -288,12 +279,9 @@ class VirtioScsiPciDevice:
     def _nexus_loss(self, why: str) -> None:
         """SAM-5 6.3.4: the initiator port is gone or was reset; its tasks are over,
         SPC-2 reservations dropped, and it gets a unit attention next time."""
-        loss = getattr(self.target, "nexus_loss", None)
-        if loss is None:
-            return
         log.info("I_T nexus loss for %s: %s", self.initiator.name, why)
         try:
-            loss(self.initiator.name)
+            self.target.nexus_loss(self.initiator.name)
         except Exception:
             log.exception("target nexus_loss failed")
 
@@ -520,21 +508,20 @@ class VirtioScsiPciDevice:
         resp_views, data_in = iov_split(chain.writable, resp_len)
         if iov_len(hdr_views) < hdr_len or iov_len(resp_views) < resp_len:
             return self._reject_command(chain, "request or response header too short", sense_size)
-        if data_out and data_in:
-            # virtio 1.2 5.6.6.1.1: bidirectional needs VIRTIO_SCSI_F_INOUT, not offered
-            iov_from_bytes(resp_views, encode_cmd_failure(VirtioScsiResponse.FAILURE, sense_size))
-            return resp_len
         hdr = parse_cmd_req(iov_to_bytes(hdr_views, hdr_len), cdb_size)
-        if not _lun_addressable(hdr.lun):
+        lun = decode_lun(hdr.lun)
+        if lun is None:
             iov_from_bytes(resp_views, encode_cmd_failure(VirtioScsiResponse.BAD_TARGET, sense_size))
             return resp_len
+        # Both data-out and data-in (bidirectional; VIRTIO_SCSI_F_INOUT is not offered):
+        # the core answers SERVICE_DELIVERY_FAILURE, virtio FAILURE.
         req = ScsiRequest(
-            lun=hdr.lun, tag=hdr.tag, cdb=hdr.cdb, initiator=self.initiator,
+            lun=lun, tag=hdr.tag, cdb=hdr.cdb, initiator=self.initiator,
             task_attr=hdr.task_attr, prio=hdr.prio, crn=hdr.crn,
             data_out=data_out, data_in=data_in,
         )
         data_in_len = iov_len(data_in) if data_in else 0
-        started = self._start_command(req)
+        started = self.target.submit(req)
         if isinstance(started, ScsiResponse):
             return _finish_command(started, resp_views, resp_len, data_in_len, sense_size)
         return _PendingCommand(started, resp_views, resp_len, data_in_len, sense_size)
@@ -568,15 +555,17 @@ class VirtioScsiPciDevice:
         out = chain.writable
         if typ == VIRTIO_SCSI_T_TMF and len(raw) >= TMF_REQ_SIZE and iov_len(out) >= 1:
             tmf = parse_tmf_req(raw)
-            if not _lun_addressable(tmf.lun):
+            lun = decode_lun(tmf.lun)
+            function = TMF_SUBTYPES.get(tmf.subtype)
+            if lun is None:
                 response = VirtioScsiResponse.BAD_TARGET
-            elif tmf.subtype not in TmfSubtype._value2member_map_:
+            elif function is None:
                 response = VirtioScsiResponse.FUNCTION_REJECTED
             else:
                 result = await self.target.task_management(
-                    TmfRequest(TmfSubtype(tmf.subtype), tmf.lun, tmf.tag, self.initiator)
+                    TmfRequest(function, lun, tmf.tag, self.initiator)
                 )
-                response = result.response
+                response = TMF_RESPONSE_CODE[result.response]
             return iov_from_bytes(out, bytes((int(response),)))
         if (
             typ in (VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE)
@@ -586,7 +575,8 @@ class VirtioScsiPciDevice:
             an = parse_an_req(raw)
             # virtio 1.2 5.6.6.2: we support no asynchronous notifications: event_actual 0
             response = (
-                VirtioScsiResponse.OK if _lun_addressable(an.lun) else VirtioScsiResponse.BAD_TARGET
+                VirtioScsiResponse.OK if decode_lun(an.lun) is not None
+                else VirtioScsiResponse.BAD_TARGET
             )
             return iov_from_bytes(out, encode_an_resp(0, response))
         return self._reject_control(chain, f"unknown or short control request (type {typ})")
@@ -701,11 +691,3 @@ class _PendingCommand:
     def finish(self, resp: ScsiResponse) -> int:
         return _finish_command(resp, self.resp_views, self.resp_len, self.data_in_len,
                                self.sense_size)
-
-
-def _lun_addressable(lun: bytes) -> bool:
-    """Target 0 only (max_target 0), single-level LUN or the REPORT LUNS well-known LUN."""
-    if lun == REPORT_LUNS_WLUN:
-        return True
-    parsed = lun_from_virtio(lun)
-    return parsed is not None and parsed[0] == 0

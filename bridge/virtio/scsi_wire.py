@@ -6,11 +6,109 @@ device-readable part; encoding returns bytes to scatter over its writable part.
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from bridge.virtio.scsi_request import ScsiResponse
+from bridge.scsi.request import (
+    MAX_LUN,
+    REPORT_LUNS_WLUN,
+    ScsiResponse,
+    ServiceResponse,
+    TaskManagementFunction,
+    TmfServiceResponse,
+)
+
+# virtio 1.2 5.6.6.1: cdb_size and sense_size defaults after reset.
+VIRTIO_SCSI_CDB_DEFAULT_SIZE = 32
+VIRTIO_SCSI_SENSE_DEFAULT_SIZE = 96
+
+
+class VirtioScsiResponse(enum.IntEnum):
+    """virtio 1.2 5.6.6.1 'response' values of a command (and TMF) response."""
+
+    OK = 0
+    OVERRUN = 1
+    ABORTED = 2
+    BAD_TARGET = 3
+    RESET = 4
+    BUSY = 5
+    TRANSPORT_FAILURE = 6
+    TARGET_FAILURE = 7
+    NEXUS_FAILURE = 8
+    FAILURE = 9
+    FUNCTION_SUCCEEDED = 10
+    FUNCTION_REJECTED = 11
+    INCORRECT_LUN = 12
+
+
+# The core's service responses in virtio's words (as QEMU's virtio-scsi answers them).
+RESPONSE_CODE: dict[ServiceResponse, int] = {
+    ServiceResponse.COMMAND_COMPLETE: VirtioScsiResponse.OK,
+    ServiceResponse.DATA_OVERRUN: VirtioScsiResponse.OVERRUN,
+    ServiceResponse.TASK_ABORTED: VirtioScsiResponse.ABORTED,
+    ServiceResponse.SERVICE_DELIVERY_FAILURE: VirtioScsiResponse.FAILURE,
+    ServiceResponse.TARGET_FAILURE: VirtioScsiResponse.TARGET_FAILURE,
+}
+
+# virtio 1.2 5.6.6.2: TMF subtypes -> SAM-5 task management functions.
+TMF_SUBTYPES: dict[int, TaskManagementFunction] = {
+    0: TaskManagementFunction.ABORT_TASK,
+    1: TaskManagementFunction.ABORT_TASK_SET,
+    2: TaskManagementFunction.CLEAR_ACA,
+    3: TaskManagementFunction.CLEAR_TASK_SET,
+    4: TaskManagementFunction.I_T_NEXUS_RESET,
+    5: TaskManagementFunction.LOGICAL_UNIT_RESET,
+    6: TaskManagementFunction.QUERY_TASK,
+    7: TaskManagementFunction.QUERY_TASK_SET,
+}
+TMF_SUBTYPE_OF = {fn: n for n, fn in TMF_SUBTYPES.items()}
+
+# virtio 1.2 5.6.6.2: FUNCTION COMPLETE is OK; a failure of the target is FAILURE.
+TMF_RESPONSE_CODE: dict[TmfServiceResponse, int] = {
+    TmfServiceResponse.FUNCTION_COMPLETE: VirtioScsiResponse.OK,
+    TmfServiceResponse.FUNCTION_SUCCEEDED: VirtioScsiResponse.FUNCTION_SUCCEEDED,
+    TmfServiceResponse.FUNCTION_REJECTED: VirtioScsiResponse.FUNCTION_REJECTED,
+    TmfServiceResponse.INCORRECT_LOGICAL_UNIT_NUMBER: VirtioScsiResponse.INCORRECT_LUN,
+    TmfServiceResponse.SERVICE_DELIVERY_OR_TARGET_FAILURE: VirtioScsiResponse.FAILURE,
+}
+
+# virtio 1.2 5.6.6.1: the REPORT LUNS well-known logical unit, C1h 01h.
+REPORT_LUNS_WLUN_FIELD = bytes((1, 0, 0xC1, 0x01, 0, 0, 0, 0))
+
+
+def lun_from_virtio(lun: bytes) -> tuple[int, int] | None:
+    """virtio 1.2 5.6.6.1: byte 0 is 1, byte 1 the target, bytes 2-3 a single-level LUN.
+
+    Returns (target, lun) or None when the address is not in that form. The
+    Linux driver always sets the flat-space bits (0x40) in byte 2; peripheral
+    addressing (0x00) is accepted too.
+    """
+    if len(lun) != 8 or lun[0] != 1 or any(lun[4:8]):
+        return None
+    method = lun[2] >> 6
+    if method not in (0, 1):
+        return None
+    return lun[1], ((lun[2] & 0x3F) << 8) | lun[3]
+
+
+def decode_lun(lun: bytes) -> int | None:
+    """The core's LUN for a virtio LUN field, or None (virtio BAD_TARGET): this device
+    has one target (max_target 0) with single-level LUNs and the REPORT LUNS W-LUN."""
+    if lun == REPORT_LUNS_WLUN_FIELD:
+        return REPORT_LUNS_WLUN
+    parsed = lun_from_virtio(lun)
+    if parsed is None or parsed[0] != 0 or parsed[1] > MAX_LUN:
+        return None
+    return parsed[1]
+
+
+def lun_to_virtio(lun: int, target: int = 0) -> bytes:
+    """Encode a LUN the way Linux's virtio_scsi does (flat space addressing, SAM-5 4.7.7)."""
+    if lun == REPORT_LUNS_WLUN:
+        return REPORT_LUNS_WLUN_FIELD
+    return bytes((1, target, 0x40 | (lun >> 8), lun & 0xFF, 0, 0, 0, 0))
 
 # virtio 1.2 5.6.3 feature bits
 VIRTIO_SCSI_F_INOUT = 0
@@ -93,7 +191,7 @@ def encode_cmd_resp_into(buf: memoryview, resp: ScsiResponse, sense_size: int) -
     resid = max(0, min(resp.residual, 0xFFFFFFFF))
     _CMD_RESP.pack_into(
         buf, 0, n, resid, resp.status_qualifier & 0xFFFF, int(resp.status) & 0xFF,
-        int(resp.response) & 0xFF,
+        RESPONSE_CODE[resp.response],
     )
     start = CMD_RESP_FIXED_SIZE
     if n:

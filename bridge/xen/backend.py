@@ -23,21 +23,19 @@ import itertools
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from bridge.scsi.events import LunAdded, LunRemoved
-from bridge.virtio.scsi_request import (
+from bridge.scsi.interface import ScsiTarget
+from bridge.scsi.request import (
     InitiatorPort,
     ScsiRequest,
     ScsiResponse,
+    ServiceResponse,
+    TaskManagementFunction,
     TmfRequest,
-    TmfResponse,
-    TmfSubtype,
-    VirtioScsiResponse,
-    command_starter,
-    lun_to_virtio,
 )
 from bridge.xen import translate, vscsiif
 from bridge.xen.datapath import DataPath, RequestBuffers, make_datapath
@@ -51,12 +49,6 @@ from bridge.xen.xenstore import XenStore
 
 log = logging.getLogger(__name__)
 
-
-class TargetLike(Protocol):
-    async def execute(self, req: ScsiRequest) -> ScsiResponse: ...
-    async def task_management(self, tmf: TmfRequest) -> TmfResponse: ...
-    def luns_for(self, initiator: str) -> list[int]: ...
-    def subscribe(self, callback: Any) -> None: ...
 
 
 @dataclass
@@ -93,7 +85,7 @@ WATCH_INTERVAL = 10.0
 
 
 class VscsiBackend:
-    def __init__(self, xs: XenStore, platform: XenPlatform, target: TargetLike,
+    def __init__(self, xs: XenStore, platform: XenPlatform, target: ScsiTarget,
                  be_path: str, config: BackendConfig | None = None,
                  datapath: DataPath | None = None) -> None:
         self.xs = xs
@@ -111,7 +103,6 @@ class VscsiBackend:
         self._pending: dict[int, str] = {}  # target LUN -> "add" | "remove"
         self._latched_close = False
         self._tags = itertools.count(1)
-        self._start_command = command_starter(target)
         self._watch: Any = None
         self._nursery: trio.Nursery | None = None
         self.stats = {"requests": 0, "errors": 0, "notifies": 0, "connects": 0,
@@ -142,9 +133,7 @@ class VscsiBackend:
                 nursery.cancel_scope.cancel()
         finally:
             self._watch = None
-            unsubscribe = getattr(self.target, "unsubscribe", None)
-            if unsubscribe is not None:
-                unsubscribe(self._on_target_event)
+            self.target.unsubscribe(self._on_target_event)
             with trio.CancelScope(shield=True):
                 await self._disconnect()
             log.info("%s: backend stopped", self.be)
@@ -294,12 +283,10 @@ class VscsiBackend:
         conn.evtchn.close()
         _close_mapping(conn.mapping, f"{self.be} ring")
         # SAM-5 6.3.4: the transport connection is gone, an I_T nexus loss.
-        nexus_loss = getattr(self.target, "nexus_loss", None)
-        if nexus_loss is not None:
-            try:
-                nexus_loss(self.initiator.name)
-            except Exception:
-                log.exception("%s: nexus loss", self.be)
+        try:
+            self.target.nexus_loss(self.initiator.name)
+        except Exception:
+            log.exception("%s: nexus loss", self.be)
 
     # ---- the ring -------------------------------------------------------------
     async def _serve_ring(self, conn: _Connection) -> None:
@@ -433,17 +420,17 @@ class VscsiBackend:
         tag = next(self._tags)
         views = bufs.views if bufs is not None else []
         to_device = req.sc_data_direction == vscsiif.DMA_TO_DEVICE
-        sreq = ScsiRequest(lun=lun_to_virtio(lun), tag=tag, cdb=req.cdb, initiator=self.initiator,
+        sreq = ScsiRequest(lun=lun, tag=tag, cdb=req.cdb, initiator=self.initiator,
                            data_out=list(views) if to_device else [],
                            data_in=[] if to_device else list(views))
         data_len = sum(map(len, views))
         # What the target answers at once (page-cache reads and writes, errors) goes out
         # now, without a task; anything else runs as a task.
         try:
-            started = self._start_command(sreq)
+            started = self.target.submit(sreq)
         except Exception:
             log.exception("%s: target failed on rqid %d", self.be, req.rqid)
-            started = ScsiResponse(response=VirtioScsiResponse.TARGET_FAILURE)
+            started = ScsiResponse(response=ServiceResponse.TARGET_FAILURE)
         if isinstance(started, ScsiResponse):
             self._respond(conn, self._cdb_done(req, sreq, bufs, data_len, started))
             return
@@ -469,7 +456,7 @@ class VscsiBackend:
             result = await pending
         except Exception:
             log.exception("%s: target failed on rqid %d", self.be, req.rqid)
-            result = ScsiResponse(response=VirtioScsiResponse.TARGET_FAILURE)
+            result = ScsiResponse(response=ServiceResponse.TARGET_FAILURE)
         except BaseException:  # cancelled: release the guest's pages all the same
             self._cdb_done(req, sreq, bufs, data_len, None)
             raise
@@ -497,9 +484,9 @@ class VscsiBackend:
             if req.act == vscsiif.VSCSIIF_ACT_SCSI_ABORT:
                 tag = conn.inflight.get(req.ref_rqid)
                 tmf = None if tag is None else TmfRequest(
-                    TmfSubtype.ABORT_TASK, lun_to_virtio(lun), tag, self.initiator)
+                    TaskManagementFunction.ABORT_TASK, lun, tag, self.initiator)
             else:
-                tmf = TmfRequest(TmfSubtype.LOGICAL_UNIT_RESET, lun_to_virtio(lun), 0,
+                tmf = TmfRequest(TaskManagementFunction.LOGICAL_UNIT_RESET, lun, 0,
                                  self.initiator)
             if tmf is None:
                 ok = True  # SAM-5 7.2: no such task, FUNCTION COMPLETE

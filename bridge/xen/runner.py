@@ -15,7 +15,8 @@ from typing import Any
 
 import trio
 
-from bridge.xen.backend import BackendConfig, TargetLike, VscsiBackend
+from bridge.scsi.interface import ScsiTarget
+from bridge.xen.backend import BackendConfig, VscsiBackend
 from bridge.xen.platform import XenPlatform
 from bridge.xen.toolstack import attach, reap_destroyed_domains, reap_once
 from bridge.xen.xenstore import XenStore, connect_xenstored, open_xenstore
@@ -55,7 +56,7 @@ class XenConfig:
 
 
 class XenBackendRunner:
-    def __init__(self, xs: XenStore, target: TargetLike, platform: XenPlatform,
+    def __init__(self, xs: XenStore, target: ScsiTarget, platform: XenPlatform,
                  config: XenConfig) -> None:
         self.xs = xs
         self.target = target
@@ -169,7 +170,7 @@ def xen_config_from(bridge_config: Any) -> XenConfig:
     return XenConfig(domains=domains)
 
 
-async def run_xen_backend(target: TargetLike, platform: XenPlatform | None = None,
+async def run_xen_backend(target: ScsiTarget, platform: XenPlatform | None = None,
                           config: XenConfig | None = None, xs: XenStore | None = None,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve Xen guests' vscsi devices until cancelled.

@@ -1,4 +1,4 @@
-"""vscsiif request <-> virtio-scsi currency: checks and conversions, no I/O.
+"""vscsiif request <-> the core's request types: checks and conversions, no I/O.
 
 Hostile-input rules (each answered with XEN_VSCSIIF_RSLT_HOST_ERROR, as
 xen-scsiback answers DID_ERROR): cmd_len 0 or > VSCSIIF_MAX_COMMAND_SIZE,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.virtio.scsi_request import ScsiResponse, VirtioScsiResponse
+from bridge.scsi.request import ScsiResponse, ServiceResponse, TmfServiceResponse
 from bridge.xen import vscsiif
 from bridge.xen.vscsiif import RsltHost, Segment, VscsiifRequest, VscsiifResponse
 
@@ -64,24 +64,19 @@ def indirect_segments(pages: Sequence[bytes]) -> list[Segment]:
     return segs
 
 
-# virtio 1.2 5.6.6.1 response codes -> XEN_VSCSIIF_RSLT_HOST (as Linux maps them to DID_*).
+# The core's service responses -> XEN_VSCSIIF_RSLT_HOST (the DID_* codes xen-scsiback
+# gives for the same outcomes).
 HOST_FOR_RESPONSE = {
-    VirtioScsiResponse.OK: RsltHost.OK,
-    VirtioScsiResponse.OVERRUN: RsltHost.ERROR,
-    VirtioScsiResponse.ABORTED: RsltHost.ABORT,
-    VirtioScsiResponse.BAD_TARGET: RsltHost.BAD_TARGET,
-    VirtioScsiResponse.RESET: RsltHost.RESET,
-    VirtioScsiResponse.BUSY: RsltHost.BUS_BUSY,
-    VirtioScsiResponse.TRANSPORT_FAILURE: RsltHost.TRANSPORT_DISRUPTED,
-    VirtioScsiResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE,
-    VirtioScsiResponse.NEXUS_FAILURE: RsltHost.NEXUS_FAILURE,
-    VirtioScsiResponse.FAILURE: RsltHost.ERROR,
-    VirtioScsiResponse.INCORRECT_LUN: RsltHost.NO_CONNECT,
+    ServiceResponse.COMMAND_COMPLETE: RsltHost.OK,
+    ServiceResponse.DATA_OVERRUN: RsltHost.ERROR,
+    ServiceResponse.TASK_ABORTED: RsltHost.ABORT,
+    ServiceResponse.SERVICE_DELIVERY_FAILURE: RsltHost.ERROR,
+    ServiceResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE,
 }
 
 
 def response_for(rqid: int, resp: ScsiResponse, data_len: int) -> VscsiifResponse:
-    host = HOST_FOR_RESPONSE.get(resp.response, RsltHost.ERROR)  # type: ignore[call-overload]
+    host = HOST_FOR_RESPONSE[resp.response]
     sense = bytes(resp.sense[: vscsiif.VSCSIIF_SENSE_BUFFERSIZE])
     # Nothing was transferred when the transport failed the command.
     residual = min(max(resp.residual, 0), data_len) if host == RsltHost.OK else data_len
@@ -92,6 +87,7 @@ def error_response(rqid: int, host: RsltHost) -> VscsiifResponse:
     return VscsiifResponse(rqid, vscsiif.rslt(host, 0))
 
 
-def tmf_succeeded(response: int) -> bool:
-    """virtio TMF: OK (FUNCTION COMPLETE) and FUNCTION_SUCCEEDED both mean done."""
-    return response in (VirtioScsiResponse.OK, VirtioScsiResponse.FUNCTION_SUCCEEDED)
+def tmf_succeeded(response: TmfServiceResponse) -> bool:
+    """FUNCTION COMPLETE and FUNCTION SUCCEEDED both mean done (RESET_SUCCESS)."""
+    return response in (TmfServiceResponse.FUNCTION_COMPLETE,
+                        TmfServiceResponse.FUNCTION_SUCCEEDED)

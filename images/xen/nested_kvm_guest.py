@@ -47,7 +47,7 @@ from bridge.scsi.logical_unit import LogicalUnitSpec
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from bridge.virtio.scsi_request import InitiatorPort
+from bridge.scsi.request import InitiatorPort
 NAME = "iqn.2026-11.org.vscsi-bridge:nested"
 SOCKET = sys.argv[1]
 async def main():

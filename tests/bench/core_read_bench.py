@@ -30,8 +30,8 @@ import trio
 
 from bridge.scsi import aio
 from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.request import InitiatorPort, ScsiRequest
 from bridge.scsi.target import Target
-from bridge.virtio.scsi_request import InitiatorPort, ScsiRequest, lun_to_virtio
 
 IMAGE_SIZE = 64 << 20
 COLD_IMAGE_SIZE = 256 << 20
@@ -73,7 +73,7 @@ async def run_mode(target: Target, op: int, seconds: float, concurrency: int,
         nonlocal count, tag
         view = memoryview(mmap.mmap(-1, IO))  # page-aligned, like guest memory
         ini = InitiatorPort(INITIATOR)
-        lun = lun_to_virtio(0)
+        lun = 0
         while time.perf_counter() < deadline:
             lba = rng.randrange(0, max_lba // 8) * 8
             tag += 1
@@ -88,7 +88,7 @@ async def run_mode(target: Target, op: int, seconds: float, concurrency: int,
             count += 1
 
     # warm up + consume the POWER ON unit attention
-    await target.execute(ScsiRequest(lun=lun_to_virtio(0), tag=0, cdb=bytes(6),
+    await target.execute(ScsiRequest(lun=0, tag=0, cdb=bytes(6),
                                      initiator=InitiatorPort(INITIATOR)))
     cpu0, wall0 = time.process_time(), time.perf_counter()
     deadline = wall0 + seconds

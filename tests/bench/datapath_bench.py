@@ -36,9 +36,10 @@ import trio.testing
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from bridge.scsi.logical_unit import LogicalUnitSpec  # noqa: E402
+from bridge.scsi.request import InitiatorPort, ScsiRequest
 from bridge.scsi.target import Target  # noqa: E402
 from bridge.virtio.scsi_device import VirtioScsiPciDevice  # noqa: E402
-from bridge.virtio.scsi_request import InitiatorPort, ScsiRequest, lun_to_virtio  # noqa: E402
+from bridge.virtio.scsi_wire import lun_to_virtio
 from bridge.virtio.virtqueue import vring_need_event  # noqa: E402
 from tests.unit.virtio.fakes import Driver, FakeDma  # noqa: E402
 
@@ -186,7 +187,7 @@ async def main_async(args: argparse.Namespace) -> None:
         target = Target([LogicalUnitSpec(name="bench", path=path)], {INITIATOR.name: {0: "bench"}})
         try:
             # consume the POWER ON unit attention
-            await target.execute(ScsiRequest(lun=lun_to_virtio(0), tag=0, cdb=bytes(6),
+            await target.execute(ScsiRequest(lun=0, tag=0, cdb=bytes(6),
                                              initiator=INITIATOR))
             async with trio.open_nursery() as nursery:
                 dma = FakeDma(size=16 << 20)

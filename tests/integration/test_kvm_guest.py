@@ -18,10 +18,10 @@ import pytest
 import trio
 
 from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from bridge.virtio.scsi_request import InitiatorPort
 from tests.integration.guest import disk_check_script, run_guest
 
 INITIATOR = "iqn.2026-11.org.vscsi-bridge:kvm-guest"
@@ -412,7 +412,7 @@ async def test_hostile_client_beside_a_booted_guest(run_dir: Path) -> None:
     import errno
 
     from bridge.virtio.pci import STATUS_NEEDS_RESET
-    from bridge.virtio.scsi_request import VirtioScsiResponse
+    from bridge.virtio.scsi_wire import VirtioScsiResponse
 
     errors = report["errors"]
     assert all(e in (errno.ENOSYS, errno.EINVAL, errno.ERANGE, errno.EFAULT) for e in errors), errors

@@ -50,10 +50,10 @@ import pytest
 import trio
 
 from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from bridge.virtio.scsi_request import InitiatorPort
 from bridge.xen.runner import XenConfig, XenDomainConfig, run_xen_backend
 from bridge.xen.sim_platform import SimXen
 from bridge.xen.sim_xenstored import SimXenstored

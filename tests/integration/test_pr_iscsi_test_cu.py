@@ -19,10 +19,10 @@ import pytest
 import trio
 
 from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from bridge.virtio.scsi_request import InitiatorPort
 from tests.integration.guest import run_guest
 
 INITIATOR = "iqn.2026-11.org.vscsi-bridge:iscsi-test-cu"

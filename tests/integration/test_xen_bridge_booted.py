@@ -73,7 +73,7 @@ import trio
 from bridge.scsi.logical_unit import LogicalUnitSpec
 from bridge.scsi.reservations import pr_in_cdb, pr_out_cdb
 from bridge.scsi.target import Target
-from bridge.virtio.scsi_request import InitiatorPort, ScsiRequest, TmfSubtype, lun_to_virtio
+from bridge.scsi.request import InitiatorPort, ScsiRequest
 from bridge.xen.runner import XenConfig, XenDomainConfig, run_xen_backend
 from bridge.xen.toolstack import attach
 from bridge.xen.xenstore import connect_xenstored, open_xenstore
@@ -98,7 +98,7 @@ class ObservedTarget(Target):
 
     async def task_management(self, tmf):
         rsp = await super().task_management(tmf)
-        key = f"{{TmfSubtype(tmf.subtype).name}}:{{rsp.response.name}}"
+        key = f"{{tmf.function.name}}:{{rsp.response.name}}"
         self.stats["tmfs"][key] = self.stats["tmfs"].get(key, 0) + 1
         return rsp
 
@@ -115,7 +115,7 @@ async def persistent_reserve(target, words):
         buf = bytearray(1024)
         cdb, bufs = pr_in_cdb(int(words[1]), len(buf)), {{"data_in": [memoryview(buf)]}}
     for attempt in range(8):
-        rsp = await target.execute(ScsiRequest(lun=lun_to_virtio(0), tag=0xF000 + attempt, cdb=cdb,
+        rsp = await target.execute(ScsiRequest(lun=0, tag=0xF000 + attempt, cdb=cdb,
                                                initiator=port, **bufs))
         sense = bytes(rsp.sense)
         key = 0 if len(sense) < 3 else (sense[1] if sense[0] & 0x7F >= 0x72 else sense[2]) & 0xF

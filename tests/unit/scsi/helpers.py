@@ -6,15 +6,14 @@ import struct
 from dataclasses import dataclass
 
 from bridge.scsi.logical_unit import LogicalUnitSpec
-from bridge.scsi.target import Target
-from bridge.virtio.scsi_request import (
+from bridge.scsi.request import (
     InitiatorPort,
     ScsiRequest,
     ScsiResponse,
     ScsiStatus,
-    VirtioScsiResponse,
-    lun_to_virtio,
+    ServiceResponse,
 )
+from bridge.scsi.target import Target
 
 INI_A = "iqn.2026-11.org.test:a"
 INI_B = "iqn.2026-11.org.test:b"
@@ -75,13 +74,13 @@ class Result:
 
 
 async def run(target: Target, cdb: bytes, *, data_in: int = 0, data_out: bytes | None = None,
-              lun: int = 0, initiator: str = INI_A, tag: int = 1, lun_bytes: bytes | None = None,
+              lun: int = 0, initiator: str = INI_A, tag: int = 1,
               clear_ua: bool = True) -> Result:
     if clear_ua:
         await drain_ua(target, lun=lun, initiator=initiator)
     buf = bytearray(data_in)
     req = ScsiRequest(
-        lun=lun_bytes if lun_bytes is not None else lun_to_virtio(lun),
+        lun=lun,
         tag=tag, cdb=cdb, initiator=InitiatorPort(initiator),
         data_in=[memoryview(buf)] if data_in else [],
         data_out=[memoryview(data_out)] if data_out is not None else [],
@@ -96,17 +95,17 @@ async def drain_ua(target: Target, *, lun: int = 0, initiator: str = INI_A) -> N
     for _ in range(20):
         r = await run(target, bytes((0x03, 0, 0, 0, 252, 0)), data_in=252, lun=lun,
                       initiator=initiator, clear_ua=False)
-        if r.resp.response != VirtioScsiResponse.OK or not r.data or (r.data[2] & 0xF) == 0:
+        if r.resp.response != ServiceResponse.COMMAND_COMPLETE or not r.data or (r.data[2] & 0xF) == 0:
             return
 
 
 def assert_good(r: Result) -> None:
-    assert r.resp.response == VirtioScsiResponse.OK, r.resp
+    assert r.resp.response == ServiceResponse.COMMAND_COMPLETE, r.resp
     assert r.status == ScsiStatus.GOOD, (r.resp, r.resp.sense.hex())
 
 
 def assert_check(r: Result, key: int, asc: int, ascq: int = 0) -> None:
-    assert r.resp.response == VirtioScsiResponse.OK, r.resp
+    assert r.resp.response == ServiceResponse.COMMAND_COMPLETE, r.resp
     assert r.status == ScsiStatus.CHECK_CONDITION, r.resp
     assert (r.sense_key, *r.asc_ascq) == (key, asc, ascq), r.resp.sense.hex()
 

@@ -33,9 +33,11 @@ from typing import Any
 
 import trio
 
+from bridge.scsi.request import (
+    InitiatorPort,
+)
 from bridge.scsi.reservations import PersistentReservations, ReservationConflict, pr_out_cdb
 from bridge.scsi.sense import SenseError
-from bridge.virtio.scsi_request import InitiatorPort
 
 REPO = Path(__file__).resolve().parents[3]
 INITIATORS = [f"iqn.2026-11.org.vscsi-bridge:crash-{n}" for n in "abc"]
@@ -92,8 +94,10 @@ def parameters(status: dict[str, Any], step: tuple[int, int, int], salt: int) ->
 
 async def _child_main(image: str, seed: int, start: int) -> None:
     from bridge.scsi.logical_unit import LogicalUnitSpec
+    from bridge.scsi.request import (
+        ScsiRequest,
+    )
     from bridge.scsi.target import Target
-    from bridge.virtio.scsi_request import ScsiRequest, lun_to_virtio
 
     target = Target([LogicalUnitSpec(name="lu0", path=image, size=1 << 20)],
                     {name: {0: "lu0"} for name in INITIATORS})
@@ -104,7 +108,7 @@ async def _child_main(image: str, seed: int, start: int) -> None:
         nonlocal tag
         for _ in range(8):  # an initiator retries after a unit attention (SAM-5 5.14)
             tag += 1
-            req = ScsiRequest(lun=lun_to_virtio(0), tag=tag, cdb=cdb, initiator=InitiatorPort(name),
+            req = ScsiRequest(lun=0, tag=tag, cdb=cdb, initiator=InitiatorPort(name),
                               data_out=[memoryview(data)] if data else [])
             resp = await target.execute(req)
             sense = resp.sense

@@ -5,8 +5,10 @@ from __future__ import annotations
 import struct
 
 from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.request import (
+    ScsiStatus,
+)
 from bridge.scsi.target import Target
-from bridge.virtio.scsi_request import ScsiStatus
 
 from .helpers import assert_check, assert_good, read10, run, write10
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from bridge.scsi.request import (
+    InitiatorPort,
+)
 from bridge.scsi.reservations import (
     PersistentReservations,
     ReservationConflict,
@@ -15,7 +18,6 @@ from bridge.scsi.reservations import (
 )
 from bridge.scsi.reservations_codec import encode_iscsi_transport_id
 from bridge.scsi.sense import SenseError
-from bridge.virtio.scsi_request import InitiatorPort
 
 A = InitiatorPort("iqn.2026-11.org.test:node-a")
 B = InitiatorPort("iqn.2026-11.org.test:node-b")

@@ -247,7 +247,7 @@ _CHILD_CODE = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from bridge.scsi.reservations import PersistentReservations, pr_out_cdb, ReservationConflict
     from bridge.scsi.sense import SenseError
-    from bridge.virtio.scsi_request import InitiatorPort
+    from bridge.scsi.request import InitiatorPort
     path, steps = sys.argv[2], json.loads(sys.argv[3])
     pr = PersistentReservations("disk0", path, lambda *a: None)
     for i, (name, sa, rkey, sakey, rtype) in enumerate(steps):

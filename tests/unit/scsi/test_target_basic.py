@@ -7,15 +7,14 @@ import struct
 
 import pytest
 
-from bridge.scsi.sense import SenseKey
-from bridge.virtio.scsi_request import (
+from bridge.scsi.request import (
     REPORT_LUNS_WLUN,
     InitiatorPort,
     ScsiRequest,
     ScsiStatus,
-    VirtioScsiResponse,
-    lun_to_virtio,
+    ServiceResponse,
 )
+from bridge.scsi.sense import SenseKey
 
 from .helpers import (
     INI_A,
@@ -190,13 +189,13 @@ async def test_read6_zero_length_means_256_blocks(target):
 async def test_scattered_buffers(target):
     payload = os.urandom(3 * 512)
     bufs = [memoryview(payload)[:100], memoryview(payload)[100:1000], memoryview(payload)[1000:]]
-    req = ScsiRequest(lun=lun_to_virtio(0), tag=5, cdb=write10(0, 3),
+    req = ScsiRequest(lun=0, tag=5, cdb=write10(0, 3),
                       initiator=InitiatorPort(INI_A), data_out=bufs)
     await run(target, TUR)
     assert_good_resp = await target.execute(req)
     assert assert_good_resp.status == ScsiStatus.GOOD
     outs = [bytearray(7), bytearray(500), bytearray(3 * 512 - 507 + 100)]
-    req = ScsiRequest(lun=lun_to_virtio(0), tag=6, cdb=read10(0, 3), initiator=InitiatorPort(INI_A),
+    req = ScsiRequest(lun=0, tag=6, cdb=read10(0, 3), initiator=InitiatorPort(INI_A),
                       data_in=[memoryview(b) for b in outs])
     resp = await target.execute(req)
     assert resp.status == ScsiStatus.GOOD and resp.residual == 100
@@ -238,12 +237,12 @@ async def test_fua_dpo_accepted(target):
 
 async def test_short_buffers_are_overrun(target):
     r = await run(target, read10(0, 2), data_in=1000)
-    assert r.resp.response == VirtioScsiResponse.OVERRUN
+    assert r.resp.response == ServiceResponse.DATA_OVERRUN
     r = await run(target, write10(0, 2), data_out=bytes(1000))
-    assert r.resp.response == VirtioScsiResponse.OVERRUN
+    assert r.resp.response == ServiceResponse.DATA_OVERRUN
     # wrong direction only: READ with a data-out buffer
     r = await run(target, read10(0, 1), data_out=bytes(512))
-    assert r.resp.response == VirtioScsiResponse.OVERRUN
+    assert r.resp.response == ServiceResponse.DATA_OVERRUN
 
 
 async def test_longer_buffers_leave_residual(target):
@@ -256,10 +255,10 @@ async def test_longer_buffers_leave_residual(target):
 
 
 async def test_both_directions_is_failure(target):
-    req = ScsiRequest(lun=lun_to_virtio(0), tag=1, cdb=read10(0, 1), initiator=InitiatorPort(INI_A),
+    req = ScsiRequest(lun=0, tag=1, cdb=read10(0, 1), initiator=InitiatorPort(INI_A),
                       data_in=[memoryview(bytearray(512))], data_out=[memoryview(bytes(512))])
     resp = await target.execute(req)
-    assert resp.response == VirtioScsiResponse.FAILURE
+    assert resp.response == ServiceResponse.SERVICE_DELIVERY_FAILURE
 
 
 async def test_zero_length_transfer(target):
@@ -307,7 +306,7 @@ async def test_report_luns_select_report_and_wlun(target):
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
     assert r.field_pointer == (True, 2, None)
     # through the well-known LUN
-    r = await run(target, base, data_in=256, lun_bytes=REPORT_LUNS_WLUN)
+    r = await run(target, base, data_in=256, lun=REPORT_LUNS_WLUN)
     assert_good(r)
     assert struct.unpack(">I", r.data[:4])[0] == 16
 
@@ -339,22 +338,18 @@ async def test_unmapped_lun(target):
 
 
 async def test_wlun_inquiry_and_tur(target):
-    r = await run(target, bytes((0x12, 0, 0, 0, 96, 0)), data_in=96, lun_bytes=REPORT_LUNS_WLUN)
+    r = await run(target, bytes((0x12, 0, 0, 0, 96, 0)), data_in=96, lun=REPORT_LUNS_WLUN)
     assert r.data[0] == 0x1E
-    assert_good(await run(target, TUR, lun_bytes=REPORT_LUNS_WLUN))
-    r = await run(target, read10(0, 1), data_in=512, lun_bytes=REPORT_LUNS_WLUN)
+    assert_good(await run(target, TUR, lun=REPORT_LUNS_WLUN))
+    r = await run(target, read10(0, 1), data_in=512, lun=REPORT_LUNS_WLUN)
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x20)
 
 
-@pytest.mark.parametrize("lun_bytes", [
-    bytes((1, 1, 0x40, 0, 0, 0, 0, 0)),  # target 1
-    bytes((0, 0, 0x40, 0, 0, 0, 0, 0)),  # byte 0 not 1
-    bytes((1, 0, 0x40, 0, 0, 0, 0, 1)),  # second level set
-    b"\x01\x00",  # short
-])
-async def test_bad_target(target, lun_bytes):
-    r = await run(target, TUR, lun_bytes=lun_bytes, clear_ua=False)
-    assert r.resp.response == VirtioScsiResponse.BAD_TARGET
+@pytest.mark.parametrize("lun", [0x4000, 0xFFFF, 2**40])
+async def test_lun_beyond_the_map_is_not_supported(target, lun):
+    """Whatever integer a transport passes, a LUN outside the map is LU NOT SUPPORTED."""
+    r = await run(target, TUR, lun=lun, clear_ua=False)
+    assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x25)
 
 
 async def test_restart_finds_acknowledged_writes(tmp_path):
@@ -379,7 +374,7 @@ async def test_restart_finds_acknowledged_writes(tmp_path):
 
 async def test_request_sense_and_vpd_without_a_logical_unit(target):
     # W-LUN: NO SENSE; unmapped LUN: LOGICAL UNIT NOT SUPPORTED in the data, GOOD status
-    r = await run(target, bytes((0x03, 0, 0, 0, 18, 0)), data_in=18, lun_bytes=REPORT_LUNS_WLUN)
+    r = await run(target, bytes((0x03, 0, 0, 0, 18, 0)), data_in=18, lun=REPORT_LUNS_WLUN)
     assert_good(r)
     assert r.data[2] & 0xF == 0 and r.data[12] == 0
     r = await run(target, bytes((0x03, 1, 0, 0, 18, 0)), data_in=18, lun=7, clear_ua=False)

@@ -7,8 +7,11 @@ import struct
 
 import pytest
 
+from bridge.scsi.request import (
+    ScsiStatus,
+    ServiceResponse,
+)
 from bridge.scsi.sense import SenseKey
-from bridge.virtio.scsi_request import ScsiStatus, VirtioScsiResponse
 
 from .helpers import (
     INI_A,
@@ -111,7 +114,7 @@ async def test_verify(target):
     r = await run(target, verify10(4 * MiB // BS, 1))
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x21)
     r = await run(target, verify10(5, 2, bytchk=1), data_out=data[:100])
-    assert r.resp.response == VirtioScsiResponse.OVERRUN
+    assert r.resp.response == ServiceResponse.DATA_OVERRUN
 
 
 async def test_write_and_verify(target):
@@ -149,7 +152,7 @@ async def test_compare_and_write(target):
     r = await run(target, caw(4 * MiB // BS - 1, 2), data_out=bytes(4 * BS))
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x21)
     r = await run(target, caw(40, 2), data_out=bytes(3 * BS))
-    assert r.resp.response == VirtioScsiResponse.OVERRUN
+    assert r.resp.response == ServiceResponse.DATA_OVERRUN
 
 
 async def test_compare_and_write_read_only(tmp_path):
@@ -206,7 +209,7 @@ async def test_unmap_errors(target):
     r = await run(target, unmap_cdb(len(params)), data_out=params)
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x26)
     r = await run(target, unmap_cdb(24), data_out=bytes(10))
-    assert r.resp.response == VirtioScsiResponse.OVERRUN
+    assert r.resp.response == ServiceResponse.DATA_OVERRUN
 
 
 async def test_write_same(target):
@@ -236,7 +239,7 @@ async def test_write_same_errors(target):
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
     assert r.field_pointer == (True, 1, 4)
     r = await run(target, ws10(0, 1), data_out=bytes(100))
-    assert r.resp.response == VirtioScsiResponse.OVERRUN
+    assert r.resp.response == ServiceResponse.DATA_OVERRUN
 
 
 async def test_write_same_too_long(tmp_path):
@@ -509,7 +512,7 @@ async def test_persistent_reservations_through_the_core(target):
     # the other initiator may read but not write
     assert_good(await run(target, read10(0, 1), data_in=BS, initiator=INI_B))
     r = await run(target, write10(0, 1), data_out=bytes(BS), initiator=INI_B)
-    assert r.resp.response == VirtioScsiResponse.OK
+    assert r.resp.response == ServiceResponse.COMMAND_COMPLETE
     assert r.status == ScsiStatus.RESERVATION_CONFLICT and r.resp.sense == b""
     assert_good(await run(target, write10(0, 1), data_out=bytes(BS)))
 

@@ -10,15 +10,15 @@ import trio
 import trio.testing
 
 from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved
-from bridge.scsi.sense import SenseKey
-from bridge.virtio.scsi_request import (
+from bridge.scsi.request import (
     InitiatorPort,
     ScsiRequest,
+    ServiceResponse,
+    TaskManagementFunction,
     TmfRequest,
-    TmfSubtype,
-    VirtioScsiResponse,
-    lun_to_virtio,
+    TmfServiceResponse,
 )
+from bridge.scsi.sense import SenseKey
 
 from .helpers import (
     INI_A,
@@ -32,7 +32,8 @@ from .helpers import (
     run,
 )
 
-OK = VirtioScsiResponse.OK
+OK = ServiceResponse.COMMAND_COMPLETE
+DONE = TmfServiceResponse.FUNCTION_COMPLETE
 
 
 @pytest.fixture
@@ -67,12 +68,12 @@ def install(target, blocker: BlockingRead) -> None:
 
 
 def req(tag, lun=0, initiator=INI_A):
-    return ScsiRequest(lun=lun_to_virtio(lun), tag=tag, cdb=read10(0, 1),
+    return ScsiRequest(lun=lun, tag=tag, cdb=read10(0, 1),
                        initiator=InitiatorPort(initiator), data_in=[memoryview(bytearray(512))])
 
 
 def tmf(subtype, tag=0, lun=0, initiator=INI_A):
-    return TmfRequest(subtype, lun_to_virtio(lun), tag, InitiatorPort(initiator))
+    return TmfRequest(subtype, lun, tag, InitiatorPort(initiator))
 
 
 async def start_blocked(nursery, target, blocker, events, *reqs):
@@ -94,19 +95,19 @@ async def test_abort_task_completes_command_before_tmf(target, in_thread):
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(7))
         # QUERY TASK sees it in flight
-        assert (await target.task_management(tmf(TmfSubtype.QUERY_TASK, 7))).response == \
-            VirtioScsiResponse.FUNCTION_SUCCEEDED
-        resp = await target.task_management(tmf(TmfSubtype.ABORT_TASK, 7))
+        assert (await target.task_management(tmf(TaskManagementFunction.QUERY_TASK, 7))).response == \
+            TmfServiceResponse.FUNCTION_SUCCEEDED
+        resp = await target.task_management(tmf(TaskManagementFunction.ABORT_TASK, 7))
         events.append(("tmf", resp.response))
-    assert events == [("cmd", INI_A, 7, VirtioScsiResponse.ABORTED), ("tmf", OK)]
+    assert events == [("cmd", INI_A, 7, ServiceResponse.TASK_ABORTED), ("tmf", DONE)]
     if in_thread:
         assert blocker.finished == 1  # the worker's I/O was waited for, not abandoned
-    assert (await target.task_management(tmf(TmfSubtype.QUERY_TASK, 7))).response == OK
+    assert (await target.task_management(tmf(TaskManagementFunction.QUERY_TASK, 7))).response == DONE
     assert len(target.logical_unit("disk0").tasks) == 0
 
 
 async def test_abort_unknown_task_is_function_complete(target):
-    assert (await target.task_management(tmf(TmfSubtype.ABORT_TASK, 99))).response == OK
+    assert (await target.task_management(tmf(TaskManagementFunction.ABORT_TASK, 99))).response == DONE
 
 
 async def test_abort_task_set_only_this_nexus(target):
@@ -117,15 +118,15 @@ async def test_abort_task_set_only_this_nexus(target):
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1), req(2), req(3, initiator=INI_B))
-        assert (await target.task_management(tmf(TmfSubtype.QUERY_TASK_SET))).response == \
-            VirtioScsiResponse.FUNCTION_SUCCEEDED
-        resp = await target.task_management(tmf(TmfSubtype.ABORT_TASK_SET))
+        assert (await target.task_management(tmf(TaskManagementFunction.QUERY_TASK_SET))).response == \
+            TmfServiceResponse.FUNCTION_SUCCEEDED
+        resp = await target.task_management(tmf(TaskManagementFunction.ABORT_TASK_SET))
         events.append(("tmf", resp.response))
         assert sorted(e[2] for e in events if e[0] == "cmd") == [1, 2]
         blocker.release.set()
-    assert events[2] == ("tmf", OK)
+    assert events[2] == ("tmf", DONE)
     assert ("cmd", INI_B, 3, OK) in events
-    assert (await target.task_management(tmf(TmfSubtype.QUERY_TASK_SET))).response == OK
+    assert (await target.task_management(tmf(TaskManagementFunction.QUERY_TASK_SET))).response == DONE
 
 
 async def test_clear_task_set_aborts_all_and_tells_others(target):
@@ -136,9 +137,9 @@ async def test_clear_task_set_aborts_all_and_tells_others(target):
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1), req(2, initiator=INI_B))
-        resp = await target.task_management(tmf(TmfSubtype.CLEAR_TASK_SET))
+        resp = await target.task_management(tmf(TaskManagementFunction.CLEAR_TASK_SET))
         events.append(("tmf", resp.response))
-    assert [e[-1] for e in events] == [VirtioScsiResponse.ABORTED] * 2 + [OK]
+    assert [e[-1] for e in events] == [ServiceResponse.TASK_ABORTED] * 2 + [DONE]
     r = await run(target, bytes(6), initiator=INI_B, clear_ua=False)
     assert_check(r, SenseKey.UNIT_ATTENTION, 0x2F, 0x00)
     assert_good(await run(target, bytes(6), clear_ua=False))
@@ -152,9 +153,9 @@ async def test_logical_unit_reset(target):
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1), req(2, initiator=INI_B))
-        resp = await target.task_management(tmf(TmfSubtype.LOGICAL_UNIT_RESET))
+        resp = await target.task_management(tmf(TaskManagementFunction.LOGICAL_UNIT_RESET))
         events.append(("tmf", resp.response))
-    assert [e[-1] for e in events] == [VirtioScsiResponse.ABORTED] * 2 + [OK]
+    assert [e[-1] for e in events] == [ServiceResponse.TASK_ABORTED] * 2 + [DONE]
     for ini in (INI_A, INI_B):
         r = await run(target, bytes(6), initiator=ini, clear_ua=False)
         assert_check(r, SenseKey.UNIT_ATTENTION, 0x29, 0x03)
@@ -172,11 +173,11 @@ async def test_i_t_nexus_reset(target):
     events = []
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1), req(2, initiator=INI_B))
-        resp = await target.task_management(tmf(TmfSubtype.I_T_NEXUS_RESET))
+        resp = await target.task_management(tmf(TaskManagementFunction.I_T_NEXUS_RESET))
         events.append(("tmf", resp.response))
         blocker.release.set()
-    assert events[0] == ("cmd", INI_A, 1, VirtioScsiResponse.ABORTED)
-    assert events[1] == ("tmf", OK)
+    assert events[0] == ("cmd", INI_A, 1, ServiceResponse.TASK_ABORTED)
+    assert events[1] == ("tmf", DONE)
     assert ("cmd", INI_B, 2, OK) in events
     for lun in (0, 3):
         r = await run(target, bytes(6), lun=lun, clear_ua=False)
@@ -185,13 +186,13 @@ async def test_i_t_nexus_reset(target):
 
 
 async def test_tmf_addressing_and_clear_aca(target):
-    assert (await target.task_management(tmf(TmfSubtype.CLEAR_ACA))).response == \
-        VirtioScsiResponse.FUNCTION_REJECTED
-    bad = TmfRequest(TmfSubtype.ABORT_TASK, bytes((1, 5, 0x40, 0, 0, 0, 0, 0)), 1,
-                     InitiatorPort(INI_A))
-    assert (await target.task_management(bad)).response == VirtioScsiResponse.BAD_TARGET
-    assert (await target.task_management(tmf(TmfSubtype.ABORT_TASK, lun=9))).response == \
-        VirtioScsiResponse.INCORRECT_LUN
+    assert (await target.task_management(tmf(TaskManagementFunction.CLEAR_ACA))).response == \
+        TmfServiceResponse.FUNCTION_REJECTED
+    beyond = TmfRequest(TaskManagementFunction.ABORT_TASK, 0x4000, 1, InitiatorPort(INI_A))
+    assert (await target.task_management(beyond)).response == \
+        TmfServiceResponse.INCORRECT_LOGICAL_UNIT_NUMBER
+    assert (await target.task_management(tmf(TaskManagementFunction.ABORT_TASK, lun=9))).response == \
+        TmfServiceResponse.INCORRECT_LOGICAL_UNIT_NUMBER
 
 
 async def test_overlapped_tag(target):
@@ -215,7 +216,7 @@ async def test_unmap_lun_aborts_its_tasks(target):
     async with trio.open_nursery() as n:
         await start_blocked(n, target, blocker, events, req(1))
         target.unmap_lun(INI_A, 0)
-    assert events == [("cmd", INI_A, 1, VirtioScsiResponse.ABORTED)]
+    assert events == [("cmd", INI_A, 1, ServiceResponse.TASK_ABORTED)]
 
 
 # -- unit attentions and events --------------------------------------------------------
@@ -330,7 +331,7 @@ async def test_configured_identity_and_sidecar(tmp_path):
 def pr_out_req(sa, rkey=0, sakey=0, rtype=0, tag=100, initiator=INI_A):
     params = struct.pack(">QQ4xB3x", rkey, sakey, 0)
     cdb = struct.pack(">BBB2xIB", 0x5F, sa, rtype, len(params), 0)
-    return ScsiRequest(lun=lun_to_virtio(0), tag=tag, cdb=cdb, initiator=InitiatorPort(initiator),
+    return ScsiRequest(lun=0, tag=tag, cdb=cdb, initiator=InitiatorPort(initiator),
                        data_out=[memoryview(params)])
 
 
@@ -350,7 +351,7 @@ async def test_preempt_and_abort_aborts_the_preempted_tasks_and_raises_ua(target
         # A preempts B's registration and reservation, aborting B's tasks (SPC-4 5.13.11.2.4)
         resp = await target.execute(pr_out_req(5, rkey=0xA, sakey=0xB, rtype=1))
         events.append(("pr", resp.status))
-    assert events == [("cmd", INI_B, 7, VirtioScsiResponse.ABORTED), ("pr", 0)]
+    assert events == [("cmd", INI_B, 7, ServiceResponse.TASK_ABORTED), ("pr", 0)]
     # B learns through a unit attention established by the reservations engine
     r = await run(target, bytes(6), initiator=INI_B, clear_ua=False)
     assert r.status == 2 and r.sense_key == SenseKey.UNIT_ATTENTION and r.asc_ascq[0] == 0x2A
@@ -364,5 +365,5 @@ async def test_logical_unit_reset_restores_saved_mode_pages_and_starts_the_unit(
     assert_good(await run(target, bytes((0x1B, 0, 0, 0, 0, 0))))  # STOP UNIT
     lu = target.logical_unit("disk0")
     assert not lu.mode.wce and lu.stopped
-    assert (await target.task_management(tmf(TmfSubtype.LOGICAL_UNIT_RESET))).response == OK
+    assert (await target.task_management(tmf(TaskManagementFunction.LOGICAL_UNIT_RESET))).response == DONE
     assert lu.mode.wce and not lu.stopped

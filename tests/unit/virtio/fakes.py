@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
+from bridge.scsi.interface import ScsiTarget
+from bridge.scsi.request import (
+    ScsiRequest,
+    ScsiResponse,
+    ScsiStatus,
+    ServiceResponse,
+    TmfRequest,
+    TmfResponse,
+    TmfServiceResponse,
+)
 from bridge.vfio_user.device import DmaError
 from bridge.virtio.pci import (
     COMMON_FIELDS,
@@ -25,15 +35,6 @@ from bridge.virtio.pci import (
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
     VIRTIO_BAR,
-)
-from bridge.virtio.scsi_request import (
-    ScsiRequest,
-    ScsiResponse,
-    ScsiStatus,
-    TmfRequest,
-    TmfResponse,
-    VirtioScsiResponse,
-    lun_from_virtio,
 )
 from bridge.virtio.virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
@@ -71,7 +72,11 @@ class FakeDma:
 
 
 class FakeTarget:
-    """A tiny SBC-ish target: TEST UNIT READY, INQUIRY, READ(10), WRITE(10); TMFs recorded."""
+    """A tiny SBC-ish target: TEST UNIT READY, INQUIRY, READ(10), WRITE(10); TMFs recorded.
+
+    Implements bridge.scsi.interface.ScsiTarget (checked below); every command runs as
+    a task (submit returns the coroutine).
+    """
 
     def __init__(self, blocks: int = 256) -> None:
         self.disk = bytearray(blocks * BLOCK)
@@ -83,6 +88,13 @@ class FakeTarget:
 
     def subscribe(self, callback) -> None:
         self._subscribers.append(callback)
+
+    def unsubscribe(self, callback) -> None:
+        if callback in self._subscribers:
+            self._subscribers.remove(callback)
+
+    def submit(self, req: ScsiRequest):
+        return self.execute(req)
 
     def emit(self, event) -> None:
         for cb in self._subscribers:
@@ -100,7 +112,9 @@ class FakeTarget:
             await self.hold.wait()
         cdb = bytes(req.cdb)
         op = cdb[0]
-        if lun_from_virtio(req.lun) != (0, 0):
+        if req.data_in and req.data_out:  # as the core: no bidirectional commands
+            return ScsiResponse(ServiceResponse.SERVICE_DELIVERY_FAILURE)
+        if req.lun != 0:
             return _check(0x05, 0x25, 0x00)
         if op == 0x00:
             return ScsiResponse()
@@ -121,7 +135,10 @@ class FakeTarget:
 
     async def task_management(self, tmf: TmfRequest) -> TmfResponse:
         self.tmfs.append(tmf)
-        return TmfResponse(VirtioScsiResponse.OK)
+        return TmfResponse(TmfServiceResponse.FUNCTION_COMPLETE)
+
+
+_: type[ScsiTarget] = FakeTarget  # a type checker proves FakeTarget has every call
 
 
 def _check(key: int, asc: int, ascq: int) -> ScsiResponse:

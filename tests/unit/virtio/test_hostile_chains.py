@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from bridge.virtio.pci import STATUS_NEEDS_RESET
-from bridge.virtio.scsi_request import VirtioScsiResponse
+from bridge.virtio.scsi_wire import VirtioScsiResponse
 from bridge.virtio.virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 from .fakes import MEM_SIZE, settle

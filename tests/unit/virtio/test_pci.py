@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 
+from bridge.scsi.request import InitiatorPort
 from bridge.vfio_user.device import IRQ_INFO_EVENTFD, PCI_CONFIG_REGION_INDEX
 from bridge.virtio.pci import (
     ISR_OFFSET,
@@ -14,7 +15,6 @@ from bridge.virtio.pci import (
     VIRTIO_MSI_NO_VECTOR,
 )
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from bridge.virtio.scsi_request import InitiatorPort
 from bridge.virtio.virtqueue import vring_need_event
 
 from .fakes import Driver, FakeDma, FakeTarget, settle

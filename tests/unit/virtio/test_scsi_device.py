@@ -8,14 +8,17 @@ import pytest
 import trio
 
 from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved
+from bridge.scsi.request import REPORT_LUNS_WLUN, InitiatorPort
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from bridge.virtio.scsi_request import InitiatorPort, TmfSubtype, VirtioScsiResponse, lun_to_virtio
 from bridge.virtio.scsi_wire import (
+    TMF_SUBTYPES,
     VIRTIO_SCSI_EVT_RESET_REMOVED,
     VIRTIO_SCSI_EVT_RESET_RESCAN,
     VIRTIO_SCSI_T_EVENTS_MISSED,
     VIRTIO_SCSI_T_PARAM_CHANGE,
     VIRTIO_SCSI_T_TRANSPORT_RESET,
+    VirtioScsiResponse,
+    lun_to_virtio,
 )
 
 from .fakes import BLOCK, Driver, FakeDma, FakeTarget, settle
@@ -145,7 +148,9 @@ async def test_sense_size_is_honoured(nursery):
 async def test_bidirectional_without_inout_fails(nursery):
     g = await booted(nursery)
     resp, _, used = await g.run_cmd(WRITE10(0, 1), data_out=bytes(BLOCK), data_in=BLOCK)
-    assert resp["response"] == VirtioScsiResponse.FAILURE and not g.target.requests
+    # The core refuses it (SERVICE DELIVERY FAILURE); virtio says FAILURE (5.6.6.1.1).
+    assert resp["response"] == VirtioScsiResponse.FAILURE
+    assert g.target.requests[-1].data_in and g.target.requests[-1].data_out
 
 
 async def test_bad_target_and_wlun(nursery):
@@ -161,7 +166,7 @@ async def test_bad_target_and_wlun(nursery):
     g.drv.add_chain(RQ, [(req, 51)], [(resp, RESP_LEN)])
     g.drv.kick(RQ)
     await settle()
-    assert g.target.requests and g.target.requests[-1].lun[2] == 0xC1
+    assert g.target.requests and g.target.requests[-1].lun == REPORT_LUNS_WLUN
 
 
 async def test_event_idx_suppresses_interrupts(nursery):
@@ -217,7 +222,7 @@ async def test_multiple_request_queues(nursery):
 
 async def test_tmf_all_subtypes(nursery):
     g = await booted(nursery)
-    for sub in TmfSubtype:
+    for sub, function in TMF_SUBTYPES.items():
         req = g.dma.alloc(24)
         g.dma.write(req, struct.pack("<II8sQ", 0, sub, lun_to_virtio(0), 0x1234 + sub))
         resp = g.dma.alloc(1)
@@ -227,7 +232,7 @@ async def test_tmf_all_subtypes(nursery):
         await settle()
         assert g.dma.read(resp, 1) == bytes((VirtioScsiResponse.OK,))
         tmf = g.target.tmfs[-1]
-        assert tmf.subtype == sub and tmf.tag == 0x1234 + sub and tmf.initiator == INITIATOR
+        assert tmf.function is function and tmf.lun == 0 and tmf.tag == 0x1234 + sub and tmf.initiator == INITIATOR
     # unknown subtype and wrong target
     for subtype, lun, expect in ((99, lun_to_virtio(0), VirtioScsiResponse.FUNCTION_REJECTED),
                                  (0, lun_to_virtio(0, target=1), VirtioScsiResponse.BAD_TARGET)):

@@ -7,7 +7,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.virtio.scsi_request import ScsiResponse
+from bridge.scsi.request import ScsiResponse, TaskManagementFunction
 from bridge.xen import vscsiif
 from bridge.xen.backend import BackendConfig
 from bridge.xen.vscsiif import RsltHost, Segment
@@ -175,13 +175,13 @@ async def test_abort_and_reset_become_tmfs(env, monkeypatch):
                 await trio.sleep(0.001)
             r = await fe.submit(b"", act=vscsiif.VSCSIIF_ACT_SCSI_ABORT, ref_rqid=rq)
         assert r.rslt == vscsiif.XEN_VSCSIIF_RSLT_RESET_SUCCESS
-        assert tmfs[-1].subtype == 0 and tmfs[-1].tag == seen_tags["read"]  # ABORT_TASK
+        assert tmfs[-1].function is TaskManagementFunction.ABORT_TASK and tmfs[-1].tag == seen_tags["read"]  # ABORT_TASK
         assert tmfs[-1].initiator == backend.initiator
         gate.set()
         with trio.fail_after(5):
             r = await fe.submit(b"", act=vscsiif.VSCSIIF_ACT_SCSI_RESET)
         assert r.rslt == vscsiif.XEN_VSCSIIF_RSLT_RESET_SUCCESS
-        assert tmfs[-1].subtype == 5  # LOGICAL_UNIT_RESET
+        assert tmfs[-1].function is TaskManagementFunction.LOGICAL_UNIT_RESET
         # abort of a command that is not in flight: nothing to do, success without a TMF
         n_tmfs = len(tmfs)
         with trio.fail_after(5):
