@@ -1,1 +1,1 @@
-"""virtio-scsi request types, split virtqueues and the virtio-pci device model."""
+"""The KVM transport, device side: split virtqueues, the virtio-pci transport and the virtio-scsi device.
