@@ -32,7 +32,13 @@ from bridge.vfio_user import protocol as p
 from bridge.vfio_user.budget import ConnectionBudget, connection_budget
 from bridge.vfio_user.device import DmaError, VfioUserDevice
 from bridge.vfio_user.dma import DmaSpaceImpl
-from bridge.vfio_user.session import MAX_MESSAGE_SIZE, Outgoing, Session, refusal_log
+from bridge.vfio_user.session import (
+    MAX_MESSAGE_SIZE,
+    Outgoing,
+    Session,
+    lifecycle_log,
+    refusal_log,
+)
 
 log = logging.getLogger("bridge.vfio_user")
 
@@ -72,14 +78,17 @@ class Connection:
 
     def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice,
                  trace: TraceFn | None = None, *, budget: ConnectionBudget | None = None,
-                 refusals: RateLimitedLog | None = None) -> None:
+                 refusals: RateLimitedLog | None = None,
+                 lifecycle: RateLimitedLog | None = None) -> None:
         self.sock = sock
         self.trace = trace
         self.device = device
         self.budget = budget if budget is not None else connection_budget(max(1, _sockets_served))
         self.refusals = refusals if refusals is not None else refusal_log()
+        self.lifecycle = lifecycle if lifecycle is not None else lifecycle_log()
         self.dma = DmaSpaceImpl()
-        self.session = Session(device, self.dma, budget=self.budget, refusals=self.refusals)
+        self.session = Session(device, self.dma, budget=self.budget, refusals=self.refusals,
+                               lifecycle=self.lifecycle)
         self.close_reason = ""  # why the server ended the connection, if it did
         self.decoder = p.MessageDecoder(MAX_MESSAGE_SIZE)
         self._send_lock = trio.Lock()
@@ -243,7 +252,7 @@ async def serve(
     # What clients of this socket provoke is rate-limited per socket: one
     # guest's flood does not silence another's, and reconnecting resets nothing.
     refusals = refusal_log()
-    lifecycle = RateLimitedLog(log, burst=20, period=60.0)
+    lifecycle = lifecycle_log()
     try:
         await listener.bind(socket_path)
         listener.listen(1)
@@ -287,8 +296,9 @@ async def _serve_client(sock: trio.socket.SocketType, device: VfioUserDevice,
                         trace: TraceFn | None, budget: ConnectionBudget | None = None,
                         refusals: RateLimitedLog | None = None,
                         lifecycle: RateLimitedLog | None = None) -> None:
-    conn = Connection(sock, device, trace, budget=budget, refusals=refusals)
-    lifecycle = lifecycle if lifecycle is not None else RateLimitedLog(log)
+    conn = Connection(sock, device, trace, budget=budget, refusals=refusals,
+                      lifecycle=lifecycle)
+    lifecycle = conn.lifecycle
     lifecycle.info("client connected")
     try:
         async with trio.open_nursery() as nursery:

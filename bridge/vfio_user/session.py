@@ -74,16 +74,24 @@ def refusal_log() -> RateLimitedLog:
     return RateLimitedLog(log, burst=20, period=20.0)
 
 
+def lifecycle_log() -> RateLimitedLog:
+    """The limiter for one socket's per-connection lines: 20 at once, then 1 in 3 s."""
+    return RateLimitedLog(log, burst=20, period=60.0)
+
+
 class Session:
     def __init__(self, device: VfioUserDevice, dma: DmaSpaceImpl, *,
                  budget: ConnectionBudget | None = None,
-                 refusals: RateLimitedLog | None = None) -> None:
+                 refusals: RateLimitedLog | None = None,
+                 lifecycle: RateLimitedLog | None = None) -> None:
         self.device = device
         self.dma = dma
         self.budget = budget if budget is not None else connection_budget(1)
         # What a client provokes is logged through this (shared by the
         # connections of one socket, so reconnecting does not reset it).
         self.refusals = refusals if refusals is not None else refusal_log()
+        # Lines every connection logs once (a reconnecting client repeats them).
+        self.lifecycle = lifecycle if lifecycle is not None else lifecycle_log()
         # The IRQ eventfds the device keeps come out of the same fd budget.
         irq_fds = sum(irq.count for irq in device.irqs() if irq.flags & IRQ_INFO_EVENTFD)
         dma.max_maps = min(dma.max_maps, self.budget.dma_maps)
@@ -242,8 +250,8 @@ class Session:
                                 int(ours.get("max_dma_maps", MAX_DMA_MAPS)))  # type: ignore[call-overload]
         self.dma.max_transfer = max(1, min(client.max_data_xfer_size, DMA_TRANSFER_CHUNK))
         self.negotiated = True
-        log.info("VERSION %d.%d negotiated: client %s, server %s", v.major, v.minor,
-                 caps, ours)
+        self.lifecycle.info("VERSION %d.%d negotiated: client %s, server %s", v.major, v.minor,
+                            caps, ours)
         return Outgoing(p.encode_reply(msg.header, payload))
 
     def _dma_map(self, msg: p.Message) -> Outgoing:
