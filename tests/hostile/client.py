@@ -70,13 +70,29 @@ class ServerClosed(Exception):
     pass
 
 
+def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
+    """A connected socket with ``timeout`` on its operations. The bridge serves one
+    client per socket at a time (listen backlog 1): while it still closes the last
+    one, connect() says EAGAIN, and we retry until ``timeout``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                sock.close()
+                raise
+            time.sleep(0.002)
+
+
 class VfioUserClient:
     """One vfio-user connection, blocking, with a timeout on every receive."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        self.sock = connect_unix(path, timeout)
         self.next_id = 1
 
     def close(self) -> None:
