@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import resource
 import socket
 import struct
 import tempfile
@@ -245,6 +246,37 @@ def test_full_blocking_eventfd_does_not_block_the_bridge(attack: Bridge) -> None
         os.close(stuck)
 
 
+# --- accept() with the fd table full ------------------------------------------------------
+
+
+def test_accept_with_the_fd_table_full(attack: Bridge, good) -> None:
+    """The bridge's RLIMIT_NOFILE is lowered (prlimit) to the fds it has open: accept()
+    fails with EMFILE. The bridge must wait it out, not exit, and take the client later.
+    (The good guest's DMA_MAPs pause meanwhile: a DMA_MAP's fd cannot arrive either.)"""
+    log_start = attack.log_size()
+    good.map_memory = False
+    done = len(good.done)
+    while len(good.done) < done + 2:  # a round trip begun before the flag is over
+        time.sleep(0.01)
+    limits = resource.prlimit(attack.proc.pid, resource.RLIMIT_NOFILE)
+    try:
+        resource.prlimit(attack.proc.pid, resource.RLIMIT_NOFILE,
+                         (attack.fds(), limits[1]))
+        c = VfioUserClient(attack.hostile_sock)  # queued: the bridge cannot accept it
+        deadline = time.monotonic() + 10
+        while "accept failed" not in log_since(attack, log_start):
+            assert time.monotonic() < deadline, log_since(attack, log_start)
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert attack.alive()
+    finally:
+        resource.prlimit(attack.proc.pid, resource.RLIMIT_NOFILE, limits)
+        good.map_memory = True
+    c.handshake()  # accepted once fds are free again
+    c.close()
+    assert "Too many open files" in log_since(attack, log_start)
+
+
 # --- 6: log floods -----------------------------------------------------------------------
 
 
@@ -426,7 +458,9 @@ def test_client_that_never_reads_its_replies(attack: Bridge, good) -> None:
         pass
     assert sent < 64 << 20, "the bridge kept reading without being able to reply"
     done = len(good.done)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 10
+    while len(good.done) < done + 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(good.done) >= done + 10
     assert attack.rss_kib() <= attack.base_rss_kib + 16 * 1024
     c.close()
