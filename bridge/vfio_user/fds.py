@@ -13,7 +13,7 @@ has open, so each is checked for what it must be:
   /dev/shm), a hugetlbfs file, a device. Any of those can be truncated under
   us; there is no way to make the access safe afterwards.
 - An interrupt fd must be an eventfd (its /proc/self/fd link reads
-  "anon_inode:[eventfd]"), and it is made non-blocking: a write to an eventfd
+  "anon_inode:[eventfd]"; without /proc every fd is refused), and it is made non-blocking: a write to an eventfd
   whose counter is full, or to a pipe nobody reads, would otherwise block the
   bridge's only thread and every guest with it. The flag is on the open file,
   shared with the client; QEMU's event notifiers are non-blocking already.

@@ -158,7 +158,7 @@ class Bridge:
         return rc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def bridge() -> Iterator[Bridge]:
     run = Path(tempfile.mkdtemp(prefix="vscsi-hostile-", dir="/tmp"))
     b = Bridge(run)
@@ -172,7 +172,7 @@ def bridge() -> Iterator[Bridge]:
             print(f"bridge exit status {rc}; its log: {b.log_path}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def good(bridge: Bridge) -> Iterator[GoodGuest]:
     guest = GoodGuest(bridge.good_sock, GOOD_DEADLINE)
     guest.start()

@@ -472,8 +472,8 @@ def test_garbage_on_the_socket(attack: Bridge) -> None:
     c.close()
 
 
-def test_server_never_writes_to_a_hostile_eventfd_after_close(attack: Bridge) -> None:
-    """A hostile guest that sets up interrupts and vanishes mid-I/O leaves nothing behind."""
+def test_guest_vanishing_mid_io_leaves_nothing_behind(attack: Bridge) -> None:
+    """Interrupts set up, a READ in flight, then gone: its fds and maps are all released."""
     guest = VirtioGuest(attack.hostile_sock)
     guest.post(read10(0, 8), data_in=4096)
     guest.close()
