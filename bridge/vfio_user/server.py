@@ -32,13 +32,7 @@ from bridge.vfio_user import protocol as p
 from bridge.vfio_user.budget import ConnectionBudget, connection_budget
 from bridge.vfio_user.device import DmaError, VfioUserDevice
 from bridge.vfio_user.dma import DmaSpaceImpl
-from bridge.vfio_user.session import (
-    MAX_MESSAGE_SIZE,
-    Outgoing,
-    Session,
-    lifecycle_log,
-    refusal_log,
-)
+from bridge.vfio_user.session import MAX_MESSAGE_SIZE, ClientLogs, Outgoing, Session
 
 log = logging.getLogger("bridge.vfio_user")
 
@@ -78,17 +72,14 @@ class Connection:
 
     def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice,
                  trace: TraceFn | None = None, *, budget: ConnectionBudget | None = None,
-                 refusals: RateLimitedLog | None = None,
-                 lifecycle: RateLimitedLog | None = None) -> None:
+                 logs: ClientLogs | None = None) -> None:
         self.sock = sock
         self.trace = trace
         self.device = device
         self.budget = budget if budget is not None else connection_budget(max(1, _sockets_served))
-        self.refusals = refusals if refusals is not None else refusal_log()
-        self.lifecycle = lifecycle if lifecycle is not None else lifecycle_log()
+        self.logs = logs if logs is not None else ClientLogs()
         self.dma = DmaSpaceImpl()
-        self.session = Session(device, self.dma, budget=self.budget, refusals=self.refusals,
-                               lifecycle=self.lifecycle)
+        self.session = Session(device, self.dma, budget=self.budget, logs=self.logs)
         self.close_reason = ""  # why the server ended the connection, if it did
         self.decoder = p.MessageDecoder(MAX_MESSAGE_SIZE)
         self._send_lock = trio.Lock()
@@ -156,7 +147,7 @@ class Connection:
             os.close(fd)
         waiter = self._pending.get(msg.header.msg_id)
         if waiter is None:
-            self.refusals.warning("unexpected reply id %d to %s ignored", msg.header.msg_id,
+            self.logs.refusals.warning("unexpected reply id %d to %s ignored", msg.header.msg_id,
                                   p.command_name(msg.header.command))
             return
         event, slot = waiter
@@ -249,10 +240,7 @@ async def serve(
     _prepare_socket_path(socket_path)
     listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     _sockets_served += 1
-    # What clients of this socket provoke is rate-limited per socket: one
-    # guest's flood does not silence another's, and reconnecting resets nothing.
-    refusals = refusal_log()
-    lifecycle = lifecycle_log()
+    logs = ClientLogs()  # what this socket's clients make us log, rate-limited
     try:
         await listener.bind(socket_path)
         listener.listen(1)
@@ -261,7 +249,7 @@ async def serve(
         while True:
             sock = await _accept(listener, socket_path)
             budget = connection_budget(_sockets_served)
-            await _serve_client(sock, device, trace, budget, refusals, lifecycle)
+            await _serve_client(sock, device, trace, budget, logs)
     finally:
         _sockets_served -= 1
         listener.close()
@@ -294,23 +282,20 @@ async def _accept(listener: trio.socket.SocketType, socket_path: str) -> trio.so
 
 async def _serve_client(sock: trio.socket.SocketType, device: VfioUserDevice,
                         trace: TraceFn | None, budget: ConnectionBudget | None = None,
-                        refusals: RateLimitedLog | None = None,
-                        lifecycle: RateLimitedLog | None = None) -> None:
-    conn = Connection(sock, device, trace, budget=budget, refusals=refusals,
-                      lifecycle=lifecycle)
-    lifecycle = conn.lifecycle
-    lifecycle.info("client connected")
+                        logs: ClientLogs | None = None) -> None:
+    conn = Connection(sock, device, trace, budget=budget, logs=logs)
+    conn.logs.lifecycle.info("client connected")
     try:
         async with trio.open_nursery() as nursery:
             device.attach(nursery, conn.dma)
             await conn.run()
             nursery.cancel_scope.cancel()
     except Exception:  # a failing device task ends this client, not the server
-        log.exception("client session failed")
+        conn.logs.closes.exception("client session failed")
     finally:
         conn.close()
         if conn.close_reason:
-            lifecycle.warning("client closed by the server: %s (%s)", conn.close_reason,
-                              conn.session.stats_by_name())
+            conn.logs.closes.warning("client closed by the server: %s (%s)",
+                                     conn.close_reason, conn.session.stats_by_name())
         else:
-            lifecycle.info("client disconnected (%s)", conn.session.stats_by_name())
+            conn.logs.lifecycle.info("client disconnected (%s)", conn.session.stats_by_name())

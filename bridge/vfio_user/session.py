@@ -69,29 +69,33 @@ def _close(fds: list[int]) -> None:
             pass
 
 
-def refusal_log() -> RateLimitedLog:
-    """The limiter for one socket's refusals: 20 lines at once, then 1 a second."""
-    return RateLimitedLog(log, burst=20, period=20.0)
+@dataclass
+class ClientLogs:
+    """What clients of one socket can make us log, each kind rate-limited on its own.
 
+    One per socket, shared by its successive connections: one guest's flood
+    does not silence another's, and reconnecting resets nothing.
+    """
 
-def lifecycle_log() -> RateLimitedLog:
-    """The limiter for one socket's per-connection lines: 20 at once, then 1 in 3 s."""
-    return RateLimitedLog(log, burst=20, period=60.0)
+    # refused messages: 20 lines at once, then 1 a second
+    refusals: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog(log, burst=20, period=20.0))
+    # lines every connection logs (connected, VERSION, disconnected): 20, then 1 in 3 s
+    lifecycle: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog(log, burst=20, period=60.0))
+    # why the server closed a connection: 20, then 1 in 3 s
+    closes: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog(log, burst=20, period=60.0))
 
 
 class Session:
     def __init__(self, device: VfioUserDevice, dma: DmaSpaceImpl, *,
                  budget: ConnectionBudget | None = None,
-                 refusals: RateLimitedLog | None = None,
-                 lifecycle: RateLimitedLog | None = None) -> None:
+                 logs: ClientLogs | None = None) -> None:
         self.device = device
         self.dma = dma
         self.budget = budget if budget is not None else connection_budget(1)
-        # What a client provokes is logged through this (shared by the
-        # connections of one socket, so reconnecting does not reset it).
-        self.refusals = refusals if refusals is not None else refusal_log()
-        # Lines every connection logs once (a reconnecting client repeats them).
-        self.lifecycle = lifecycle if lifecycle is not None else lifecycle_log()
+        self.logs = logs if logs is not None else ClientLogs()
         # The IRQ eventfds the device keeps come out of the same fd budget.
         irq_fds = sum(irq.count for irq in device.irqs() if irq.flags & IRQ_INFO_EVENTFD)
         dma.max_maps = min(dma.max_maps, self.budget.dma_maps)
@@ -151,12 +155,12 @@ class Session:
             fds = []  # from here the handler owns msg.fds
             reply = handler(msg)
         except p.ProtocolError as exc:
-            self.refusals.warning("%s (id %d): refused with %s: %s", p.command_name(hdr.command),
+            self.logs.refusals.warning("%s (id %d): refused with %s: %s", p.command_name(hdr.command),
                                   hdr.msg_id, errno.errorcode.get(exc.errno, exc.errno), exc.reason)
             self.stats["errors"] = self.stats.get("errors", 0) + 1
             reply = Outgoing(p.encode_error(hdr, exc.errno))
         except Exception:  # a device bug must not take the server down
-            self.refusals.exception("%s (id %d): device failed", p.command_name(hdr.command),
+            self.logs.refusals.exception("%s (id %d): device failed", p.command_name(hdr.command),
                                     hdr.msg_id)
             self.stats["errors"] = self.stats.get("errors", 0) + 1
             reply = Outgoing(p.encode_error(hdr, errno.EIO))
@@ -167,7 +171,7 @@ class Session:
         return reply
 
     def handle_oversized(self, hdr: p.Header) -> Outgoing | None:
-        self.refusals.warning("%s (id %d): message of %d bytes refused with E2BIG",
+        self.logs.refusals.warning("%s (id %d): message of %d bytes refused with E2BIG",
                               p.command_name(hdr.command), hdr.msg_id, hdr.size)
         self.stats["errors"] = self.stats.get("errors", 0) + 1
         if hdr.no_reply:
@@ -250,7 +254,7 @@ class Session:
                                 int(ours.get("max_dma_maps", MAX_DMA_MAPS)))  # type: ignore[call-overload]
         self.dma.max_transfer = max(1, min(client.max_data_xfer_size, DMA_TRANSFER_CHUNK))
         self.negotiated = True
-        self.lifecycle.info("VERSION %d.%d negotiated: client %s, server %s", v.major, v.minor,
+        self.logs.lifecycle.info("VERSION %d.%d negotiated: client %s, server %s", v.major, v.minor,
                             caps, ours)
         return Outgoing(p.encode_reply(msg.header, payload))
 

@@ -33,7 +33,7 @@ from tests.hostile.client import GoodGuest, VfioUserClient
 REPO = Path(__file__).resolve().parents[2]
 NOFILE = 1024  # the bridge's fd limit in this harness (a common default soft limit)
 SOCKETS = 2
-GOOD_DEADLINE = 3.0  # seconds: the longest the good guest may wait for one request
+GOOD_DEADLINE = 5.0  # seconds: the longest the good guest may wait for one request
 FD_SLACK = 2  # fds above the baseline once the hostile client is gone
 RSS_SLACK_KIB = 16 * 1024  # RSS above the baseline once the hostile client is gone
 RECOVERY_TIME = 10.0  # seconds allowed for fds/RSS to come back
