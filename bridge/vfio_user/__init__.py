@@ -5,6 +5,9 @@
 - dma.py: DmaSpaceImpl, the client's DMA maps (mmap'd memfds; fd-less maps
   reached through DMA_READ/DMA_WRITE).
 - session.py: Session, one client's command handling against a VfioUserDevice.
+- budget.py: what one connection may hold (fds, DMA maps, bytes mapped),
+  derived from RLIMIT_NOFILE.
+- fds.py: vetting client fds (DMA memory: shrink-sealed memfds; IRQs: eventfds).
 - server.py: ``serve(socket_path, device)``, the trio socket loop.
 - device.py: the device-model protocol a PCI device implements.
 

@@ -67,8 +67,15 @@ DmaWriteFn = Callable[[int, bytes], Awaitable[None]]
 class DmaSpaceImpl:
     """DmaSpace over the client's DMA maps, sorted by iova for O(log n) lookup."""
 
-    def __init__(self, max_maps: int = 65535) -> None:
+    def __init__(self, max_maps: int = 65535, max_fd_maps: int = 65535,
+                 max_mapped_bytes: int = 1 << 64) -> None:
+        # The connection's budget (budget.py): maps in all; maps holding an
+        # fd (each mmap keeps a duplicate of it); bytes mmap'd.
         self.max_maps = max_maps
+        self.max_fd_maps = max_fd_maps
+        self.max_mapped_bytes = max_mapped_bytes
+        self.fd_maps = 0  # mmap'd regions not yet released, deferred ones included
+        self.mapped_bytes = 0
         self._starts: list[int] = []
         self._regions: list[DmaRegion] = []
         # Unmapped while the device still held views: retried on every unmap.
@@ -93,7 +100,15 @@ class DmaSpaceImpl:
             raise DmaMapError(errno.EEXIST, f"{iova:#x}+{size:#x} overlaps a mapping")
         region = DmaRegion(iova, size, flags_read, flags_write, file_offset=file_offset)
         if fd is not None:
+            if self.fd_maps >= self.max_fd_maps:
+                raise DmaMapError(errno.ENOSPC, f"more than {self.max_fd_maps} maps with a "
+                                  "file descriptor (the connection's fd budget)")
+            if self.mapped_bytes + size > self.max_mapped_bytes:
+                raise DmaMapError(errno.ENOSPC, f"more than {self.max_mapped_bytes:#x} bytes "
+                                  "mapped (the connection's budget)")
             self._mmap(region, fd, file_offset)
+            self.fd_maps += 1
+            self.mapped_bytes += size
         self._starts.insert(i, iova)
         self._regions.insert(i, region)
         return region
@@ -111,7 +126,7 @@ class DmaSpaceImpl:
         skew = file_offset - base
         try:
             st = os.fstat(fd)
-            if st.st_size and file_offset + region.size > st.st_size:
+            if file_offset + region.size > st.st_size:
                 raise DmaMapError(errno.EINVAL, "mapping extends past the end of its file")
             mm = mmap.mmap(fd, region.size + skew, flags=mmap.MAP_SHARED, prot=prot,
                            offset=base)
@@ -154,15 +169,24 @@ class DmaSpaceImpl:
 
     def _release(self, regions: list[DmaRegion]) -> None:
         pending = self._zombies + regions
-        self._zombies = [r for r in pending if not r.release()]
+        self._zombies = [r for r in pending if not self._release_one(r)]
         if self._zombies:
             # Views dropped by the device may still sit in reference cycles
             # (e.g. a traceback's frames): collect once before giving up.
             gc.collect()
-            self._zombies = [r for r in self._zombies if not r.release()]
+            self._zombies = [r for r in self._zombies if not self._release_one(r)]
         if self._zombies:
             log.warning("DMA unmap deferred: the device still holds views into %s",
                         ", ".join(f"{r.iova:#x}+{r.size:#x}" for r in self._zombies))
+
+    def _release_one(self, region: DmaRegion) -> bool:
+        had_fd = region.mm is not None
+        if not region.release():
+            return False
+        if had_fd:  # its fd and address space are given back only now
+            self.fd_maps -= 1
+            self.mapped_bytes -= region.size
+        return True
 
     @property
     def deferred_unmaps(self) -> int:

@@ -268,6 +268,16 @@ class MessageDecoder:
         self._base = end
         return Message(header, payload, fds, truncated)
 
+    @property
+    def pending_fds(self) -> int:
+        """Descriptors received with bytes no complete message has taken yet."""
+        return sum(len(g.fds) for g in self._fd_groups)
+
+    @property
+    def pending_fd_groups(self) -> int:
+        """recvmsg() chunks with descriptors (or MSG_CTRUNC) not yet taken by a message."""
+        return len(self._fd_groups)
+
     def _drop_orphan_fds(self) -> None:
         # fds whose chunk ended inside bytes already skipped belong to nobody.
         while self._fd_groups and self._fd_groups[0].end <= self._base:

@@ -7,6 +7,12 @@ fds. Replies to our own DMA_READ/DMA_WRITE requests are routed to whichever
 device task is waiting for them. When the client goes, the device is
 detached first (it drops its memoryviews), then the DMA maps are unmapped;
 device state stays for the next client (guest reboot, QEMU restart).
+
+Each connection runs on a budget (budget.py): descriptors sent with an
+unfinished message beyond what one message may carry close the connection;
+DMA maps beyond the budget are refused. accept() errors (EMFILE and the
+like) are logged, rate-limited, and retried after a short backoff: a full fd
+table must not end the server, let alone the process.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from collections.abc import Callable
 
 import trio
 
+from bridge.ratelimit import RateLimitedLog
 from bridge.vfio_user import protocol as p
+from bridge.vfio_user.budget import ConnectionBudget, connection_budget
 from bridge.vfio_user.device import DmaError, VfioUserDevice
 from bridge.vfio_user.dma import DmaSpaceImpl
-from bridge.vfio_user.session import MAX_MESSAGE_SIZE, Outgoing, Session
+from bridge.vfio_user.session import MAX_MESSAGE_SIZE, ClientLogs, Outgoing, Session
 
 log = logging.getLogger("bridge.vfio_user")
 
@@ -33,6 +41,16 @@ RECV_SIZE = 256 * 1024
 # default reply timeout is 5 s (x-msg-timeout).
 DMA_REQUEST_TIMEOUT = 5.0
 ANCILLARY_SIZE = stdsocket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
+# accept(2) errors that say nothing about the listening socket: retried.
+ACCEPT_RETRY_ERRNOS = frozenset({
+    errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
+    errno.EPROTO, errno.EPERM, errno.EINTR, errno.ETIMEDOUT,
+})
+ACCEPT_BACKOFF_MIN = 0.05  # seconds; doubles while accept keeps failing
+ACCEPT_BACKOFF_MAX = 1.0
+
+# Sockets being served in this process: the fd budget is shared among them.
+_sockets_served = 0
 
 
 def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -53,12 +71,16 @@ class Connection:
     """One connected client: socket I/O, request/reply routing for DMA_READ/WRITE."""
 
     def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice,
-                 trace: TraceFn | None = None) -> None:
+                 trace: TraceFn | None = None, *, budget: ConnectionBudget | None = None,
+                 logs: ClientLogs | None = None) -> None:
         self.sock = sock
         self.trace = trace
         self.device = device
+        self.budget = budget if budget is not None else connection_budget(max(1, _sockets_served))
+        self.logs = logs if logs is not None else ClientLogs()
         self.dma = DmaSpaceImpl()
-        self.session = Session(device, self.dma)
+        self.session = Session(device, self.dma, budget=self.budget, logs=self.logs)
+        self.close_reason = ""  # why the server ended the connection, if it did
         self.decoder = p.MessageDecoder(MAX_MESSAGE_SIZE)
         self._send_lock = trio.Lock()
         self._next_id = 0
@@ -125,8 +147,8 @@ class Connection:
             os.close(fd)
         waiter = self._pending.get(msg.header.msg_id)
         if waiter is None:
-            log.warning("unexpected reply id %d to %s ignored", msg.header.msg_id,
-                        p.command_name(msg.header.command))
+            self.logs.refusals.warning("unexpected reply id %d to %s ignored", msg.header.msg_id,
+                                  p.command_name(msg.header.command))
             return
         event, slot = waiter
         slot.append(msg)
@@ -150,7 +172,7 @@ class Connection:
                 if event is None:
                     break
                 if isinstance(event, p.FramingError):
-                    log.warning("closing client: %s", event.reason)
+                    self.close_reason = event.reason
                     return
                 if self.trace is not None:
                     self.trace(event)
@@ -167,6 +189,15 @@ class Connection:
                     except OSError as exc:
                         log.info("client socket error on send: %s", exc)
                         return
+            # Complete messages took theirs: what is left came with the
+            # unfinished one, which may carry MAX_MSG_FDS at most.
+            if (self.decoder.pending_fds > self.budget.fds_in_flight
+                    or self.decoder.pending_fd_groups > self.budget.fds_in_flight):
+                self.close_reason = (
+                    f"{self.decoder.pending_fds} file descriptors in "
+                    f"{self.decoder.pending_fd_groups} chunks sent with an unfinished message "
+                    f"(at most {self.budget.fds_in_flight} per message)")
+                return
 
     def close(self) -> None:
         """Client gone: fail waiters, detach the device, then drop DMA maps."""
@@ -205,17 +236,22 @@ async def serve(
     Clients are accepted one at a time; each disconnect detaches the device and
     drops its DMA maps, and the next client finds the device state as it was.
     """
+    global _sockets_served
     _prepare_socket_path(socket_path)
     listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    _sockets_served += 1
+    logs = ClientLogs()  # what this socket's clients make us log, rate-limited
     try:
         await listener.bind(socket_path)
         listener.listen(1)
         log.info("vfio-user server listening on %s", socket_path)
         task_status.started()
         while True:
-            sock, _ = await listener.accept()
-            await _serve_client(sock, device, trace)
+            sock = await _accept(listener, socket_path)
+            budget = connection_budget(_sockets_served)
+            await _serve_client(sock, device, trace, budget, logs)
     finally:
+        _sockets_served -= 1
         listener.close()
         try:
             os.unlink(socket_path)
@@ -223,17 +259,43 @@ async def serve(
             pass
 
 
+_accept_log = RateLimitedLog(log, burst=5, period=30.0)
+
+
+async def _accept(listener: trio.socket.SocketType, socket_path: str) -> trio.socket.SocketType:
+    """The next client; transient accept(2) failures (a full fd table) are waited out."""
+    backoff = ACCEPT_BACKOFF_MIN
+    while True:
+        try:
+            sock, _ = await listener.accept()
+            return sock
+        except OSError as exc:
+            if exc.errno not in ACCEPT_RETRY_ERRNOS:
+                raise
+            # The pending connection stays queued and the socket stays readable:
+            # without a pause this would spin.
+            _accept_log.warning("%s: accept failed (%s), retrying in %.2f s", socket_path,
+                                os.strerror(exc.errno or 0), backoff)
+            await trio.sleep(backoff)
+            backoff = min(ACCEPT_BACKOFF_MAX, backoff * 2)
+
+
 async def _serve_client(sock: trio.socket.SocketType, device: VfioUserDevice,
-                        trace: TraceFn | None) -> None:
-    conn = Connection(sock, device, trace)
-    log.info("client connected")
+                        trace: TraceFn | None, budget: ConnectionBudget | None = None,
+                        logs: ClientLogs | None = None) -> None:
+    conn = Connection(sock, device, trace, budget=budget, logs=logs)
+    conn.logs.lifecycle.info("client connected")
     try:
         async with trio.open_nursery() as nursery:
             device.attach(nursery, conn.dma)
             await conn.run()
             nursery.cancel_scope.cancel()
     except Exception:  # a failing device task ends this client, not the server
-        log.exception("client session failed")
+        conn.logs.closes.exception("client session failed")
     finally:
         conn.close()
-        log.info("client disconnected (%s)", conn.session.stats_by_name())
+        if conn.close_reason:
+            conn.logs.closes.warning("client closed by the server: %s (%s)",
+                                     conn.close_reason, conn.session.stats_by_name())
+        else:
+            conn.logs.lifecycle.info("client disconnected (%s)", conn.session.stats_by_name())

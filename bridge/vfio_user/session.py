@@ -13,8 +13,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from bridge.ratelimit import RateLimitedLog
 from bridge.vfio_user import protocol as p
+from bridge.vfio_user.budget import MAX_DMA_MAPS, ConnectionBudget, connection_budget
 from bridge.vfio_user.device import (
+    IRQ_INFO_EVENTFD,
     REGION_FLAG_MMAP,
     REGION_FLAG_READ,
     REGION_FLAG_WRITE,
@@ -22,11 +25,11 @@ from bridge.vfio_user.device import (
     VfioUserDevice,
 )
 from bridge.vfio_user.dma import DmaMapError, DmaSpaceImpl
+from bridge.vfio_user.fds import check_eventfd, check_sealed_memory
 
 log = logging.getLogger("bridge.vfio_user")
 
 MAX_DATA_XFER_SIZE = 1 << 20  # what we accept in one message's data (QEMU default)
-MAX_DMA_MAPS = 65535  # QEMU refuses more (proxy.c check_max_dma)
 PGSIZES = 4096
 # Room above max_data_xfer_size for headers and fixed fields (WRITE_MULTI is < 5 KiB).
 MESSAGE_HEADROOM = 64 * 1024
@@ -66,10 +69,38 @@ def _close(fds: list[int]) -> None:
             pass
 
 
+@dataclass
+class ClientLogs:
+    """What clients of one socket can make us log, each kind rate-limited on its own.
+
+    One per socket, shared by its successive connections: one guest's flood
+    does not silence another's, and reconnecting resets nothing.
+    """
+
+    # refused messages: 20 lines at once, then 1 a second
+    refusals: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog(log, burst=20, period=20.0))
+    # lines every connection logs (connected, VERSION, disconnected): 20, then 1 in 3 s
+    lifecycle: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog(log, burst=20, period=60.0))
+    # why the server closed a connection: 20, then 1 in 3 s
+    closes: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog(log, burst=20, period=60.0))
+
+
 class Session:
-    def __init__(self, device: VfioUserDevice, dma: DmaSpaceImpl) -> None:
+    def __init__(self, device: VfioUserDevice, dma: DmaSpaceImpl, *,
+                 budget: ConnectionBudget | None = None,
+                 logs: ClientLogs | None = None) -> None:
         self.device = device
         self.dma = dma
+        self.budget = budget if budget is not None else connection_budget(1)
+        self.logs = logs if logs is not None else ClientLogs()
+        # The IRQ eventfds the device keeps come out of the same fd budget.
+        irq_fds = sum(irq.count for irq in device.irqs() if irq.flags & IRQ_INFO_EVENTFD)
+        dma.max_maps = min(dma.max_maps, self.budget.dma_maps)
+        dma.max_fd_maps = max(1, self.budget.pinned_fds - irq_fds)
+        dma.max_mapped_bytes = self.budget.mapped_bytes
         self.negotiated = False
         self.client = ClientCaps()
         # Counters for tests and the log; cheap.
@@ -124,12 +155,13 @@ class Session:
             fds = []  # from here the handler owns msg.fds
             reply = handler(msg)
         except p.ProtocolError as exc:
-            log.warning("%s (id %d): refused with %s: %s", p.command_name(hdr.command), hdr.msg_id,
-                        errno.errorcode.get(exc.errno, exc.errno), exc.reason)
+            self.logs.refusals.warning("%s (id %d): refused with %s: %s", p.command_name(hdr.command),
+                                  hdr.msg_id, errno.errorcode.get(exc.errno, exc.errno), exc.reason)
             self.stats["errors"] = self.stats.get("errors", 0) + 1
             reply = Outgoing(p.encode_error(hdr, exc.errno))
         except Exception:  # a device bug must not take the server down
-            log.exception("%s (id %d): device failed", p.command_name(hdr.command), hdr.msg_id)
+            self.logs.refusals.exception("%s (id %d): device failed", p.command_name(hdr.command),
+                                    hdr.msg_id)
             self.stats["errors"] = self.stats.get("errors", 0) + 1
             reply = Outgoing(p.encode_error(hdr, errno.EIO))
         finally:
@@ -139,8 +171,8 @@ class Session:
         return reply
 
     def handle_oversized(self, hdr: p.Header) -> Outgoing | None:
-        log.warning("%s (id %d): message of %d bytes refused with E2BIG",
-                    p.command_name(hdr.command), hdr.msg_id, hdr.size)
+        self.logs.refusals.warning("%s (id %d): message of %d bytes refused with E2BIG",
+                              p.command_name(hdr.command), hdr.msg_id, hdr.size)
         self.stats["errors"] = self.stats.get("errors", 0) + 1
         if hdr.no_reply:
             return None
@@ -218,11 +250,12 @@ class Session:
             ours.pop(key, None)
             payload = p.encode_version(0, 0, ours)
         self.client = client
-        self.dma.max_maps = int(ours.get("max_dma_maps", MAX_DMA_MAPS))  # type: ignore[call-overload]
+        self.dma.max_maps = min(self.budget.dma_maps,
+                                int(ours.get("max_dma_maps", MAX_DMA_MAPS)))  # type: ignore[call-overload]
         self.dma.max_transfer = max(1, min(client.max_data_xfer_size, DMA_TRANSFER_CHUNK))
         self.negotiated = True
-        log.info("VERSION %d.%d negotiated: client %s, server %s", v.major, v.minor,
-                 caps, ours)
+        self.logs.lifecycle.info("VERSION %d.%d negotiated: client %s, server %s", v.major, v.minor,
+                            caps, ours)
         return Outgoing(p.encode_reply(msg.header, payload))
 
     def _dma_map(self, msg: p.Message) -> Outgoing:
@@ -231,6 +264,8 @@ class Session:
             if len(fds) > 1:
                 raise p.ProtocolError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
             m = p.parse_dma_map(msg.payload)
+            if fds:  # memory that can shrink under a mapping is a SIGBUS waiting (fds.py)
+                check_sealed_memory(fds[0], m.offset, m.size)
             try:
                 self.dma.map(m.address, m.size, bool(m.flags & p.DMA_MAP_FLAG_READ),
                              bool(m.flags & p.DMA_MAP_FLAG_WRITE), fds[0] if fds else None,
@@ -304,6 +339,8 @@ class Session:
                     raise p.ProtocolError(errno.ENOTSUP, "eventfd for MASK/UNMASK")
                 if fds and len(fds) != s.count:
                     raise p.ProtocolError(errno.EINVAL, f"{len(fds)} fds for count {s.count}")
+                for fd in fds:  # eventfds only, written non-blocking (fds.py)
+                    check_eventfd(fd)
                 assigned: list[int | None] = list(fds) if fds else [None] * s.count
                 fds = []  # the device owns them now
                 self.device.set_irq_eventfds(s.index, s.start, assigned)

@@ -1,1 +1,1 @@
-"""The KVM transport, device side: split virtqueues, the virtio-pci transport and the virtio-scsi device.
+"""The KVM transport, device side: split virtqueues, virtio-pci and the virtio-scsi device."""

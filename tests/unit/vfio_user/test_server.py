@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -215,8 +216,10 @@ async def wait_for(condition, timeout: float = 5.0) -> None:
 
 
 def memfd(size: int) -> int:
-    fd = os.memfd_create("guest")
+    """Guest RAM as QEMU's memory-backend-memfd makes it: sealed against resizing."""
+    fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
     return fd
 
 
