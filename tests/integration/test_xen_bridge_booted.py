@@ -530,7 +530,7 @@ async def test_domu_through_bridge_xen_backend() -> None:
 
     # (4) sg_reset -d: RESET -> LOGICAL UNIT RESET, answered with success.
     assert "GUEST sg_reset rc=0" in guest, _lines(guest, "RESET ")
-    assert stats["tmfs"].get("LOGICAL_UNIT_RESET:OK", 0) >= 1, stats
+    assert stats["tmfs"].get("LOGICAL_UNIT_RESET:FUNCTION_COMPLETE", 0) >= 1, stats
     assert "GUEST read after reset ok" in guest
 
     # (4b) PR fencing between the domU and the dom0 initiator on LU disk0.
