@@ -186,7 +186,7 @@ async def _bind(path: str, mode: int, owner: int | None, group: int | None
         except BaseException:
             os.unlink(tmp)
             raise
-        listener.listen(16)
+        listener.listen(128)
     except BaseException:
         listener.close()
         raise
