@@ -133,6 +133,23 @@ def _lu_info(ctl: Control, name: str) -> dict[str, Any]:
             "mapped": _mapped_where(ctl, name)}
 
 
+def _same_file(ctl: Control, path: str) -> str | None:
+    """The LU already served from ``path`` (same device and inode), if any."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    for lu in ctl.target.logical_units():
+        try:
+            other = os.fstat(lu.backing.fd)
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) or \
+                (st.st_rdev and other.st_rdev == st.st_rdev):
+            return lu.name
+    return None
+
+
 def _with_luns(ctl: Control, att: dict[str, Any]) -> dict[str, Any]:
     maps = ctl.target.lun_maps().get(att["initiator"], {})
     return {**att, "luns": {str(k): v for k, v in sorted(maps.items())}}
@@ -219,6 +236,9 @@ async def lu_add(ctl: Control, p: dict[str, Any]) -> Any:
         spec = ctl.host.lu_spec(p)
     except ValueError as e:
         raise RpcError(INVALID_PARAMS, str(e)) from None
+    other = _same_file(ctl, spec.path)
+    if other is not None:
+        raise RpcError(REFUSED, f"path: {spec.path} is the image of logical unit {other!r}")
     try:
         ctl.target.add_logical_unit(spec)
     except ValueError as e:

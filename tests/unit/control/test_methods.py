@@ -34,6 +34,8 @@ async def test_lu_lifecycle_and_events(ctl, run_dir):
     await refused(ctl, "lu.add", {"name": "x", "path": "x.img", "size": 1000}, j.INVALID_PARAMS,
                   "size: must be a multiple")
     await refused(ctl, "lu.add", {"name": "x y", "path": "x.img", "size": 512}, j.INVALID_PARAMS, "name")
+    await refused(ctl, "lu.add", {"name": "twin", "path": str(run_dir / "disk0.img")},
+                  words="is the image of logical unit 'disk0'")
     m = await call(ctl, "lun.map", {"initiator": "vm1.sock", "lun": 5, "lu": "new"})
     assert m == {"initiator": VM1, "lun": 5, "lu": "new"}
     await refused(ctl, "lun.map", {"initiator": VM1, "lun": 5, "lu": "disk1"}, words="unmap it first")
