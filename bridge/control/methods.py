@@ -26,6 +26,7 @@ from bridge.scsi.target import Target
 from . import running
 from .host import AttachmentHost
 from .jsonrpc import FAILED, INVALID_PARAMS, NOT_FOUND, REFUSED, Param, RpcError, param
+from .uevents import BlockDeviceWatcher, block_traits
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Control:
     started: float = field(default_factory=time.time)
     stats_since: float = field(default_factory=time.time)
     lock: trio.Lock = field(default_factory=trio.Lock)
+    watcher: BlockDeviceWatcher | None = None  # block-device uevents (serve_control)
 
     def __post_init__(self) -> None:
         self.target.enable_statistics()
@@ -129,7 +131,8 @@ def _lu_info(ctl: Control, name: str) -> dict[str, Any]:
     return {"name": name, "path": lu.spec.path, "size": lu.backing.size,
             "block_size": lu.block_size, "num_blocks": lu.num_blocks,
             "wwn": "naa." + lu.identity.wwn.hex(), "serial": lu.identity.serial,
-            "read_only": lu.read_only, "block_device": lu.backing.is_block_device,
+            "read_only": lu.read_only, "block_device": block_traits(lu.spec.path)
+            if lu.backing.is_block_device else None,
             "mapped": _mapped_where(ctl, name)}
 
 
@@ -236,6 +239,10 @@ async def lu_add(ctl: Control, p: dict[str, Any]) -> Any:
         spec = ctl.host.lu_spec(p)
     except ValueError as e:
         raise RpcError(INVALID_PARAMS, str(e)) from None
+    traits = block_traits(spec.path)
+    if traits and traits.get("logical_block_size", 0) > spec.block_size:
+        raise RpcError(REFUSED, f"block_size: {spec.block_size} is smaller than the logical block "
+                                f"size of {spec.path} ({traits['logical_block_size']})")
     other = _same_file(ctl, spec.path)
     if other is not None:
         raise RpcError(REFUSED, f"path: {spec.path} is the image of logical unit {other!r}")
@@ -428,6 +435,9 @@ async def status(ctl: Control, p: dict[str, Any]) -> Any:
         "reservations": {lu.name: lu.reservations.status() for lu in target.logical_units()},
         "unit_attentions": [{"initiator": ini, "lu": lu, "pending": [_ua_text(u) for u in q]}
                             for ini, lu, q in target.unit_attentions.snapshot()],
+        "block_devices": None if ctl.watcher is None else {
+            "uevents": ctl.watcher.running, "resized": ctl.watcher.resized,
+            "removed": dict(ctl.watcher.removed)},
     }
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import socket as stdsocket
 import stat
+from functools import partial
 from typing import Any
 
 import trio
@@ -36,6 +37,7 @@ from .jsonrpc import (
     error_id,
     parse_request,
 )
+from .uevents import BlockDeviceWatcher
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +214,13 @@ async def serve_control(target: Target, host: AttachmentHost, *, state_dir: str,
                         socket_path: str | None = None, mode: int = 0o600,
                         owner: int | None = None, group: int | None = None,
                         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-    """The serve hook: run the control server until cancelled (``nursery.start`` it)."""
+    """The serve hook: run the control server (and the block-device uevent watcher) until
+    cancelled (``nursery.start`` it)."""
     control = methods.Control(target, host, state_dir, log_level, config_path)
+    control.watcher = BlockDeviceWatcher(target)
     server = ControlServer(control)
-    await server.serve(socket_path or default_socket_path(state_dir), mode=mode, owner=owner,
-                       group=group, task_status=task_status)
+    path = socket_path or default_socket_path(state_dir)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.watcher.run)
+        await nursery.start(partial(server.serve, path, mode=mode, owner=owner, group=group))
+        task_status.started()
