@@ -92,7 +92,8 @@ class Attachments:
                              "(only vfio_user)")
         cfg = self._parse({"vfio_user": [{**params, "luns": {}}]}, "vfio_user[0].")
         att = cfg.vfio_user[0]
-        taken = {a["initiator"] for a in self.attachments()} | set(self._target.lun_maps())
+        taken = {a["initiator"] for a in self.attachments()} | \
+            {ini for ini, m in self._target.lun_maps().items() if m}
         if att.socket in self._vfio:
             raise ValueError(f"socket: {att.socket} is already served")
         if att.initiator in taken:
