@@ -82,6 +82,10 @@ async def test_attachments(ctl, run_dir):
     assert "iqn.2026-11.org.vscsi-bridge:vfio-user.vm2" not in ctl.target.lun_maps() or \
         not ctl.target.lun_maps()["iqn.2026-11.org.vscsi-bridge:vfio-user.vm2"]
     await refused(ctl, "attach.remove", {"id": "vm2.sock"}, j.NOT_FOUND)
+    again = await call(ctl, "attach.add", {"kind": "vfio_user", "socket": "vm2.sock"})
+    assert again["luns"] == {}  # the same socket and initiator again, without the old maps
+    await refused(ctl, "attach.add", {"kind": "vfio_user", "socket": "vm3.sock",
+                                      "initiator": VM1}, j.INVALID_PARAMS, "already used")
 
 
 async def test_status_stats_pr_log(ctl):
