@@ -107,3 +107,13 @@ async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(nursery, ctl, 
         assert "another bridge answers" in str(e)
     else:
         raise AssertionError("took over a live socket")
+
+
+async def test_owner_group_and_mode_are_parameters(nursery, ctl, run_dir):
+    server = ControlServer(ctl)
+    path = str(run_dir / "ops.sock")
+    await nursery.start(lambda task_status: server.serve(path, mode=0o660, group=65534,
+                                                         task_status=task_status))
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 65534 and st.st_uid == os.getuid()
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
