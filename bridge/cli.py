@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from bridge.config import BridgeConfig, ConfigError, demo_config, load_config
+from bridge.control import cli as control_cli
 from bridge.scsi.reservations_state import ReservationStateError
 
 log = logging.getLogger("bridge")
@@ -43,27 +44,28 @@ def _describe(config: BridgeConfig) -> str:
     return "\n".join(lines)
 
 
-async def serve(config: BridgeConfig, ready_file: str | None = None) -> None:
+async def serve(config: BridgeConfig, ready_file: str | None = None,
+                config_path: str | None = None) -> None:
     """Run the target core and every configured transport until SIGINT/SIGTERM."""
-    from bridge.scsi.request import InitiatorPort
+    from functools import partial
+
+    from bridge.attachments import Attachments
+    from bridge.control.server import serve_control
     from bridge.scsi.target import Target
-    from bridge.vfio_user.server import serve as serve_vfio_user
-    from bridge.virtio.scsi_device import VirtioScsiPciDevice
 
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
     target = Target(config.lus, config.lun_maps())
     try:
         async with trio.open_nursery() as nursery:
+            attachments = Attachments(nursery, target, config)
             for att in config.vfio_user:
-                device = VirtioScsiPciDevice(
-                    target, InitiatorPort(att.initiator), num_queues=att.num_queues, queue_size=att.queue_size
-                )
-                await nursery.start(serve_vfio_user, att.socket, device)
-                log.info("serving vfio-user socket %s for %s", att.socket, att.initiator)
+                await attachments.add_vfio_user(att)
             if config.xen:
                 from bridge.xen.runner import run_xen_backend, xen_config_from
 
                 await nursery.start(run_xen_backend, target, None, xen_config_from(config))
+            await nursery.start(partial(serve_control, target, attachments, state_dir=config.state_dir,
+                                        log_level=config.log_level, config_path=config_path))
             print(_describe(config), flush=True)
             if ready_file:
                 Path(ready_file).write_text("ready\n")
@@ -97,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--ready-file", help="write this file once every transport listens")
     p_check = sub.add_parser("check-config", help="validate a configuration file and print what it serves")
     p_check.add_argument("config")
-    p_status = sub.add_parser("status", help="print LUs, initiator names and reservations of a configuration")
-    p_status.add_argument("--config", "-c", required=True)
+    control_commands = control_cli.register(sub, file_status=_file_status)  # incl. live status
     p_xen = sub.add_parser("xen", help="toolstack part for Xen (xl has no vscsi support)")
     xen_sub = p_xen.add_subparsers(dest="xen_command", required=True)
     p_attach = xen_sub.add_parser("attach", help="write a domain's vscsi frontend and backend xenstore nodes")
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p_detach.add_argument("--domid", type=int, required=True)
     p_detach.add_argument("--devid", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command in control_commands:
+        return control_cli.run(args)
     if args.command == "xen":
         _setup_logging("info")
         return trio.run(_xen_toolstack, args)
@@ -118,15 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             print(_describe(load_config(args.config)))
             return 0
-        if args.command == "status":
-            return _status(load_config(args.config))
         config = _load(args)
     except ConfigError as e:
         print(f"vscsi-bridge: configuration error: {e}", file=sys.stderr)
         return 2
     _setup_logging(config.log_level)
     try:
-        trio.run(serve, config, args.ready_file)
+        trio.run(serve, config, args.ready_file, args.config and os.path.abspath(args.config))
     except KeyboardInterrupt:
         pass
     except (OSError, ReservationStateError) as e:
@@ -154,6 +155,15 @@ async def _xen_toolstack(args: argparse.Namespace) -> int:
     except (OSError, ValueError, XenStoreError) as e:
         print(f"vscsi-bridge: xen {args.xen_command}: {e}", file=sys.stderr)
         return 1
+
+
+def _file_status(config_path: str) -> int:
+    """``status`` when no bridge answers on the control socket: from the files."""
+    try:
+        return _status(load_config(config_path))
+    except ConfigError as e:
+        print(f"vscsi-bridge: configuration error: {e}", file=sys.stderr)
+        return 2
 
 
 def _status(config: BridgeConfig) -> int:

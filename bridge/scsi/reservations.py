@@ -561,6 +561,20 @@ class PersistentReservations:
         """SPC-2 5.5.1: a LOGICAL UNIT RESET releases the SPC-2 reservation; PR unaffected."""
         self._spc2_holder = None
 
+    def clear_all(self) -> None:
+        """An administrator's CLEAR (the control plane's pr.clear, like targetcli's): every
+        registration and the reservation go, registrants get RESERVATIONS PREEMPTED."""
+        new = self._state.copy()
+        names = list(new.registrations)
+        new.registrations.clear()
+        new.reservation = None
+        new.bump_generation()
+        new.aptpl = False
+        self._commit(new)
+        self._spc2_holder = None
+        for n in names:
+            self._unit_attention(n, ASC_RESERVATIONS, ASCQ_RESERVATIONS_PREEMPTED)
+
     # ------------------------------------------------------------- status
 
     def status(self) -> dict:

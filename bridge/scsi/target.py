@@ -21,6 +21,7 @@ than an allocation length is not an error: the data are truncated (SPC-4 4.2.5.6
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -43,6 +44,7 @@ from .request import (
     TmfServiceResponse,
 )
 from .sense import SenseData, SenseError, SenseKey, invalid_opcode
+from .statistics import Statistics
 from .task_management import TASK_MANAGEMENT_FUNCTIONS
 from .task_set import Task, TaskSet
 from .unit_attention import (
@@ -70,6 +72,7 @@ class Target:
         self._lus: dict[str, LogicalUnit] = {}
         self._maps: dict[str, dict[int, str]] = {}
         self._subscribers: list[Callable[[TargetEvent], None]] = []
+        self.statistics: Statistics | None = None  # enable_statistics()
         try:
             for spec in lus:
                 self.add_logical_unit(spec)
@@ -98,6 +101,30 @@ class Target:
 
     def logical_unit(self, name: str) -> LogicalUnit:
         return self._lus[name]
+
+    def logical_units(self) -> list[LogicalUnit]:
+        return list(self._lus.values())
+
+    def lun_maps(self) -> dict[str, dict[int, str]]:
+        """Initiator port name -> {LUN: LU name}, a copy."""
+        return {ini: dict(m) for ini, m in self._maps.items()}
+
+    def remove_logical_unit(self, name: str) -> None:
+        """Close and forget an LU that no initiator sees and that has no task in flight."""
+        lu = self._lus[name]
+        if self.nexuses_of(name):
+            raise ValueError(f"logical unit {name!r} is mapped")
+        if len(lu.tasks):
+            raise ValueError(f"logical unit {name!r} has commands in flight")
+        del self._lus[name]
+        self.unit_attentions.forget_lu(name)
+        lu.close()
+
+    def enable_statistics(self) -> Statistics:
+        """Count every command from now on (bridge.scsi.statistics)."""
+        if self.statistics is None:
+            self.statistics = Statistics(self)
+        return self.statistics
 
     def luns_for(self, initiator: str) -> list[int]:
         return sorted(self._maps.get(initiator, {}))
@@ -203,20 +230,28 @@ class Target:
         trio.Cancelled). A transport that gets a coroutine must await it (an unstarted
         one holds nothing: the command joins the task set when it starts).
         """
+        stats = self.statistics
+        t0 = time.perf_counter_ns() if stats is not None else 0
         try:
             started = self._submit(req)
         except Exception:
-            return self._internal_error(req)
+            started = self._internal_error(req)
         if type(started) is ScsiResponse:
+            if stats is not None:
+                stats.record(req, started, time.perf_counter_ns() - t0)
             return started
-        return self._finish(req, started)
+        return self._finish(req, started, t0)
 
-    async def _finish(self, req: ScsiRequest, rest: Coroutine[Any, Any, ScsiResponse]
-                      ) -> ScsiResponse:
+    async def _finish(self, req: ScsiRequest, rest: Coroutine[Any, Any, ScsiResponse],
+                      t0: int = 0) -> ScsiResponse:
         try:
-            return await rest
+            resp = await rest
         except Exception:
-            return self._internal_error(req)
+            resp = self._internal_error(req)
+        stats = self.statistics
+        if stats is not None:
+            stats.record(req, resp, time.perf_counter_ns() - t0)
+        return resp
 
     @staticmethod
     def _internal_error(req: ScsiRequest) -> ScsiResponse:

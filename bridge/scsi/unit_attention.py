@@ -72,3 +72,7 @@ class UnitAttentions:
     def forget_lu(self, lu: str) -> None:
         for key in [k for k in self._queues if k[1] == lu]:
             del self._queues[key]
+
+    def snapshot(self) -> list[tuple[str, str, list[tuple[int, int]]]]:
+        """(initiator, LU, pending (asc, ascq) oldest first) of every nexus with UAs queued."""
+        return [(ini, lu, list(q)) for (ini, lu), q in self._queues.items() if q]

@@ -1,0 +1,131 @@
+"""The composition root's attachments: transports created and removed at run time.
+
+``serve`` (bridge/cli.py) starts every configured vfio-user attachment through
+``Attachments.add_vfio_user`` and hands this object to the control server, which knows
+it only as ``bridge.control.host.AttachmentHost`` (the control plane imports no
+transport). Each vfio-user attachment runs in its own cancel scope, so ``attach.remove``
+stops one socket (its client sees a disconnect, the target an I_T nexus loss) and
+nothing else. Xen attachments are listed; adding or removing them at run time is not
+supported yet (the Xen runner takes its domains at start).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bridge.config import BridgeConfig, ConfigError, VfioUserAttachment, parse_config
+from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.request import InitiatorPort
+from bridge.scsi.target import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    config: VfioUserAttachment
+    device: Any  # VirtioScsiPciDevice
+    scope: trio.CancelScope
+    done: trio.Event
+
+
+class Attachments:
+    """Implements bridge.control.host.AttachmentHost for ``serve``."""
+
+    def __init__(self, nursery: trio.Nursery, target: Target, config: BridgeConfig) -> None:
+        self._nursery = nursery
+        self._target = target
+        self._config = config
+        self._vfio: dict[str, _Running] = {}  # by socket path
+
+    # -- vfio-user ------------------------------------------------------------------
+
+    async def add_vfio_user(self, att: VfioUserAttachment) -> None:
+        from bridge.vfio_user.server import serve as serve_vfio_user
+        from bridge.virtio.scsi_device import VirtioScsiPciDevice
+
+        device = VirtioScsiPciDevice(self._target, InitiatorPort(att.initiator),
+                                     num_queues=att.num_queues, queue_size=att.queue_size)
+        running = _Running(att, device, trio.CancelScope(), trio.Event())
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with running.scope:
+                    await serve_vfio_user(att.socket, device, task_status=task_status)
+            finally:
+                self._target.unsubscribe(device._on_target_event)
+                device.close()
+                running.done.set()
+
+        try:
+            await self._nursery.start(run)
+        except BaseException:
+            running.done.set()
+            raise
+        self._vfio[att.socket] = running
+        log.info("serving vfio-user socket %s for %s", att.socket, att.initiator)
+
+    # -- AttachmentHost ---------------------------------------------------------------
+
+    def attachments(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for sock, r in self._vfio.items():
+            c = r.config
+            out.append({"kind": "vfio_user", "id": f"vfio_user:{sock}", "socket": sock,
+                        "initiator": c.initiator, "num_queues": c.num_queues,
+                        "queue_size": c.queue_size,
+                        # a vfio-user client is attached while the device has its DMA space
+                        "connected": r.device._dma is not None})
+        for x in self._config.xen:
+            out.append({"kind": "xen", "id": f"xen:{x.domain}.{x.devid}", "domain": x.domain,
+                        "devid": x.devid, "initiator": x.initiator, "connected": None})
+        return out
+
+    async def add_attachment(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        if kind != "vfio_user":
+            raise ValueError(f"kind: {kind!r} attachments cannot be added at run time "
+                             "(only vfio_user)")
+        cfg = self._parse({"vfio_user": [{**params, "luns": {}}]}, "vfio_user[0].")
+        att = cfg.vfio_user[0]
+        taken = {a["initiator"] for a in self.attachments()} | \
+            {ini for ini, m in self._target.lun_maps().items() if m}
+        if att.socket in self._vfio:
+            raise ValueError(f"socket: {att.socket} is already served")
+        if att.initiator in taken:
+            raise ValueError(f"initiator: {att.initiator} is already used")
+        await self.add_vfio_user(att)
+        return next(a for a in self.attachments() if a["socket"] == att.socket)
+
+    async def remove_attachment(self, key: str) -> dict[str, Any]:
+        for sock, r in self._vfio.items():
+            if key in (f"vfio_user:{sock}", sock, r.config.initiator):
+                entry = next(a for a in self.attachments() if a.get("socket") == sock)
+                r.scope.cancel()
+                await r.done.wait()
+                del self._vfio[sock]
+                log.info("vfio-user socket %s removed", sock)
+                return entry
+        for x in self._config.xen:
+            if key in (f"xen:{x.domain}.{x.devid}", x.initiator):
+                raise ValueError("Xen attachments cannot be removed at run time; "
+                                 "use vscsi-bridge xen detach")
+        raise LookupError(f"no attachment {key!r}")
+
+    def lu_spec(self, params: dict[str, Any]) -> LogicalUnitSpec:
+        return self._parse({"lu": [params]}, "lu[0].").lus[0]
+
+    def _parse(self, sections: dict[str, Any], prefix: str) -> BridgeConfig:
+        """One section checked exactly as the configuration file's (same messages)."""
+        doc = {"bridge": {"state_dir": self._config.state_dir}, **sections}
+        doc.setdefault("lu", [])
+        existing = [{"name": lu.name, "path": lu.spec.path} for lu in self._target.logical_units()]
+        doc["lu"] = doc["lu"] + existing
+        try:
+            return parse_config(doc, Path(self._config.state_dir))
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix(prefix)) from None

@@ -1,0 +1,150 @@
+"""Following block-device backings: kernel uevents (pyroute2's parser) and sysfs traits.
+
+An LU backed by a block device (a LVM volume, a loop device, a SAN LUN) changes size
+when the device does (``lvextend``, ``losetup -c``, a rescan); the kernel then sends a
+``change`` uevent with ``RESIZE=1`` (block/genhd.c set_capacity_and_notify). The watcher
+listens on the kernel's uevent netlink group and calls ``Target.resize`` for the LU,
+so its guests get CAPACITY DATA HAS CHANGED and the virtio PARAM_CHANGE event, as with
+``lu.resize``. A ``remove`` uevent of a backing device is logged and kept for ``status``.
+
+I/O stays with trio (an AF_NETLINK socket); parsing is pyroute2's ``MarshalUevent``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as stdsocket
+import stat
+import struct
+from typing import Any
+
+import trio
+
+from bridge.scsi.target import Target
+
+log = logging.getLogger(__name__)
+
+NETLINK_KOBJECT_UEVENT = 15
+KERNEL_GROUP = 1
+_TRAITS = ("logical_block_size", "physical_block_size", "rotational", "optimal_io_size",
+           "discard_granularity", "discard_max_bytes", "max_hw_sectors_kb", "write_cache")
+
+
+def parse_uevent(data: bytes) -> dict[str, str]:
+    """A kernel (or udev) uevent datagram -> its properties (ACTION, DEVNAME, MAJOR, ...)."""
+    from pyroute2.netlink.uevent import MarshalUevent
+
+    try:
+        for msg in MarshalUevent().parse(data):
+            return {k: v for k, v in msg.items() if isinstance(k, str) and isinstance(v, str)}
+    except (UnicodeDecodeError, ValueError, struct.error):
+        pass  # only the kernel sends to this group; still, never fail on a datagram
+    return {}
+
+
+def device_number(path: str) -> int | None:
+    """st_rdev of a block device, None for anything else."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
+
+
+def block_traits(path: str) -> dict[str, Any] | None:
+    """The queue limits of a block device from sysfs (None for an image file)."""
+    rdev = device_number(path)
+    if rdev is None:
+        return None
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    out: dict[str, Any] = {"device": f"{os.major(rdev)}:{os.minor(rdev)}"}
+    try:
+        out["name"] = os.path.basename(os.path.realpath(base))
+    except OSError:
+        pass
+    for name in _TRAITS:
+        try:
+            with open(f"{base}/queue/{name}") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        out[name] = int(text) if text.isdigit() else text
+    return out
+
+
+class BlockDeviceWatcher:
+    """Resizes LUs whose backing block device changed size; remembers removed devices."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.removed: dict[str, str] = {}  # LU name -> device name, once its device is gone
+        self.resized = 0
+        self.running = False
+
+    def handle(self, event: dict[str, str]) -> None:
+        if event.get("SUBSYSTEM") != "block" or "MAJOR" not in event or "MINOR" not in event:
+            return
+        try:
+            rdev = os.makedev(int(event["MAJOR"]), int(event["MINOR"]))
+        except ValueError:
+            return
+        action = event.get("ACTION")
+        for lu in self.target.logical_units():
+            if not lu.backing.is_block_device or os.fstat(lu.backing.fd).st_rdev != rdev:
+                continue
+            if action == "remove":
+                self.removed[lu.name] = event.get("DEVNAME", "?")
+                log.error("LU %s: its block device %s was removed", lu.name, event.get("DEVNAME"))
+            elif action == "change":
+                self._refresh(lu.name)
+
+    def _refresh(self, name: str) -> None:
+        lu = self.target.logical_unit(name)
+        old = lu.backing.size
+        lu.backing.refresh_size()
+        new = lu.backing.size
+        if new == old:
+            return
+        if new % lu.block_size or new < lu.block_size:
+            log.error("LU %s: device is now %d bytes, not a multiple of %d; not resized",
+                      name, new, lu.block_size)
+            return
+        self.target.resize(name, new)
+        self.resized += 1
+        log.info("LU %s: block device resized from %d to %d bytes", name, old, new)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen to kernel uevents until cancelled; without netlink access, say so and end."""
+        try:
+            sock = trio.socket.socket(stdsocket.AF_NETLINK, stdsocket.SOCK_RAW, NETLINK_KOBJECT_UEVENT)
+        except OSError as e:
+            log.info("no kernel uevents (%s): block-device LUs are not resized automatically", e)
+            task_status.started()
+            return
+        with sock:
+            try:
+                await sock.bind((0, KERNEL_GROUP))
+                sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 1 << 20)
+            except OSError as e:
+                log.info("no kernel uevents (%s): block-device LUs are not resized automatically", e)
+                task_status.started()
+                return
+            self.running = True
+            task_status.started()
+            try:
+                while True:
+                    try:
+                        data = await sock.recv(65536)
+                    except OSError as e:  # ENOBUFS: events were lost; look at every device
+                        log.warning("uevent socket: %s; re-reading block device sizes", e)
+                        for lu in self.target.logical_units():
+                            if lu.backing.is_block_device:
+                                self._refresh(lu.name)
+                        continue
+                    try:
+                        self.handle(parse_uevent(data))
+                    except Exception:
+                        log.exception("uevent handling failed")
+            finally:
+                self.running = False

@@ -1,0 +1,77 @@
+"""Block-device LUs follow their device: a loop device grown with ``losetup -c`` (the
+kernel's RESIZE=1 uevent) grows the LU, with CAPACITY DATA HAS CHANGED for its
+initiator; sysfs traits in lu.list; a device with larger logical blocks than the LU's
+is refused. Needs root and loop devices (skipped otherwise); no guest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from bridge.control import jsonrpc as j
+from bridge.control.client import ControlError
+from bridge.control.pytest_plugin import vscsi_bridge, vscsi_bridge_factory  # noqa: F401
+
+VM1 = "iqn.2026-11.org.vscsi-bridge:vfio-user.vm1"
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/loop-control") or not shutil.which("losetup"),
+    reason="needs root and loop devices")
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    made = []
+
+    def make(size: int, sector_size: int = 512) -> tuple[str, str]:
+        image = tmp_path / f"loop{len(made)}.img"
+        with open(image, "wb") as f:
+            f.truncate(size)
+        dev = subprocess.check_output(["losetup", "-f", "--show", "--sector-size", str(sector_size),
+                                       str(image)], text=True).strip()
+        made.append(dev)
+        return dev, str(image)
+
+    yield make
+    for dev in made:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_loop_device_grows_and_the_lu_follows(vscsi_bridge, loop_device):  # noqa: F811
+    c = vscsi_bridge.client
+    dev, image = loop_device(8 * MiB)
+    lu = c.lu_add(name="blk", path=dev)
+    assert lu["size"] == 8 * MiB and lu["block_device"]["logical_block_size"] == 512
+    assert lu["block_device"]["device"].startswith("7:")
+    c.lun_map(initiator=VM1, lun=2, lu="blk")
+    assert c.status()["block_devices"]["uevents"] is True
+    os.truncate(image, 16 * MiB)
+    subprocess.check_call(["losetup", "-c", dev])
+    deadline = time.monotonic() + 20
+    while c.lu_list()[1]["size"] != 16 * MiB:
+        assert time.monotonic() < deadline, vscsi_bridge.log()[-2000:]
+        time.sleep(0.1)
+    st = c.status()
+    assert st["block_devices"]["resized"] == 1
+    ua = [u for u in st["unit_attentions"] if u["lu"] == "blk" and u["initiator"] == VM1]
+    assert ua and "2Ah/09h" in ua[0]["pending"], st["unit_attentions"]
+    # lu.resize without a size re-reads the device (here: nothing changed)
+    assert c.lu_resize(name="blk")["size"] == 16 * MiB
+    with pytest.raises(ControlError) as e:
+        c.lu_resize(name="blk", size=32 * MiB)
+    assert e.value.code == j.REFUSED and "block device" in e.value.message
+    c.lu_remove(name="blk", force=True)
+
+
+def test_device_with_larger_blocks_refused(vscsi_bridge, loop_device):  # noqa: F811
+    dev, _ = loop_device(8 * MiB, sector_size=4096)
+    with pytest.raises(ControlError) as e:
+        vscsi_bridge.client.lu_add(name="big", path=dev)
+    assert e.value.code == j.REFUSED and "logical block size" in e.value.message
+    assert vscsi_bridge.client.lu_add(name="big", path=dev, block_size=4096)["block_size"] == 4096
+    vscsi_bridge.client.lu_remove(name="big")
