@@ -1,0 +1,121 @@
+"""The virtio-scsi event queue (virtio 1.2 5.6.6.3): the target's hot-plug and
+capacity events as virtio-scsi events, and the events that found no buffer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from bridge.virtio.iov import iov_from_bytes, iov_len
+from bridge.virtio.pci import VirtioPciTransport
+from bridge.virtio.scsi_wire import (
+    EVENT_SIZE,
+    VIRTIO_SCSI_EVT_RESET_REMOVED,
+    VIRTIO_SCSI_EVT_RESET_RESCAN,
+    VIRTIO_SCSI_F_CHANGE,
+    VIRTIO_SCSI_F_HOTPLUG,
+    VIRTIO_SCSI_T_EVENTS_MISSED,
+    VIRTIO_SCSI_T_NO_EVENT,
+    VIRTIO_SCSI_T_PARAM_CHANGE,
+    VIRTIO_SCSI_T_TRANSPORT_RESET,
+    encode_event,
+    event_lun,
+)
+from bridge.virtio.virtqueue import SplitVirtqueue, VirtqueueBroken
+
+log = logging.getLogger(__name__)
+
+EVENTQ = 1
+
+# SBC-3: CAPACITY DATA HAS CHANGED, reported as PARAM_CHANGE reason asc | ascq << 8
+_PARAM_CHANGE_CAPACITY = 0x2A | 0x09 << 8
+
+
+class EventQueue:
+    """Queue 1, for the device's lifetime; its ring exists only while the driver is up."""
+
+    def __init__(self, pci: VirtioPciTransport, initiator: str,
+                 warn: Callable[..., None]) -> None:
+        self.missed = False  # an event was dropped: flag it in the next one
+        self.vq: SplitVirtqueue | None = None
+        self._pci = pci
+        self._initiator = initiator
+        self._warn = warn
+        self._open: Callable[[], SplitVirtqueue | None] | None = None
+
+    def start(self, open_ring: Callable[[], SplitVirtqueue | None]) -> None:
+        """DRIVER_OK: events go to the ring ``open_ring`` gives (on first use)."""
+        self._open = open_ring
+
+    def stop(self) -> SplitVirtqueue | None:
+        """Reset or disconnect: no driver to tell; the ring, to release."""
+        vq = self.vq
+        self.vq = None
+        self._open = None
+        return vq
+
+    def on_target_event(self, event: TargetEvent) -> None:
+        try:
+            if event.initiator != self._initiator:
+                return
+            if isinstance(event, LunAdded | LunRemoved):
+                if not self._pci.negotiated(VIRTIO_SCSI_F_HOTPLUG):
+                    return  # the guest learns from REPORTED LUNS DATA HAS CHANGED instead
+                reason = (
+                    VIRTIO_SCSI_EVT_RESET_RESCAN if isinstance(event, LunAdded)
+                    else VIRTIO_SCSI_EVT_RESET_REMOVED
+                )
+                self._push(VIRTIO_SCSI_T_TRANSPORT_RESET, event_lun(event.lun), reason)
+            elif isinstance(event, CapacityChanged):
+                if not self._pci.negotiated(VIRTIO_SCSI_F_CHANGE):
+                    return
+                self._push(
+                    VIRTIO_SCSI_T_PARAM_CHANGE, event_lun(event.lun), _PARAM_CHANGE_CAPACITY
+                )
+        except Exception:
+            log.exception("delivering target event %r", event)
+
+    def flush_missed(self) -> None:
+        """The driver posted event buffers: report events we had to drop (5.6.6.3)."""
+        if self.missed:
+            self._push(VIRTIO_SCSI_T_NO_EVENT, bytes(8), 0)
+
+    def _push(self, event: int, lun: bytes, reason: int) -> None:
+        if self._open is None:
+            return  # no driver: it scans the bus when it comes up
+        vq = self.vq
+        if vq is None:
+            vq = self.vq = self._open()
+            if vq is None:
+                self.missed = True
+                return
+        used_before = vq.used_idx
+        try:
+            self._deliver(vq, event, lun, reason)
+        finally:
+            if vq.used_idx != used_before and vq.should_interrupt():
+                self._pci.interrupt_queue(EVENTQ)
+
+    def _deliver(self, vq: SplitVirtqueue, event: int, lun: bytes, reason: int) -> None:
+        while True:
+            try:
+                chain = vq.pop()
+            except VirtqueueBroken as e:
+                self._pci.set_needs_reset(f"event queue: {e}")
+                self.missed = True
+                return
+            if chain is None:
+                # virtio 1.2 5.6.6.3.1: no buffer: flag the loss in the next event
+                self.missed = True
+                return
+            if chain.error is not None or iov_len(chain.writable) < EVENT_SIZE:
+                # returned empty; the driver sees it with the next interrupt
+                self._warn("malformed event buffer (head %d): %s", chain.head, chain.error)
+                vq.push(chain.head, 0)
+                continue
+            if self.missed:
+                event |= VIRTIO_SCSI_T_EVENTS_MISSED
+                self.missed = False
+            vq.push(chain.head, iov_from_bytes(chain.writable, encode_event(event, lun, reason)))
+            return
