@@ -8,8 +8,8 @@ from typing import Any
 
 import trio
 
+from bridge.scsi.buffers import gather, scatter, total_len
 from bridge.scsi.request import TmfRequest
-from bridge.virtio.iov import iov_from_bytes, iov_len, iov_to_bytes
 from bridge.virtio.request_queue import RequestQueue
 from bridge.virtio.scsi_wire import (
     AN_REQ_SIZE,
@@ -51,10 +51,10 @@ class ControlQueue(RequestQueue):
     async def _control(self, chain: DescriptorChain) -> int:
         if chain.error is not None:
             return self._reject(chain, chain.error)
-        raw = iov_to_bytes(chain.readable, TMF_REQ_SIZE)
+        raw = gather(chain.readable, TMF_REQ_SIZE)
         typ = ctrl_type(raw)
         out = chain.writable
-        if typ == VIRTIO_SCSI_T_TMF and len(raw) >= TMF_REQ_SIZE and iov_len(out) >= 1:
+        if typ == VIRTIO_SCSI_T_TMF and len(raw) >= TMF_REQ_SIZE and total_len(out) >= 1:
             tmf = parse_tmf_req(raw)
             lun = decode_lun(tmf.lun)
             function = TMF_SUBTYPES.get(tmf.subtype)
@@ -67,11 +67,11 @@ class ControlQueue(RequestQueue):
                     TmfRequest(function, lun, tmf.tag, self._initiator)
                 )
                 response = TMF_RESPONSE_CODE[result.response]
-            return iov_from_bytes(out, bytes((int(response),)))
+            return scatter(out, bytes((int(response),)))
         if (
             typ in (VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE)
             and len(raw) >= AN_REQ_SIZE
-            and iov_len(out) >= AN_RESP_SIZE
+            and total_len(out) >= AN_RESP_SIZE
         ):
             an = parse_an_req(raw)
             # virtio 1.2 5.6.6.2: we support no asynchronous notifications: event_actual 0
@@ -79,12 +79,12 @@ class ControlQueue(RequestQueue):
                 VirtioScsiResponse.OK if decode_lun(an.lun) is not None
                 else VirtioScsiResponse.BAD_TARGET
             )
-            return iov_from_bytes(out, encode_an_resp(0, response))
+            return scatter(out, encode_an_resp(0, response))
         return self._reject(chain, f"unknown or short control request (type {typ})")
 
     def _reject(self, chain: DescriptorChain, reason: str) -> int:
         self._device._warn_guest("malformed control request (head %d): %s", chain.head, reason)
-        if chain.response_usable and iov_len(chain.writable) >= 1:
-            return iov_from_bytes(chain.writable, bytes((VirtioScsiResponse.FAILURE,)))
+        if chain.response_usable and total_len(chain.writable) >= 1:
+            return scatter(chain.writable, bytes((VirtioScsiResponse.FAILURE,)))
         self._pci.set_needs_reset(f"control request without a response buffer: {reason}")
         return 0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from bridge.scsi.buffers import scatter, total_len
 from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
-from bridge.virtio.iov import iov_from_bytes, iov_len
 from bridge.virtio.pci import VirtioPciTransport
 from bridge.virtio.scsi_wire import (
     EVENT_SIZE,
@@ -109,7 +109,7 @@ class EventQueue:
                 # virtio 1.2 5.6.6.3.1: no buffer: flag the loss in the next event
                 self.missed = True
                 return
-            if chain.error is not None or iov_len(chain.writable) < EVENT_SIZE:
+            if chain.error is not None or total_len(chain.writable) < EVENT_SIZE:
                 # returned empty; the driver sees it with the next interrupt
                 self._warn("malformed event buffer (head %d): %s", chain.head, chain.error)
                 vq.push(chain.head, 0)
@@ -117,5 +117,5 @@ class EventQueue:
             if self.missed:
                 event |= VIRTIO_SCSI_T_EVENTS_MISSED
                 self.missed = False
-            vq.push(chain.head, iov_from_bytes(chain.writable, encode_event(event, lun, reason)))
+            vq.push(chain.head, scatter(chain.writable, encode_event(event, lun, reason)))
             return

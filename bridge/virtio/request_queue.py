@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from bridge.scsi.buffers import gather, scatter, split, total_len
 from bridge.scsi.request import ScsiRequest, ScsiResponse
-from bridge.virtio.iov import iov_from_bytes, iov_len, iov_split, iov_to_bytes
 from bridge.virtio.scsi_wire import (
     CMD_REQ_FIXED_SIZE,
     CMD_RESP_FIXED_SIZE,
@@ -195,14 +195,14 @@ class RequestQueue:
             return self._reject(chain, chain.error)
         hdr_len = CMD_REQ_FIXED_SIZE + cdb_size  # cmd_req_size
         resp_len = CMD_RESP_FIXED_SIZE + sense_size  # cmd_resp_size
-        hdr_views, data_out = iov_split(chain.readable, hdr_len)
-        resp_views, data_in = iov_split(chain.writable, resp_len)
-        if iov_len(hdr_views) < hdr_len or iov_len(resp_views) < resp_len:
+        hdr_views, data_out = split(chain.readable, hdr_len)
+        resp_views, data_in = split(chain.writable, resp_len)
+        if total_len(hdr_views) < hdr_len or total_len(resp_views) < resp_len:
             return self._reject(chain, "request or response header too short")
-        hdr = parse_cmd_req(iov_to_bytes(hdr_views, hdr_len), cdb_size)
+        hdr = parse_cmd_req(gather(hdr_views, hdr_len), cdb_size)
         lun = decode_lun(hdr.lun)
         if lun is None:
-            iov_from_bytes(resp_views, encode_cmd_failure(VirtioScsiResponse.BAD_TARGET, sense_size))
+            scatter(resp_views, encode_cmd_failure(VirtioScsiResponse.BAD_TARGET, sense_size))
             return resp_len
         # Both data-out and data-in (bidirectional; VIRTIO_SCSI_F_INOUT is not offered):
         # the core answers SERVICE_DELIVERY_FAILURE, virtio FAILURE.
@@ -211,7 +211,7 @@ class RequestQueue:
             task_attr=hdr.task_attr, prio=hdr.prio, crn=hdr.crn,
             data_out=data_out, data_in=data_in,
         )
-        data_in_len = iov_len(data_in) if data_in else 0
+        data_in_len = total_len(data_in) if data_in else 0
         started = self._target.submit(req)
         if isinstance(started, ScsiResponse):
             return _finish_command(started, resp_views, resp_len, data_in_len, sense_size)
@@ -220,8 +220,8 @@ class RequestQueue:
     def _reject(self, chain: DescriptorChain, reason: str) -> int:
         """A malformed request: FAILURE where a response fits, else NEEDS_RESET (virtio 1.2 2.1.2)."""
         self._device._warn_guest("malformed request (head %d): %s", chain.head, reason)
-        if chain.response_usable and iov_len(chain.writable) >= CMD_RESP_FIXED_SIZE:
-            return iov_from_bytes(
+        if chain.response_usable and total_len(chain.writable) >= CMD_RESP_FIXED_SIZE:
+            return scatter(
                 chain.writable,
                 encode_cmd_failure(VirtioScsiResponse.FAILURE, self._device.sense_size),
             )
@@ -236,7 +236,7 @@ def _finish_command(resp: ScsiResponse, resp_views: list[memoryview], resp_len: 
     if len(first) == resp_len:  # the usual framing: the response has its own buffer
         encode_cmd_resp_into(first, resp, sense_size)
     else:
-        iov_from_bytes(resp_views, encode_cmd_resp(resp, sense_size))
+        scatter(resp_views, encode_cmd_resp(resp, sense_size))
     return resp_len + max(0, data_in_len - resp.residual)
 
 
