@@ -98,7 +98,11 @@ class EventQueue:
                 self._pci.interrupt_queue(EVENTQ)
 
     def _deliver(self, vq: SplitVirtqueue, event: int, lun: bytes, reason: int) -> None:
-        while True:
+        # At most a ring's worth of chains per event: a guest that re-posts malformed
+        # buffers as fast as they come back would otherwise keep the loop going.
+        # Past that the event is dropped and flagged missed (5.6.6.3.1): the driver
+        # learns with the next event, or with the NO_EVENT sent on its next kick.
+        for _ in range(vq.size):
             try:
                 chain = vq.pop()
             except VirtqueueBroken as e:
@@ -119,3 +123,5 @@ class EventQueue:
                 self.missed = False
             vq.push(chain.head, scatter(chain.writable, encode_event(event, lun, reason)))
             return
+        self._warn("event queue: %d malformed event buffers in a row, event dropped", vq.size)
+        self.missed = True

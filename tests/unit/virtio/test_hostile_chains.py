@@ -229,3 +229,39 @@ async def test_head_reposted_while_in_flight_is_flagged(nursery):
     assert [u[0] for u in g.drv.used(RQ)] == [head, head]  # both answered, nothing breaks
     r, _, used = await g.run_cmd(b"\x00")
     assert r["response"] == VirtioScsiResponse.OK and len(used) == 1
+
+
+async def test_event_delivery_is_bounded_against_reposted_bad_buffers(nursery, monkeypatch):
+    """Issue 15 item 8: a guest that re-posts every
+    malformed event buffer as soon as it comes back cannot keep one delivery going."""
+    from bridge.scsi.events import LunAdded
+    from bridge.virtio.scsi_wire import VIRTIO_SCSI_T_EVENTS_MISSED
+    from bridge.virtio.virtqueue import SplitVirtqueue
+
+    g = Guest(nursery, queue_size=8)
+    g.drv.init()
+    await settle()
+    reposts = 0
+    push = SplitVirtqueue.push
+
+    def push_and_repost(vq, head, written):
+        nonlocal reposts
+        push(vq, head, written)
+        if vq is g.dev.events.vq and written == 0 and reposts < 1000:
+            reposts += 1  # a vCPU puts the same bad buffer back at once
+            g.drv.publish(1, head)
+
+    monkeypatch.setattr(SplitVirtqueue, "push", push_and_repost)
+    small = g.dma.alloc(4)
+    g.drv.add_chain(1, [], [(small, 4)])
+    g.target.emit(LunAdded("iqn.2026-11.test:guest", 9))
+    assert reposts <= 8  # one ring's worth (queue size 8), not 1000
+    assert g.dev.events.missed
+    monkeypatch.setattr(SplitVirtqueue, "push", push)
+    # the last re-posted bad buffer is still there; behind it a good one gets the loss reported
+    good = g.dma.alloc(16)
+    g.drv.add_chain(1, [], [(good, 16)])
+    g.drv.kick(1)
+    await settle()
+    ev = struct.unpack_from("<I", g.dma.read(good, 4))[0]
+    assert ev == VIRTIO_SCSI_T_EVENTS_MISSED
