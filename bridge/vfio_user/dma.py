@@ -201,10 +201,13 @@ class DmaSpaceImpl:
         off = iova - region.iova
         return region.view[off : off + length]
 
-    def views(self, iova: int, length: int, writable: bool) -> list[memoryview]:
-        """Like ``view`` but allowing the range to span adjacent mappings."""
+    def views(self, iova: int, length: int, writable: bool, limit: int | None = None
+              ) -> list[memoryview]:
+        """Like ``view`` but allowing the range to span adjacent mappings (``limit`` at most)."""
         out = []
         while length > 0:
+            if limit is not None and len(out) >= limit:
+                raise DmaError(f"{iova:#x}+{length:#x} spans more than {limit} DMA mappings")
             region = self._find(iova)
             if region is None:
                 raise DmaError(f"{iova:#x}+{length:#x} is not inside DMA mappings")

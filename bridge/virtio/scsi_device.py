@@ -42,6 +42,8 @@ from bridge.virtio.event_queue import EVENTQ, EventQueue
 from bridge.virtio.pci import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioPciTransport
 from bridge.virtio.request_queue import RequestQueue
 from bridge.virtio.scsi_wire import (
+    CMD_REQ_FIXED_SIZE,
+    CMD_RESP_FIXED_SIZE,
     EVENT_SIZE,
     VIRTIO_SCSI_CDB_DEFAULT_SIZE,
     VIRTIO_SCSI_F_CHANGE,
@@ -109,6 +111,16 @@ class VirtioScsiPciDevice:
         self.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
         self.max_sectors = max_sectors
         self.cmd_per_lun = cmd_per_lun if cmd_per_lun is not None else queue_size
+        # What one chain may span (issue 15: a chain of indirect descriptors each crossing
+        # hundreds of small DMA maps cost ~900,000 views): the data the driver was told
+        # it may send (max_sectors x 512, virtio 1.2 5.6.4) plus request and response
+        # headers at their largest; and seg_max data segments plus the two headers,
+        # each of which may cross one boundary between two of the client's DMA maps.
+        self.max_chain_bytes = (
+            512 * max_sectors + CMD_REQ_FIXED_SIZE + CMD_RESP_FIXED_SIZE
+            + 2 * MAX_SENSE_OR_CDB_SIZE
+        )
+        self.max_chain_views = 2 * (self.seg_max + 2)
         self.sense_size = VIRTIO_SCSI_SENSE_DEFAULT_SIZE
         self.cdb_size = VIRTIO_SCSI_CDB_DEFAULT_SIZE
         self._nursery: trio.Nursery | None = None
@@ -295,6 +307,7 @@ class VirtioScsiPciDevice:
                 event_idx=self.pci.negotiated(VIRTIO_F_EVENT_IDX),
                 indirect=self.pci.negotiated(VIRTIO_F_INDIRECT_DESC),
                 position=self._positions.pop(queue, (0, 0)),
+                max_chain_bytes=self.max_chain_bytes, max_chain_views=self.max_chain_views,
             )
         except VirtqueueBroken as e:
             self.pci.set_needs_reset(f"queue {queue}: {e}")

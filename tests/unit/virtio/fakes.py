@@ -337,8 +337,11 @@ class SplitDma(FakeDma):
             raise DmaError("range crosses two DMA maps")
         return super().view(iova, length, writable)
 
-    def views(self, iova: int, length: int, writable: bool) -> list[memoryview]:
+    def views(self, iova: int, length: int, writable: bool, limit: int | None = None
+              ) -> list[memoryview]:
         if iova < self.boundary < iova + length:
+            if limit is not None and limit < 2:
+                raise DmaError("range spans more DMA maps than allowed")
             first = self.boundary - iova
             return [self.view(iova, first, writable),
                     self.view(self.boundary, length - first, writable)]
