@@ -31,6 +31,9 @@ EVENTQ = 1
 # SBC-3: CAPACITY DATA HAS CHANGED, reported as PARAM_CHANGE reason asc | ascq << 8
 _PARAM_CHANGE_CAPACITY = 0x2A | 0x09 << 8
 
+# (position to resume or None, whether the ring's memory is being remapped) -> ring
+RingOpener = Callable[[tuple[int, int] | None, bool], SplitVirtqueue | None]
+
 
 class EventQueue:
     """Queue 1, for the device's lifetime; its ring exists only while the driver is up."""
@@ -42,18 +45,38 @@ class EventQueue:
         self._pci = pci
         self._initiator = initiator
         self._warn = warn
-        self._open: Callable[[], SplitVirtqueue | None] | None = None
+        self._open: RingOpener | None = None
+        self._remap_position: tuple[int, int] | None = None  # see unmapped
 
-    def start(self, open_ring: Callable[[], SplitVirtqueue | None]) -> None:
-        """DRIVER_OK: events go to the ring ``open_ring`` gives (on first use)."""
+    def start(self, open_ring: RingOpener) -> None:
+        """DRIVER_OK: events go to the ring ``open_ring`` gives (on first use); it is
+        called with a position to resume and whether the ring is being remapped."""
         self._open = open_ring
+        self._remap_position = None
 
-    def stop(self) -> SplitVirtqueue | None:
-        """Reset or disconnect: no driver to tell; the ring, to release."""
+    def stop(self) -> tuple[int, int] | None:
+        """Reset or disconnect: no driver to tell. Releases the ring; its position, if
+        it was opened."""
         vq = self.vq
         self.vq = None
         self._open = None
-        return vq
+        if vq is None:
+            return self._remap_position
+        vq.release()
+        return vq.position
+
+    def unmapped(self, iova: int, size: int) -> None:
+        """DMA_UNMAP of [iova, iova+size): drop the ring's views if they are in it; it is
+        opened again at its position when the next event comes."""
+        vq = self.vq
+        if vq is None or not vq.uses(iova, size):
+            return
+        self.vq = None
+        if vq.broken is None:
+            self._remap_position = vq.position
+        else:
+            self._open = None  # needs a reset anyway
+        vq.release()
 
     def on_target_event(self, event: TargetEvent) -> None:
         try:
@@ -86,10 +109,12 @@ class EventQueue:
             return  # no driver: it scans the bus when it comes up
         vq = self.vq
         if vq is None:
-            vq = self.vq = self._open()
+            position = self._remap_position
+            vq = self.vq = self._open(position, position is not None)
             if vq is None:
                 self.missed = True
                 return
+            self._remap_position = None
         used_before = vq.used_idx
         try:
             self._deliver(vq, event, lun, reason)

@@ -54,24 +54,49 @@ class RequestQueue:
         self.wait_scope: trio.CancelScope | None = None  # the worker's wait for a doorbell
         self.outstanding: set[int] = set()  # heads popped, not yet used
         self.nursery: trio.Nursery | None = None  # the activation's, once it runs
+        self.closed = False
+        # The client unmapped the ring's memory (DMA_UNMAP): reopen it here, and push
+        # the completions that came meanwhile (head, written) then.
+        self._remap_position: tuple[int, int] | None = None
+        self._unpushed: list[tuple[int, int]] = []
         self._device = device
         self._pci = device.pci
         self._target = device.target
         self._initiator = device.initiator
         self._requests = device.requests_per_queue
 
-    def close(self) -> SplitVirtqueue | None:
-        """Stop serving (tasks are cancelled by the activation); the ring, to release."""
+    def close(self) -> tuple[int, int] | None:
+        """Stop serving (tasks are cancelled by the activation) and release the ring;
+        its position, if it was opened."""
         vq = self.vq
         self.vq = None
         self.nursery = None
-        return vq
+        self.closed = True
+        if vq is None:
+            return self._remap_position
+        vq.release()
+        return vq.position
 
     def ring(self) -> SplitVirtqueue | None:
         vq = self.vq
-        if vq is None:
-            vq = self.vq = self._device.open_virtqueue(self.index)
+        if vq is None and not self.closed:
+            position = self._remap_position
+            vq = self.vq = self._device.open_virtqueue(self.index, position, position is not None)
+            if vq is not None:
+                self._remap_position = None
         return vq
+
+    def unmapped(self, iova: int, size: int) -> None:
+        """DMA_UNMAP of [iova, iova+size): drop the ring's views if they are in it."""
+        vq = self.vq
+        if vq is None or not vq.uses(iova, size):
+            return
+        self.vq = None
+        if vq.broken is not None:
+            self.closed = True  # needs a reset anyway
+        else:
+            self._remap_position = vq.position
+        vq.release()
 
     # ---- when to look at the ring -------------------------------------
     async def run(self) -> None:
@@ -109,6 +134,8 @@ class RequestQueue:
             return
         used_before = vq.used_idx
         try:
+            if self._unpushed:
+                self._push_unpushed(vq)
             self._drain_ring(vq, self.nursery)
         finally:
             if (pushed or vq.used_idx != used_before) and vq.should_interrupt():
@@ -163,16 +190,28 @@ class RequestQueue:
             nursery.start_soon(self._serve, chain, started)
 
     def _complete(self, chain: DescriptorChain, written: int) -> None:
+        vq = self.vq or self.ring()
+        if vq is None:
+            if self.closed:  # reset or disconnected meanwhile
+                self.inflight -= 1
+                self.outstanding.discard(chain.head)
+            else:  # the ring is unmapped for now: in flight until it is back
+                self._unpushed.append((chain.head, written))
+            return
         self.inflight -= 1
         self.outstanding.discard(chain.head)
-        vq = self.vq
-        if vq is None:  # reset or disconnected meanwhile
-            return
         vq.push(chain.head, written)
         # new chains may have arrived without a doorbell (suppressed while busy),
         # or we may have stopped popping at the queue depth; one interrupt decision
         # covers this completion and whatever the drain completes at once
         self.drain(pushed=True)
+
+    def _push_unpushed(self, vq: SplitVirtqueue) -> None:
+        for head, written in self._unpushed:
+            self.inflight -= 1
+            self.outstanding.discard(head)
+            vq.push(head, written)
+        self._unpushed.clear()
 
     # ---- what a chain is: a SCSI command ------------------------------
     async def _serve(self, chain: DescriptorChain, pending: Any) -> None:

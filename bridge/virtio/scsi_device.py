@@ -174,6 +174,7 @@ class VirtioScsiPciDevice:
     def attach(self, nursery: trio.Nursery, dma: DmaSpace) -> None:
         self._nursery = nursery
         self._dma = dma
+        dma.on_unmap(self._dma_unmapping)
         if self.pci.driver_ok:
             self._activate()
 
@@ -276,7 +277,9 @@ class VirtioScsiPciDevice:
             queues[q] = RequestQueue(self, q)
         act = _Activation(queues)
         self._active = act
-        self.events.start(lambda: self.open_virtqueue(EVENTQ))
+        self.events.start(
+            lambda position, remapping: self.open_virtqueue(EVENTQ, position, remapping)
+        )
         self._nursery.start_soon(self._run, act)
 
     def _deactivate(self, keep_positions: bool = False) -> None:
@@ -288,30 +291,52 @@ class VirtioScsiPciDevice:
         if act is None:
             return
         act.scope.cancel()
-        vqs = {q: rq.close() for q, rq in act.queues.items()}
-        vqs[EVENTQ] = self.events.stop()
-        for q, vq in vqs.items():
-            if vq is not None:
-                if keep_positions:
-                    self._positions[q] = vq.position
-                vq.release()
+        positions = {q: rq.close() for q, rq in act.queues.items()}
+        positions[EVENTQ] = self.events.stop()
+        if keep_positions:
+            self._positions = {q: p for q, p in positions.items() if p is not None}
 
-    def open_virtqueue(self, queue: int) -> SplitVirtqueue | None:
-        """The ring of an enabled queue, resuming a kept position; None if it cannot be used."""
+    def open_virtqueue(self, queue: int, position: tuple[int, int] | None = None,
+                       remapping: bool = False) -> SplitVirtqueue | None:
+        """The ring of an enabled queue, at ``position`` or a kept one; None if it cannot
+        be used. ``remapping``: the client unmapped the ring's memory and has not mapped
+        it again yet, which is no reason to fail the device."""
         cfg = self.pci.queues[queue]
         if not cfg.enabled or self._dma is None:
             return None
+        if position is None:
+            position = self._positions.pop(queue, (0, 0))
         try:
             return SplitVirtqueue(
                 self._dma, cfg.size, cfg.desc, cfg.driver, cfg.device,
                 event_idx=self.pci.negotiated(VIRTIO_F_EVENT_IDX),
                 indirect=self.pci.negotiated(VIRTIO_F_INDIRECT_DESC),
-                position=self._positions.pop(queue, (0, 0)),
+                position=position,
                 max_chain_bytes=self.max_chain_bytes, max_chain_views=self.max_chain_views,
             )
         except VirtqueueBroken as e:
-            self.pci.set_needs_reset(f"queue {queue}: {e}")
+            if not remapping:
+                self.pci.set_needs_reset(f"queue {queue}: {e}")
             return None
+
+    def _dma_unmapping(self, iova: int, size: int) -> None:
+        """The client unmaps [iova, iova+size): drop the ring views into it before the reply.
+
+        QEMU does this while the guest boots: it lays low memory out again and sends
+        DMA_UNMAP then DMA_MAP over the same pages of the same memfd, while SeaBIOS,
+        which drives this device during POST to look for boot disks, has left it
+        running with its rings in low memory (memalign_low) until Linux resets it.
+        So a ring is opened again at its position on next use, and only fails the
+        device if it is still outside guest memory then. Requests in flight keep
+        their data views; the server holds the reply until they are done
+        (DmaSpaceImpl.settle).
+        """
+        act = self._active
+        if act is None:
+            return
+        for q in act.queues.values():
+            q.unmapped(iova, size)
+        self.events.unmapped(iova, size)
 
     async def _run(self, act: _Activation) -> None:
         with act.scope:

@@ -116,6 +116,8 @@ class SplitVirtqueue:
         self._indirect = indirect
         self.max_chain_bytes = max_chain_bytes
         self.max_chain_views = max_chain_views
+        self._areas = ((desc_addr, 16 * size), (driver_addr, 6 + 2 * size),
+                       (device_addr, 6 + 8 * size))
         try:
             self._desc = dma.view(desc_addr, 16 * size, False)
             self._avail = dma.view(driver_addr, 6 + 2 * size, False)
@@ -305,6 +307,10 @@ class SplitVirtqueue:
     @property
     def position(self) -> tuple[int, int]:
         return self.last_avail_idx, self.used_idx
+
+    def uses(self, iova: int, size: int) -> bool:
+        """Does a ring area (table, driver or device area) overlap [iova, iova+size)?"""
+        return any(a < iova + size and iova < a + n for a, n in self._areas)
 
     def release(self) -> None:
         """Drop the ring views (device reset, client gone)."""
