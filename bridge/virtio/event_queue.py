@@ -71,6 +71,8 @@ class EventQueue:
         vq = self.vq
         if vq is None or not vq.uses(iova, size):
             return
+        log.debug("event queue: ring memory unmapped by the client (DMA_UNMAP %#x+%#x)",
+                  iova, size)
         self.vq = None
         if vq.broken is None:
             self._remap_position = vq.position

@@ -91,6 +91,8 @@ class RequestQueue:
         vq = self.vq
         if vq is None or not vq.uses(iova, size):
             return
+        log.debug("queue %d: ring memory unmapped by the client (DMA_UNMAP %#x+%#x)",
+                  self.index, iova, size)
         self.vq = None
         if vq.broken is not None:
             self.closed = True  # needs a reset anyway

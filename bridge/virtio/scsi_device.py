@@ -322,12 +322,13 @@ class VirtioScsiPciDevice:
     def _dma_unmapping(self, iova: int, size: int) -> None:
         """The client unmaps [iova, iova+size): drop the ring views into it before the reply.
 
-        QEMU does this while the guest boots: it lays low memory out again and sends
-        DMA_UNMAP then DMA_MAP over the same pages of the same memfd, while SeaBIOS,
-        which drives this device during POST to look for boot disks, has left it
-        running with its rings in low memory (memalign_low) until Linux resets it.
-        So a ring is opened again at its position on next use, and only fails the
-        device if it is still outside guest memory then. Requests in flight keep
+        QEMU does this while the guest boots: it lays guest memory out again and sends
+        DMA_UNMAP then DMA_MAP over the same pages of the same memfd. SeaBIOS drives
+        this device during POST to look for boot disks, keeps its rings in low memory
+        (memalign_low) and leaves the device running until Linux resets it, so its
+        rings can be in a section that is remapped. A ring is therefore opened again
+        at its position on next use; while its memory is not mapped again the queue
+        is not served, and no NEEDS_RESET is raised for that. Requests in flight keep
         their data views; the server holds the reply until they are done
         (DmaSpaceImpl.settle).
         """
