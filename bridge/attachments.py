@@ -58,7 +58,6 @@ class Attachments:
                 with running.scope:
                     await serve_vfio_user(att.socket, device, task_status=task_status)
             finally:
-                self._target.unsubscribe(device._on_target_event)
                 device.close()
                 running.done.set()
 
@@ -80,7 +79,7 @@ class Attachments:
                         "initiator": c.initiator, "num_queues": c.num_queues,
                         "queue_size": c.queue_size,
                         # a vfio-user client is attached while the device has its DMA space
-                        "connected": r.device._dma is not None})
+                        "connected": r.device.connected})
         for x in self._config.xen:
             out.append({"kind": "xen", "id": f"xen:{x.domain}.{x.devid}", "domain": x.domain,
                         "devid": x.devid, "initiator": x.initiator, "connected": None})

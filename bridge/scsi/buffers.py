@@ -1,4 +1,9 @@
-"""Scatter-gather helpers over the request's memoryviews (no I/O, no copies of bulk data)."""
+"""Scatter-gather helpers over the request's memoryviews (no I/O, no copies of bulk data).
+
+A request's buffers are one byte stream split over views of guest memory
+(virtio 1.2 2.6.4: no framing assumptions); these cut, gather and scatter such
+a stream. Shared by the core and the transports (which may import the core).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,30 @@ def as_bytes_view(view: memoryview) -> memoryview:
     if view.format == "B" and view.ndim == 1:
         return view
     return view.cast("B")
+
+
+def total_len(views: Sequence[memoryview]) -> int:
+    return sum(map(len, views))
+
+
+def split(views: Sequence[memoryview], nbytes: int) -> tuple[list[memoryview], list[memoryview]]:
+    """(the first ``nbytes`` bytes, the rest); the first part is shorter when the stream is."""
+    if views and len(views[0]) == nbytes:  # the usual framing: a header in its own buffer
+        return [views[0]], list(views[1:])
+    head: list[memoryview] = []
+    tail: list[memoryview] = []
+    need = nbytes
+    for v in views:
+        if need <= 0:
+            tail.append(v)
+        elif len(v) <= need:
+            head.append(v)
+            need -= len(v)
+        else:
+            head.append(v[:need])
+            tail.append(v[need:])
+            need = 0
+    return head, tail
 
 
 def prefix(views: Sequence[memoryview], nbytes: int) -> list[memoryview]:
@@ -59,7 +88,10 @@ def scatter(views: Sequence[memoryview], data: bytes | memoryview) -> int:
 
 
 def gather(views: Sequence[memoryview], nbytes: int) -> bytes:
-    """The first ``nbytes`` bytes of the views as one bytes object (small parameter lists only)."""
+    """The first ``nbytes`` bytes of the views as one bytes object (headers and small
+    parameter lists only); fewer when the views are shorter."""
+    if views and len(views[0]) >= nbytes:  # the usual case: one buffer holds it
+        return bytes(views[0][:nbytes])
     return b"".join(bytes(v) for v in prefix(views, nbytes))
 
 

@@ -9,6 +9,7 @@ MSI 1, MSI-X 2, ERR 3, REQ 4 (linux/vfio.h).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +43,12 @@ class DmaSpace(Protocol):
         Raises DmaError when the range is not wholly inside one mapping, or
         ``writable`` is asked of a mapping the client mapped read-only.
         """
+        ...
+
+    def on_unmap(self, callback: Callable[[int, int], None]) -> None:
+        """Have ``callback(iova, size)`` called when the client unmaps a mapping, before
+        the unmap is answered: the device drops its views into it there (vfio-user.rst
+        DMA_UNMAP: no references to the region may remain once it is answered)."""
         ...
 
 

@@ -18,11 +18,16 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import trio
+
 from bridge.vfio_user.device import DmaError
 
 log = logging.getLogger("bridge.vfio_user.dma")
 
 PAGE_SIZE = mmap.PAGESIZE
+# How long a DMA_UNMAP reply waits for requests in flight to drop their views into
+# the region (QEMU waits for the reply with the BQL held: keep it short).
+UNMAP_SETTLE_TIMEOUT = 2.0
 
 
 class DmaMapError(Exception):
@@ -80,6 +85,9 @@ class DmaSpaceImpl:
         self._regions: list[DmaRegion] = []
         # Unmapped while the device still held views: retried on every unmap.
         self._zombies: list[DmaRegion] = []
+        # Zombies of the latest unmap, which its reply waits for (settle).
+        self.unsettled: list[DmaRegion] = []
+        self._unmap_callbacks: list[Callable[[int, int], None]] = []
         self._remote_read: DmaReadFn | None = None
         self._remote_write: DmaWriteFn | None = None
         self.max_transfer = 1 << 20
@@ -167,7 +175,16 @@ class DmaSpaceImpl:
         self._starts = []
         self._release(removed)
 
+    def on_unmap(self, callback: Callable[[int, int], None]) -> None:
+        self._unmap_callbacks.append(callback)
+
     def _release(self, regions: list[DmaRegion]) -> None:
+        for r in regions:
+            for callback in self._unmap_callbacks:
+                try:
+                    callback(r.iova, r.size)
+                except Exception:
+                    log.exception("unmap callback for %#x+%#x failed", r.iova, r.size)
         pending = self._zombies + regions
         self._zombies = [r for r in pending if not self._release_one(r)]
         if self._zombies:
@@ -175,9 +192,20 @@ class DmaSpaceImpl:
             # (e.g. a traceback's frames): collect once before giving up.
             gc.collect()
             self._zombies = [r for r in self._zombies if not self._release_one(r)]
-        if self._zombies:
-            log.warning("DMA unmap deferred: the device still holds views into %s",
-                        ", ".join(f"{r.iova:#x}+{r.size:#x}" for r in self._zombies))
+        self.unsettled = [r for r in regions if r in self._zombies]
+
+    async def settle(self, timeout: float = UNMAP_SETTLE_TIMEOUT) -> None:
+        """Wait (bounded) until requests in flight dropped their views into the regions
+        of the latest unmap, so that its reply is true (vfio-user.rst DMA_UNMAP)."""
+        with trio.move_on_after(timeout):
+            while self.unsettled:
+                await trio.sleep(0.001)
+                self._zombies = [r for r in self._zombies if not self._release_one(r)]
+                self.unsettled = [r for r in self.unsettled if r in self._zombies]
+        if self.unsettled:
+            log.warning("DMA unmap answered while the device still holds views into %s",
+                        ", ".join(f"{r.iova:#x}+{r.size:#x}" for r in self.unsettled))
+            self.unsettled = []
 
     def _release_one(self, region: DmaRegion) -> bool:
         had_fd = region.mm is not None
@@ -225,10 +253,13 @@ class DmaSpaceImpl:
         off = iova - region.iova
         return region.view[off : off + length]
 
-    def views(self, iova: int, length: int, writable: bool) -> list[memoryview]:
-        """Like ``view`` but allowing the range to span adjacent mappings."""
+    def views(self, iova: int, length: int, writable: bool, limit: int | None = None
+              ) -> list[memoryview]:
+        """Like ``view`` but allowing the range to span adjacent mappings (``limit`` at most)."""
         out = []
         while length > 0:
+            if limit is not None and len(out) >= limit:
+                raise DmaError(f"{iova:#x}+{length:#x} spans more than {limit} DMA mappings")
             region = self._find(iova)
             if region is None:
                 raise DmaError(f"{iova:#x}+{length:#x} is not inside DMA mappings")

@@ -183,6 +183,8 @@ class Connection:
                     continue
                 else:
                     out = self.session.handle(event)
+                    if self.dma.unsettled:  # a DMA_UNMAP: its reply waits for the device
+                        await self.dma.settle()
                 if out is not None:
                     try:
                         await self.send(out)

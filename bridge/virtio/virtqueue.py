@@ -7,6 +7,11 @@ a malformed one in ``DescriptorChain.error`` instead of raising; a fault that
 leaves the queue itself unusable (an available index that jumps by more than
 the queue size, a head index out of range) raises ``VirtqueueBroken`` and the
 queue stays broken until the device is reset.
+
+A chain is also malformed when it spans more guest memory, or more separate
+views of it, than the device's budget allows (``max_chain_bytes``,
+``max_chain_views``): the check is made before the views are built, so a
+chain of many descriptors each crossing many small DMA maps costs little.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ _DESC = struct.Struct("<QIHH")  # addr, len, flags, next (virtio 1.2 2.7.5)
 # little-endian, as are the hosts we run on (asserted below).
 assert sys.byteorder == "little", "virtqueue indexes are accessed in native byte order"
 _USED_ELEM = struct.Struct("<II")  # id, len (virtio 1.2 2.7.8)
+
+_OVER_BUDGET = "descriptor chain spans more guest memory or DMA maps than a request may"
+
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """virtio 1.2 2.7.7.2 / 2.7.10: has ``event_idx`` been passed when moving old -> new?"""
@@ -91,6 +99,8 @@ class SplitVirtqueue:
         event_idx: bool,
         indirect: bool,
         position: tuple[int, int] = (0, 0),
+        max_chain_bytes: int = 1 << 62,
+        max_chain_views: int = 1 << 62,
     ) -> None:
         if not queue_size_valid(size):
             raise VirtqueueBroken(f"queue size {size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
@@ -104,6 +114,10 @@ class SplitVirtqueue:
         self._views = getattr(dma, "views", None)
         self._event_idx = event_idx
         self._indirect = indirect
+        self.max_chain_bytes = max_chain_bytes
+        self.max_chain_views = max_chain_views
+        self._areas = ((desc_addr, 16 * size), (driver_addr, 6 + 2 * size),
+                       (device_addr, 6 + 8 * size))
         try:
             self._desc = dma.view(desc_addr, 16 * size, False)
             self._avail = dma.view(driver_addr, 6 + 2 * size, False)
@@ -164,6 +178,9 @@ class SplitVirtqueue:
         i = head
         in_indirect = False
         seen_writable = False
+        left_bytes = self.max_chain_bytes
+        left_views = self.max_chain_views
+        failed = False
         while True:
             if count >= max_count:
                 chain.fail("descriptor chain loops or is longer than its table")
@@ -187,23 +204,40 @@ class SplitVirtqueue:
                 count = 0
                 i = 0
                 continue
+            # Data buffers. Once the chain is malformed only its response buffer (the
+            # first writable one) is still wanted, for a FAILURE answer.
             if flags & VIRTQ_DESC_F_WRITE:
-                if length:
+                if length and not (failed and seen_writable):
+                    if length > left_bytes or left_views <= 0:
+                        chain.fail(_OVER_BUDGET)
+                        break
+                    left_bytes -= length
                     try:
-                        writable_views.extend(buffer(addr, length, True))
+                        views = buffer(addr, length, True, left_views)
+                        left_views -= len(views)
+                        writable_views.extend(views)
                     except DmaError:
                         chain.fail("writable buffer outside guest memory or read-only")
+                        failed = True
                         if not seen_writable:
                             chain.response_usable = False
                 seen_writable = True
             elif seen_writable:
                 # virtio 1.2 2.7.4.2: readable descriptors come before writable ones
                 chain.fail("device-readable descriptor after a device-writable one")
-            elif length:
+                failed = True
+            elif length and not failed:
+                if length > left_bytes or left_views <= 0:
+                    chain.fail(_OVER_BUDGET)
+                    break
+                left_bytes -= length
                 try:
-                    readable.extend(buffer(addr, length, False))
+                    views = buffer(addr, length, False, left_views)
+                    left_views -= len(views)
+                    readable.extend(views)
                 except DmaError:
                     chain.fail("readable buffer outside guest memory")
+                    failed = True
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= table_len:
@@ -214,10 +248,11 @@ class SplitVirtqueue:
             chain.response_usable = False
         return chain
 
-    def _buffer(self, addr: int, length: int, writable: bool) -> list[memoryview]:
-        """A data buffer as views; it may span adjacent DMA maps when the space allows."""
+    def _buffer(self, addr: int, length: int, writable: bool, limit: int) -> list[memoryview]:
+        """A data buffer as at most ``limit`` views; it may span adjacent DMA maps when
+        the space allows."""
         if self._views is not None:
-            return self._views(addr, length, writable)
+            return self._views(addr, length, writable, limit)
         return [self._dma.view(addr, length, writable)]
 
     def _indirect_problem(self, in_indirect: bool, length: int, flags: int) -> str | None:
@@ -272,6 +307,10 @@ class SplitVirtqueue:
     @property
     def position(self) -> tuple[int, int]:
         return self.last_avail_idx, self.used_idx
+
+    def uses(self, iova: int, size: int) -> bool:
+        """Does a ring area (table, driver or device area) overlap [iova, iova+size)?"""
+        return any(a < iova + size and iova < a + n for a, n in self._areas)
 
     def release(self) -> None:
         """Drop the ring views (device reset, client gone)."""

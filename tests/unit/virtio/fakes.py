@@ -7,8 +7,10 @@ virtio_scsi do.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -25,6 +27,7 @@ from bridge.scsi.request import (
     TmfServiceResponse,
 )
 from bridge.vfio_user.device import DmaError
+from bridge.vfio_user.dma import DmaSpaceImpl
 from bridge.virtio.pci import (
     COMMON_FIELDS,
     DEVICE_OFFSET,
@@ -42,21 +45,11 @@ MEM_SIZE = 4 << 20
 BLOCK = 512
 
 
-class FakeDma:
-    """Guest memory: one bytearray at iova 0; [ro_start, ro_end) is mapped read-only."""
+class GuestMemory:
+    """The guest's side of its memory (``mem``, at iova 0): allocate, read, write."""
 
-    def __init__(self, size: int = MEM_SIZE, ro: tuple[int, int] = (0, 0)) -> None:
-        self.mem = bytearray(size)
-        self._base = memoryview(self.mem)
-        self.ro = ro
-        self._next = 0x10000
-
-    def view(self, iova: int, length: int, writable: bool) -> memoryview:
-        if iova < 0 or length < 0 or iova + length > len(self.mem):
-            raise DmaError(f"[{iova:#x}, +{length:#x}) outside guest memory")
-        if writable and iova < self.ro[1] and iova + length > self.ro[0]:
-            raise DmaError("write into a read-only mapping")
-        return self._base[iova : iova + length]
+    mem: bytearray | mmap.mmap
+    _next = 0x10000
 
     def alloc(self, size: int, align: int = 64) -> int:
         addr = (self._next + align - 1) // align * align
@@ -69,6 +62,48 @@ class FakeDma:
 
     def read(self, addr: int, n: int) -> bytes:
         return bytes(self.mem[addr : addr + n])
+
+
+class FakeDma(GuestMemory):
+    """Guest memory: one bytearray at iova 0; [ro_start, ro_end) is mapped read-only."""
+
+    def __init__(self, size: int = MEM_SIZE, ro: tuple[int, int] = (0, 0)) -> None:
+        self.mem = bytearray(size)
+        self._base = memoryview(self.mem)
+        self.ro = ro
+        self.unmap_callbacks: list[Callable[[int, int], None]] = []
+
+    def view(self, iova: int, length: int, writable: bool) -> memoryview:
+        if iova < 0 or length < 0 or iova + length > len(self.mem):
+            raise DmaError(f"[{iova:#x}, +{length:#x}) outside guest memory")
+        if writable and iova < self.ro[1] and iova + length > self.ro[0]:
+            raise DmaError("write into a read-only mapping")
+        return self._base[iova : iova + length]
+
+    def on_unmap(self, callback: Callable[[int, int], None]) -> None:
+        self.unmap_callbacks.append(callback)
+
+
+class MemfdDma(GuestMemory, DmaSpaceImpl):
+    """Guest memory as the server has it: a memfd the client mapped at iova 0 with
+    DMA_MAP (the real DmaSpaceImpl); the guest reaches it through its own mapping."""
+
+    def __init__(self, size: int = MEM_SIZE) -> None:
+        DmaSpaceImpl.__init__(self)
+        self.fd = os.memfd_create("vscsi-test-guest")
+        os.ftruncate(self.fd, size)
+        self.mem = mmap.mmap(self.fd, size)
+        self.size = size
+        self.map(0, size, True, True, self.fd, 0)
+
+    def remap(self) -> None:
+        """DMA_MAP of the same memory again (what QEMU sends after its DMA_UNMAP)."""
+        self.map(0, self.size, True, True, self.fd, 0)
+
+    def close(self) -> None:
+        self.unmap_all()
+        self.mem.close()
+        os.close(self.fd)
 
 
 class FakeTarget:
@@ -337,8 +372,11 @@ class SplitDma(FakeDma):
             raise DmaError("range crosses two DMA maps")
         return super().view(iova, length, writable)
 
-    def views(self, iova: int, length: int, writable: bool) -> list[memoryview]:
+    def views(self, iova: int, length: int, writable: bool, limit: int | None = None
+              ) -> list[memoryview]:
         if iova < self.boundary < iova + length:
+            if limit is not None and limit < 2:
+                raise DmaError("range spans more DMA maps than allowed")
             first = self.boundary - iova
             return [self.view(iova, first, writable),
                     self.view(self.boundary, length - first, writable)]

@@ -6,11 +6,12 @@ import struct
 
 import pytest
 
+from bridge.vfio_user.device import DmaError
 from bridge.virtio.pci import STATUS_NEEDS_RESET
 from bridge.virtio.scsi_wire import VirtioScsiResponse
 from bridge.virtio.virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
-from .fakes import MEM_SIZE, settle
+from .fakes import MEM_SIZE, FakeDma, settle
 from .test_scsi_device import RESP_LEN, RQ, Guest, cmd_req, parse_resp
 
 R, W, N, I = 0, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT  # noqa: E741
@@ -108,6 +109,14 @@ def case_no_writable_at_all(g, req, resp, data):
 def case_short_header(g, req, resp, data):
     g.drv.write_desc(RQ, 0, req, 20, R | N, 1)
     g.drv.write_desc(RQ, 1, resp, RESP_LEN, W)
+    return True
+
+
+def case_chain_over_max_sectors(g, req, resp, data):
+    # issue 15 item 5: more data than max_sectors x 512 (1 MiB) plus the headers
+    g.drv.write_desc(RQ, 0, req, 51, R | N, 1)
+    g.drv.write_desc(RQ, 1, resp, RESP_LEN, W | N, 2)
+    g.drv.write_desc(RQ, 2, 0x100000, 0x110000, W)
     return True
 
 
@@ -229,3 +238,107 @@ async def test_head_reposted_while_in_flight_is_flagged(nursery):
     assert [u[0] for u in g.drv.used(RQ)] == [head, head]  # both answered, nothing breaks
     r, _, used = await g.run_cmd(b"\x00")
     assert r["response"] == VirtioScsiResponse.OK and len(used) == 1
+
+
+async def test_event_delivery_is_bounded_against_reposted_bad_buffers(nursery, monkeypatch):
+    """Issue 15 item 8: a guest that re-posts every
+    malformed event buffer as soon as it comes back cannot keep one delivery going."""
+    from bridge.scsi.events import LunAdded
+    from bridge.virtio.scsi_wire import VIRTIO_SCSI_T_EVENTS_MISSED
+    from bridge.virtio.virtqueue import SplitVirtqueue
+
+    g = Guest(nursery, queue_size=8)
+    g.drv.init()
+    await settle()
+    reposts = 0
+    push = SplitVirtqueue.push
+
+    def push_and_repost(vq, head, written):
+        nonlocal reposts
+        push(vq, head, written)
+        if vq is g.dev.events.vq and written == 0 and reposts < 1000:
+            reposts += 1  # a vCPU puts the same bad buffer back at once
+            g.drv.publish(1, head)
+
+    monkeypatch.setattr(SplitVirtqueue, "push", push_and_repost)
+    small = g.dma.alloc(4)
+    g.drv.add_chain(1, [], [(small, 4)])
+    g.target.emit(LunAdded("iqn.2026-11.test:guest", 9))
+    assert reposts <= 8  # one ring's worth (queue size 8), not 1000
+    assert g.dev.events.missed
+    monkeypatch.setattr(SplitVirtqueue, "push", push)
+    # the last re-posted bad buffer is still there; behind it a good one gets the loss reported
+    good = g.dma.alloc(16)
+    g.drv.add_chain(1, [], [(good, 16)])
+    g.drv.kick(1)
+    await settle()
+    ev = struct.unpack_from("<I", g.dma.read(good, 4))[0]
+    assert ev == VIRTIO_SCSI_T_EVENTS_MISSED
+
+
+class PagedDma(FakeDma):
+    """Guest memory as one DMA map per 4 KiB page: a hostile client's many small maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.built = 0  # views made for the device
+
+    def views(self, iova: int, length: int, writable: bool, limit: int | None = None
+              ) -> list[memoryview]:
+        out = []
+        while length > 0:
+            if limit is not None and len(out) >= limit:
+                raise DmaError("more DMA maps than allowed")
+            n = min(length, 4096 - iova % 4096)
+            out.append(self.view(iova, n, writable))
+            self.built += 1
+            iova += n
+            length -= n
+        return out
+
+
+async def test_chain_crossing_many_dma_maps_is_refused_before_its_views(nursery):
+    """Issue 15 item 5: descriptors within the byte budget but each crossing many maps."""
+    g = Guest(nursery, queue_size=8)  # seg_max 6: at most 2 * (6 + 2) views per chain
+    g.dma = g.drv.dma = PagedDma()
+    g.dev.detach()
+    g.dev.attach(nursery, g.dma)
+    g.drv.init()
+    await settle()
+    req, resp, data = setup_bufs(g)
+    big = g.dma.alloc(64 << 10, 4096)
+    # 2 headers + 8 data-in descriptors of 64 KiB (16 maps each): 512 KiB, 130 views
+    entries = [(req, 51, R | N, 1), (resp, RESP_LEN, W | N, 2)]
+    entries += [(big, 64 << 10, W | N, k + 3) for k in range(8)]
+    entries[-1] = (big, 64 << 10, W, 0)
+    g.drv.write_desc(RQ, 0, table(g, entries), 16 * len(entries), I)
+    g.drv.queues[RQ].free = list(range(1, 8))
+    g.dma.built = 0
+    g.drv.publish(RQ, 0)
+    g.drv.kick(RQ)
+    await settle()
+    assert [u[0] for u in g.drv.used(RQ)] == [0]
+    assert parse_resp(g.dma.read(resp, RESP_LEN))["response"] == VirtioScsiResponse.FAILURE
+    assert not g.target.requests
+    assert g.dma.built <= 16
+
+
+def test_server_dma_views_stop_at_the_limit():
+    """The server's DmaSpace builds no more views than the chain's budget has left."""
+    import os
+
+    from bridge.vfio_user.dma import DmaSpaceImpl
+
+    dma = DmaSpaceImpl()
+    fd = os.memfd_create("vscsi-test-views")
+    try:
+        os.ftruncate(fd, 16 * 4096)
+        for k in range(16):
+            dma.map(k * 4096, 4096, True, True, fd, k * 4096)
+    finally:
+        os.close(fd)
+    assert len(dma.views(0, 16 * 4096, True)) == 16
+    assert len(dma.views(0, 4 * 4096, True, 4)) == 4
+    with pytest.raises(DmaError):
+        dma.views(0, 16 * 4096, True, 4)
+    dma.unmap_all()

@@ -9,6 +9,7 @@ import trio
 
 from bridge.scsi.events import CapacityChanged, LunAdded, LunRemoved
 from bridge.scsi.request import REPORT_LUNS_WLUN, InitiatorPort
+from bridge.virtio.pci import STATUS_NEEDS_RESET
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from bridge.virtio.scsi_wire import (
     TMF_SUBTYPES,
@@ -21,7 +22,7 @@ from bridge.virtio.scsi_wire import (
     lun_to_virtio,
 )
 
-from .fakes import BLOCK, Driver, FakeDma, FakeTarget, settle
+from .fakes import BLOCK, Driver, FakeDma, FakeTarget, MemfdDma, settle
 
 INITIATOR = InitiatorPort("iqn.2026-11.test:guest")
 RQ = 2  # first request queue
@@ -39,8 +40,9 @@ def parse_resp(raw: bytes) -> dict:
 
 
 class Guest:
-    def __init__(self, nursery: trio.Nursery, *, ro: tuple[int, int] = (0, 0), **kw) -> None:
-        self.dma = FakeDma(ro=ro)
+    def __init__(self, nursery: trio.Nursery, *, ro: tuple[int, int] = (0, 0),
+                 dma: FakeDma | MemfdDma | None = None, **kw) -> None:
+        self.dma = dma if dma is not None else FakeDma(ro=ro)
         self.target = FakeTarget()
         self.dev = VirtioScsiPciDevice(self.target, INITIATOR, **kw)
         self.dev.attach(nursery, self.dma)
@@ -408,3 +410,61 @@ async def test_nexus_loss_on_driver_reset_and_disconnect(nursery):
     assert g.target.nexus_losses == [INITIATOR.name]
     g.dev.detach()  # client gone
     assert g.target.nexus_losses == [INITIATOR.name] * 2
+
+
+async def test_dma_unmap_and_remap_of_the_rings(nursery):
+    """Issue 15 item 10: QEMU unmaps and maps again the memory holding the rings (it does
+    at boot, while SeaBIOS left the device running): the unmap is answered with no view
+    left into the region, and the rings are opened again at their positions after it."""
+    dma = MemfdDma()
+    try:
+        g = Guest(nursery, dma=dma)
+        g.drv.init()
+        await settle()
+        bufs = post_event_buffers(g, 2)
+        await settle()
+        r, _, used = await g.run_cmd(b"\x00")
+        assert r["response"] == VirtioScsiResponse.OK and len(used) == 1
+        dma.unmap(0, dma.size)
+        assert dma.deferred_unmaps == 0 and not dma.unsettled  # nothing of it kept
+        dma.remap()
+        r, _, used = await g.run_cmd(b"\x00")
+        assert r["response"] == VirtioScsiResponse.OK and len(used) == 1
+        g.target.emit(LunAdded(INITIATOR.name, 3))
+        assert struct.unpack_from("<I", dma.read(bufs[0], 4))[0] == VIRTIO_SCSI_T_TRANSPORT_RESET
+        assert not g.drv.status() & STATUS_NEEDS_RESET and not g.dev.guest_errors
+    finally:
+        g.dev.detach()
+        dma.close()
+
+
+async def test_dma_unmap_reply_waits_for_requests_in_flight(nursery):
+    """Issue 15 item 10: a request in flight holds views into the region: the reply
+    (DmaSpaceImpl.settle, awaited by the server) comes once it completed, and the
+    completion reaches the used ring when the memory is mapped again."""
+    dma = MemfdDma()
+    try:
+        g = Guest(nursery, dma=dma)
+        g.drv.init()
+        await settle()
+        g.target.hold = trio.Event()
+        head, resp, din = g.post_cmd(READ10(0, 1), data_in=512)
+        g.drv.kick(RQ)
+        await settle()
+        dma.unmap(0, dma.size)
+        assert dma.unsettled  # the request's data views
+        g.target.hold.set()
+        g.target.requests.clear()
+        with trio.fail_after(1):
+            await dma.settle()
+        assert dma.deferred_unmaps == 0 and not dma.unsettled
+        assert not g.drv.used(RQ)  # its ring is not mapped: the completion waits
+        dma.remap()
+        g.drv.kick(RQ)
+        await settle()
+        assert [u[0] for u in g.drv.used(RQ)] == [head]
+        assert parse_resp(dma.read(resp, RESP_LEN))["response"] == VirtioScsiResponse.OK
+        assert not g.drv.status() & STATUS_NEEDS_RESET
+    finally:
+        g.dev.detach()
+        dma.close()
