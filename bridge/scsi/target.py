@@ -25,12 +25,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 # Handler modules register their rows in the dispatch table on import.
-from . import mode, pr, rsoc, sbc, sbc_provisioning, sbc_verify, spc, unit_state  # noqa: F401
+from . import mode, rsoc, sbc, sbc_provisioning, sbc_verify, spc, unit_state  # noqa: F401
 from .cdb import lu_not_supported
 from .command import Command, CommandInfo, Overrun, check_cdb, lookup
 from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
 from .logical_unit import LogicalUnit, LogicalUnitSpec
-from .pr import ReservationConflictStatus
 from .request import (
     MAX_LUN,
     REPORT_LUNS_WLUN,
@@ -42,6 +41,8 @@ from .request import (
     TmfResponse,
     TmfServiceResponse,
 )
+from .reservations import commands as _reservation_commands  # noqa: F401
+from .reservations.commands import ReservationConflictStatus
 from .sense import SenseData, SenseError, SenseKey, invalid_opcode
 from .task_management import TASK_MANAGEMENT_FUNCTIONS
 from .task_set import Task, TaskSet

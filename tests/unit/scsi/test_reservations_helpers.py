@@ -16,7 +16,7 @@ from bridge.scsi.reservations import (
     pr_in_cdb,
     pr_out_cdb,
 )
-from bridge.scsi.reservations_codec import encode_iscsi_transport_id
+from bridge.scsi.reservations.codec import encode_iscsi_transport_id
 from bridge.scsi.sense import SenseError
 
 A = InitiatorPort("iqn.2026-11.org.test:node-a")

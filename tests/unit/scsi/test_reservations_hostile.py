@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.scsi.reservations import ReservationType, conflict_table_rows
-from bridge.scsi.reservations_table import SPC2_ALLOWED_FROM_OTHERS, command_key
+from bridge.scsi.reservations.table import SPC2_ALLOWED_FROM_OTHERS, command_key
 
 from .test_reservations_helpers import KEY_A, KEY_B, A, B, ReservationConflict, SenseError, make
 

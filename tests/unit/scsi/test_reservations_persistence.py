@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from bridge.scsi import reservations_state
 from bridge.scsi.reservations import ReservationStateError, ReservationType
+from bridge.scsi.reservations import state as reservations_state
 
 from .test_reservations_helpers import (
     KEY_A,

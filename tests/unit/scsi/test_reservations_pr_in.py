@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from bridge.scsi.reservations import ReservationType, pr_in_cdb
-from bridge.scsi.reservations_codec import parse_iscsi_transport_id
+from bridge.scsi.reservations.codec import parse_iscsi_transport_id
 
 from .test_reservations_helpers import (
     KEY_A,

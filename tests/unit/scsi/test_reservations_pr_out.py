@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from bridge.scsi.reservations import ReservationType, pr_out_cdb
-from bridge.scsi.reservations_codec import encode_iscsi_transport_id
+from bridge.scsi.reservations.codec import encode_iscsi_transport_id
 
 from .test_reservations_helpers import (
     CLEAR,
@@ -641,7 +641,7 @@ def test_failed_command_changes_nothing():
 
 
 def test_registration_count_is_bounded():
-    from bridge.scsi import reservations
+    from bridge.scsi.reservations import persistent_reservations as reservations
 
     h = make()
     names = tuple(f"iqn.2026-11.org.test:n{i}" for i in range(reservations.MAX_REGISTRATIONS + 1))

@@ -32,8 +32,15 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.scsi.request import InitiatorPort
-from bridge.scsi.reservations_codec import (
+from ..request import InitiatorPort
+from ..sense import (
+    SenseError,
+    SenseKey,
+    invalid_field_in_cdb,
+    invalid_field_in_parameter_list,
+    invalid_opcode,
+)
+from .codec import (
     PERSISTENT_RESERVE_IN,
     PERSISTENT_RESERVE_OUT,
     TYPE_MASK_BITS,
@@ -53,7 +60,7 @@ from bridge.scsi.reservations_codec import (
     parse_register_and_move_parameters,
     pr_in_allocation_length,
 )
-from bridge.scsi.reservations_state import (
+from .state import (
     PrState,
     Registration,
     Reservation,
@@ -63,20 +70,13 @@ from bridge.scsi.reservations_state import (
     save_state,
     temp_path,
 )
-from bridge.scsi.reservations_table import (
+from .table import (
     SPC2_ALLOWED_FROM_OTHERS,
     ConflictRow,
     ReservationType,
     command_key,
     conflict_row,
     conflict_table_rows,
-)
-from bridge.scsi.sense import (
-    SenseError,
-    SenseKey,
-    invalid_field_in_cdb,
-    invalid_field_in_parameter_list,
-    invalid_opcode,
 )
 
 __all__ = [

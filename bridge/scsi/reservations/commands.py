@@ -3,11 +3,11 @@ RESERVE/RELEASE (6/10): all handled by the LU's PersistentReservations."""
 
 from __future__ import annotations
 
-from .cdb import u16, u32
-from .command import Command, command
-from .reservations import ReservationConflict
-from .sense import parameter_list_length_error
-from .task_set import TaskSet
+from ..cdb import u16, u32
+from ..command import Command, command
+from ..sense import parameter_list_length_error
+from ..task_set import TaskSet
+from .persistent_reservations import ReservationConflict
 
 # Bounds what a guest can make us gather into memory: 24 bytes plus TransportIDs.
 MAX_PR_OUT_PARAMETER_LIST = 64 << 10
