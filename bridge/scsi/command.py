@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from bridge.scsi.request import ScsiRequest
 
 from .buffers import gather, prefix, scatter
-from .cdb import cdb_length
+from .cdb import SERVICE_ACTION_OPCODES, cdb_length
 from .sense import FieldPointer, SenseError, SenseKey, invalid_field_in_cdb, invalid_opcode
 
 if TYPE_CHECKING:
@@ -107,9 +107,6 @@ class CommandInfo:
     def cdb_length(self) -> int:
         return len(self.usage)
 
-
-# Opcodes whose byte 1 bits 4-0 hold a service action (SPC-4 4.2.5.1 / SBC-3).
-SERVICE_ACTION_OPCODES = frozenset({0x9E, 0x9F, 0xA3, 0xA4, 0x5E, 0x5F})
 
 COMMANDS: dict[tuple[int, int | None], CommandInfo] = {}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import struct
 
-from .cdb import u16, u32
-from .command import COMMANDS, SERVICE_ACTION_OPCODES, Command, CommandInfo, command
+from .cdb import SERVICE_ACTION_OPCODES, u16, u32
+from .command import COMMANDS, Command, CommandInfo, command
 from .sense import invalid_field_in_cdb
 from .task_management import supported_tmf_flags
 
