@@ -6,7 +6,7 @@ import logging
 import struct
 
 from .cdb import u16
-from .command import Command, command
+from .command import Command, CommandRows
 from .logical_unit import LogicalUnit
 from .mode_pages import ALL_PAGES, PAGE_ORDER, ModeParameters
 from .sense import (
@@ -17,6 +17,8 @@ from .sense import (
     parameter_list_length_error,
 )
 from .unit_attention import MODE_PARAMETERS_CHANGED
+
+ROWS = CommandRows()
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,12 @@ async def mode_sense(cmd: Command, ten: bool) -> None:
         cmd.send(header + bd + pages, c[4])
 
 
-@command(0x1A, None, "MODE SENSE(6)", "1a 08 ff ff ff 00")
+@ROWS.command(0x1A, None, "MODE SENSE(6)", "1a 08 ff ff ff 00")
 async def mode_sense_6(cmd: Command) -> None:
     await mode_sense(cmd, ten=False)
 
 
-@command(0x5A, None, "MODE SENSE(10)", "5a 18 ff ff 00 00 00 ff ff 00")
+@ROWS.command(0x5A, None, "MODE SENSE(10)", "5a 18 ff ff 00 00 00 ff ff 00")
 async def mode_sense_10(cmd: Command) -> None:
     await mode_sense(cmd, ten=True)
 
@@ -176,12 +178,12 @@ async def mode_select(cmd: Command, plen: int, ten: bool) -> None:
                 cmd.target.unit_attentions.establish(initiator, lu.name, MODE_PARAMETERS_CHANGED)
 
 
-@command(0x15, None, "MODE SELECT(6)", "15 11 00 00 ff 00")
+@ROWS.command(0x15, None, "MODE SELECT(6)", "15 11 00 00 ff 00")
 async def mode_select_6(cmd: Command) -> None:
     await mode_select(cmd, cmd.cdb[4], ten=False)
 
 
-@command(0x55, None, "MODE SELECT(10)", "55 11 00 00 00 00 00 ff ff 00")
+@ROWS.command(0x55, None, "MODE SELECT(10)", "55 11 00 00 00 00 00 ff ff 00")
 async def mode_select_10(cmd: Command) -> None:
     await mode_select(cmd, u16(cmd.cdb, 7), ten=True)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bridge.scsi.cdb import SERVICE_ACTION_OPCODES, VARIABLE_LENGTH_CDB, cdb_length, service_action
-from bridge.scsi.command import COMMANDS
+from bridge.scsi.command_families import COMMAND_TABLE
 from bridge.scsi.reservations.table import command_key, conflict_table_rows
 
 
@@ -33,7 +33,7 @@ def test_cdb_length_from_the_group_code() -> None:
 def test_both_tables_use_the_one_service_action_set() -> None:
     # A dispatch row with a service action has a service-action opcode, and the
     # conflict table finds its rows through the same service_action().
-    for op, sa in COMMANDS:
+    for op, sa in ((i.opcode, i.service_action) for i in COMMAND_TABLE.rows()):
         assert (sa is not None) == (op in SERVICE_ACTION_OPCODES), (op, sa)
     for row in conflict_table_rows():
         if row.service_action is not None:
