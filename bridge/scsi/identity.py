@@ -16,6 +16,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# iSCSI-format names (RFC 3720 3.2.6.3.1) of this bridge: the target port, and the
+# initiator ports the configuration and the Xen backend name by default.
+IQN_PREFIX = "iqn.2026-11.org.vscsi-bridge"
+TARGET_PORT_NAME = f"{IQN_PREFIX}:target"
+
 # IEEE company ID used for generated NAA-6 names. Not an assigned OUI: 0Ah has the
 # "X" (locally administered) bit set and the "M" (group) bit clear, the CID form.
 LOCAL_COMPANY_ID = 0x0A5C51

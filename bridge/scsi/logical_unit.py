@@ -11,7 +11,7 @@ from .backing import Backing, create_sparse_image
 from .identity import parse_wwn, resolve_identity, store_sidecar
 from .io_gate import IoGate
 from .mode_pages import ModeParameters
-from .reservations import PersistentReservations
+from .reservations import PersistentReservations, state_path_for
 from .task_set import TaskSet
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class LogicalUnit:
             self.identity, self._sidecar = resolve_identity(spec.path, spec.wwn, spec.serial)
             self.mode = ModeParameters(self._sidecar.get("mode") if isinstance(
                 self._sidecar.get("mode"), dict) else None)
-            self.reservations = PersistentReservations(spec.name, spec.path + ".pr.json",
+            self.reservations = PersistentReservations(spec.name, state_path_for(spec.path),
                                                        unit_attention)
         except BaseException:
             self.backing.close()

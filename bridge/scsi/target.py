@@ -28,6 +28,7 @@ from .cdb import lu_not_supported
 from .command import Command, CommandInfo, CommandTable, Overrun, check_cdb
 from .command_families import COMMAND_TABLE
 from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from .identity import TARGET_PORT_NAME
 from .logical_unit import LogicalUnit, LogicalUnitSpec
 from .request import (
     MAX_LUN,
@@ -62,7 +63,7 @@ class Target:
         self,
         lus: list[LogicalUnitSpec],
         lun_maps: dict[str, dict[int, str]],
-        target_port_name: str = "iqn.2026-11.org.vscsi-bridge:target",
+        target_port_name: str = TARGET_PORT_NAME,
     ) -> None:
         self.target_port_name = target_port_name
         self.commands: CommandTable = COMMAND_TABLE

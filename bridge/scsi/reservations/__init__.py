@@ -15,7 +15,7 @@ from .persistent_reservations import (
     pr_in_cdb,
     pr_out_cdb,
 )
-from .state import ReservationStateError
+from .state import ReservationStateError, state_path_for
 from .table import ReservationType, conflict_table_rows
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "conflict_table_rows",
     "pr_in_cdb",
     "pr_out_cdb",
+    "state_path_for",
 ]

@@ -159,6 +159,11 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def state_path_for(image_path: str) -> str:
+    """Where the APTPL state of the LU on ``image_path`` lives: next to the image."""
+    return image_path + ".pr.json"
+
+
 def temp_path(path: str) -> str:
     return path + ".tmp"
 
