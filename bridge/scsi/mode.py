@@ -154,21 +154,19 @@ async def mode_select(cmd: Command, plen: int, ten: bool) -> None:
         return
     data = cmd.receive(plen)
     new = parse_mode_select(lu, data, ten, pf)
-    changed = any(bytes(lu.mode.current[code]) != page for code, page in new.items())
-    if sp:
-        old_saved = dict(lu.mode.saved)
-        lu.mode.saved.update(new)
-        try:
-            lu.save_mode_pages()
-        except OSError as e:
-            lu.mode.saved = old_saved
-            log.error("LU %s: cannot save mode pages: %s", lu.name, e)
-            raise SenseError(SenseKey.HARDWARE_ERROR, 0x44, 0x00) from None
-    was_wce = lu.mode.wce
-    for code, page in new.items():
-        lu.mode.current[code][:] = page
-    if was_wce and not lu.mode.wce:
-        await lu.backing.flush()  # SBC-3 6.4.5: cached data reach the medium
+    async with lu.mode_changes:  # one MODE SELECT at a time: saves land in order
+        changed = any(bytes(lu.mode.current[code]) != page for code, page in new.items())
+        if sp:
+            try:
+                await lu.save_mode_pages({**lu.mode.saved, **new})
+            except OSError as e:
+                log.error("LU %s: cannot save mode pages: %s", lu.name, e)
+                raise SenseError(SenseKey.HARDWARE_ERROR, 0x44, 0x00) from None
+        was_wce = lu.mode.wce
+        for code, page in new.items():
+            lu.mode.current[code][:] = page
+        if was_wce and not lu.mode.wce:
+            await lu.backing.flush()  # SBC-3 6.4.5: cached data reach the medium
     if changed:
         log.info("LU %s: mode parameters changed by %s (WCE=%d D_SENSE=%d)", lu.name,
                  cmd.initiator, lu.mode.wce, lu.mode.d_sense)

@@ -34,7 +34,7 @@ async def persistent_reservation(cmd: Command) -> None:
             raise parameter_list_length_error()
         data_out = cmd.receive(plen)
     try:
-        data_in, abort = lu.reservations.handle(cmd.req.initiator, c, data_out, alloc)
+        data_in, abort = await lu.reservations.handle(cmd.req.initiator, c, data_out, alloc)
     except ReservationConflict:
         raise ReservationConflictStatus from None
     if data_in:

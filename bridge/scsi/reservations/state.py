@@ -1,20 +1,20 @@
 """Persistent reservation state of one logical unit, and its APTPL file.
 
 SPC-4 5.13.5 (persist through power loss): with APTPL the registrations and
-the reservation survive a restart. The file is JSON written atomically
-(temp file, fsync, rename, fsync of the directory); reading it back either
-yields a state or raises ReservationStateError: a damaged file is never
-silently ignored.
+the reservation survive a restart. The file is JSON, written atomically and
+mode 0600 by state_file.py (temp file, fsync, rename, fsync of the directory);
+reading it back either yields a state or raises ReservationStateError: a
+damaged file is never silently ignored.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..state_file import remove_durably, write_atomically
 from .table import ReservationType
 
 STATE_FORMAT_VERSION = 1
@@ -151,21 +151,9 @@ class PrState:
 # ------------------------------------------------------------------ the file
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def state_path_for(image_path: str) -> str:
     """Where the APTPL state of the LU on ``image_path`` lives: next to the image."""
     return image_path + ".pr.json"
-
-
-def temp_path(path: str) -> str:
-    return path + ".tmp"
 
 
 def load_state(path: str) -> PrState | None:
@@ -186,27 +174,16 @@ def load_state(path: str) -> PrState | None:
     return PrState.from_json(data, path)
 
 
-def save_state(path: str, state: PrState, lu_name: str) -> None:
-    """Atomically replace the file: temp, fsync, rename, fsync the directory."""
-    payload = json.dumps(state.to_json(lu_name), indent=1, sort_keys=True).encode() + b"\n"
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(payload)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_directory(path)
+def encode_state(state: PrState, lu_name: str) -> bytes:
+    """The file's contents for ``state``."""
+    return json.dumps(state.to_json(lu_name), indent=1, sort_keys=True).encode() + b"\n"
+
+
+def save_state(path: str, payload: bytes) -> None:
+    """Atomically replace the file with ``payload`` (encode_state): blocking, durable on return."""
+    write_atomically(path, payload)
 
 
 def remove_state(path: str) -> None:
-    """APTPL turned off: the state no longer persists (SPC-4 5.13.5)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    _fsync_directory(path)
+    """APTPL turned off: the state no longer persists (SPC-4 5.13.5). Blocking."""
+    remove_durably(path)

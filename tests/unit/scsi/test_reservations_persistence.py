@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from bridge.scsi import state_file
 from bridge.scsi.reservations import ReservationStateError, ReservationType
-from bridge.scsi.reservations import state as reservations_state
 
 from .test_reservations_helpers import (
     KEY_A,
@@ -211,7 +211,7 @@ def test_failed_write_fails_the_command_and_keeps_old_state(state_path, monkeypa
     def crash(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(reservations_state.os, "replace", crash)
+    monkeypatch.setattr(state_file.os, "replace", crash)
     with pytest.raises(SenseError) as e:
         h.out(A, 0, KEY_A, 0x7777, aptpl=True)
     expect_sense(e, 0x4, 0x44, 0x00)
@@ -245,6 +245,7 @@ _CHILD_CODE = textwrap.dedent(
     """
     import json, struct, sys
     sys.path.insert(0, sys.argv[1])
+    import trio
     from bridge.scsi.reservations import PersistentReservations, pr_out_cdb, ReservationConflict
     from bridge.scsi.sense import SenseError
     from bridge.scsi.request import InitiatorPort
@@ -260,7 +261,7 @@ _CHILD_CODE = textwrap.dedent(
         flags = 1 if sa in (0, 6) else 0  # APTPL on every register action
         data = struct.pack(">QQIBBH", rkey, sakey, 0, flags, 0, 0)
         try:
-            pr.handle(InitiatorPort(name), pr_out_cdb(sa, rtype, 24), data, 0)
+            trio.run(pr.handle, InitiatorPort(name), pr_out_cdb(sa, rtype, 24), data, 0)
         except (ReservationConflict, SenseError):
             pass
         print(json.dumps([i, pr.status()]), flush=True)
