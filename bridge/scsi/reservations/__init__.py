@@ -2,9 +2,10 @@
 
 Layout: table.py (which commands a reservation lets through, as data with its
 sources), codec.py (PERSISTENT RESERVE IN/OUT parameter data), state.py (the
-registrations and reservation, and their APTPL file), persistent_reservations.py
-(PersistentReservations: one per LU, the service actions and conflict checks),
-commands.py (the dispatch rows for PR IN/OUT and RESERVE/RELEASE(6/10)).
+registrations and reservation, and their APTPL file), pr_out.py and pr_in.py (the
+service actions, sans-I/O), persistent_reservations.py (PersistentReservations: one
+per LU; current state, conflict checks, SPC-2, committing PR OUTs in order and
+durably), commands.py (the dispatch rows for PR IN/OUT and RESERVE/RELEASE(6/10)).
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ import trio
 from ..request import InitiatorPort
 from ..sense import SenseError, SenseKey, invalid_field_in_cdb, invalid_opcode
 from ..state_file import discard_stale_temp
-from .codec import PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT, Capabilities
-from .pr_in import capabilities, pr_in
+from .codec import PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT
+from .pr_in import pr_in
 from .pr_out import ASC_RESERVATIONS, ReservationConflict, apply_pr_out
 from .state import PrState, encode_state, load_state, remove_state, save_state
 from .table import SPC2_ALLOWED_FROM_OTHERS, command_key, conflict_row
@@ -159,9 +159,6 @@ class PersistentReservations:
     def _check_no_spc2_reservation(self) -> None:
         if self._spc2_holder is not None:
             raise ReservationConflict("SPC-2 reservation held (SPC-2 5.5.1)")
-
-    def capabilities(self) -> Capabilities:
-        return capabilities(self._state, self.state_path is not None)
 
     # --------------------------------------------------------------- PR OUT
 
