@@ -68,3 +68,7 @@ class UnitAttentions:
         q = self._queues.get((initiator, lu))
         if q is not None and asc_ascq in q:
             q.remove(asc_ascq)
+
+    def forget_lu(self, lu: str) -> None:
+        for key in [k for k in self._queues if k[1] == lu]:
+            del self._queues[key]
