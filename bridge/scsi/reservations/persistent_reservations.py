@@ -47,7 +47,12 @@ from ..sense import SenseError, SenseKey, invalid_field_in_cdb, invalid_opcode
 from ..state_file import discard_stale_temp
 from .codec import PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT
 from .pr_in import pr_in
-from .pr_out import ASC_RESERVATIONS, ReservationConflict, apply_pr_out
+from .pr_out import (
+    ASC_RESERVATIONS,
+    ASCQ_RESERVATIONS_PREEMPTED,
+    ReservationConflict,
+    apply_pr_out,
+)
 from .state import PrState, encode_state, load_state, remove_state, save_state
 from .table import SPC2_ALLOWED_FROM_OTHERS, command_key, conflict_row
 
@@ -225,6 +230,23 @@ class PersistentReservations:
     def logical_unit_reset(self) -> None:
         """SPC-2 5.5.1: a LOGICAL UNIT RESET releases the SPC-2 reservation; PR unaffected."""
         self._spc2_holder = None
+
+    async def clear_all(self) -> None:
+        """An administrator's CLEAR (the control plane's pr.clear, like targetcli's): every
+        registration and both reservations go, APTPL ends (the state file is removed), and
+        registrants get RESERVATIONS PREEMPTED as after a PR OUT CLEAR (SPC-4 5.13.11.6).
+        Ordered with the PR OUTs of this LU; HARDWARE ERROR sense when the file stays."""
+        async with self._changes:
+            new = self._state.copy()
+            names = list(new.registrations)
+            new.registrations.clear()
+            new.reservation = None
+            new.bump_generation()
+            new.aptpl = False
+            await self._commit(new)
+            self._spc2_holder = None
+            for n in names:
+                self._unit_attention(n, ASC_RESERVATIONS, ASCQ_RESERVATIONS_PREEMPTED)
 
     # ------------------------------------------------------------- status
 

@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+import trio
 
 from bridge.scsi import state_file
 from bridge.scsi.reservations import ReservationStateError, ReservationType
@@ -345,3 +346,18 @@ def test_kill_9_at_random_points_keeps_the_last_acknowledged_state(tmp_path):
     # The kills must land mid-workload for the test to mean anything.
     print("acknowledged steps at kill:", killed_at)
     assert any(0 <= k < len(expected) - 1 for k in killed_at), killed_at
+
+
+def test_administrators_clear_all_drops_everything_and_the_file(state_path):
+    h = populated(state_path)
+    generation = h.generation()
+    assert os.path.exists(state_path)
+    trio.run(h.pr.clear_all)
+    st = h.pr.status()
+    assert st["registrants"] == [] and st["holder"] is None and st["aptpl"] is False
+    assert st["generation"] == generation + 1
+    assert not os.path.exists(state_path)  # APTPL ended: nothing comes back on restart
+    assert make(state_path).pr.status()["registrants"] == []
+    uas = h.take_uas()
+    assert sorted(name for name, _asc, _ascq in uas) == sorted([A.name, B.name, C.name])
+    assert {(asc, ascq) for _name, asc, ascq in uas} == {(0x2A, 0x03)}  # RESERVATIONS PREEMPTED
