@@ -470,7 +470,7 @@ async def pr_show(ctl: Control, p: dict[str, Any]) -> Any:
 async def pr_clear(ctl: Control, p: dict[str, Any]) -> Any:
     lu = _lu(ctl, p["lu"])
     try:
-        lu.reservations.clear_all()
+        await lu.reservations.clear_all()
     except SenseError as e:
         raise _sense_refusal(e) from None
     log.warning("control: persistent reservations of %s cleared", lu.name)

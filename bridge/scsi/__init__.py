@@ -7,7 +7,8 @@ Entry points (import them from their modules; this package imports nothing itsel
   ``nexus_loss``, ``close``.
 
 Layout: backing.py (image/device I/O), identity.py (WWN/serial sidecar), logical_unit.py,
-command.py (dispatch table), cdb.py/buffers.py (sans-I/O helpers), spc.py + vpd.py,
+command.py (rows and the dispatch table), command_families.py (the declared list of
+handler modules the table is built from), cdb.py/buffers.py (sans-I/O helpers), spc.py + vpd.py,
 sbc.py, sbc_verify.py, sbc_provisioning.py, mode.py + mode_pages.py, unit_state.py,
-rsoc.py, pr.py (rows for reservations.py), unit_attention.py, task_set.py, io_gate.py.
+rsoc.py, reservations/ (persistent reservations: state, codec, conflict table, rows), unit_attention.py, task_set.py, io_gate.py.
 """

@@ -21,6 +21,25 @@ def u64(b: bytes, off: int) -> int:
     return int.from_bytes(b[off : off + 8], "big")
 
 
+# Opcodes whose byte 1 bits 4-0 hold a service action (SPC-4 4.2.5.1, and its
+# operation code tables): PERSISTENT RESERVE IN/OUT (5Eh/5Fh), EXTENDED COPY (83h),
+# RECEIVE COPY RESULTS (84h), SERVICE ACTION IN(16)/OUT(16) (9Eh/9Fh), MAINTENANCE
+# IN/OUT (A3h/A4h), SERVICE ACTION IN(12) (ABh).
+SERVICE_ACTION_OPCODES = frozenset({0x5E, 0x5F, 0x83, 0x84, 0x9E, 0x9F, 0xA3, 0xA4, 0xAB})
+VARIABLE_LENGTH_CDB = 0x7F  # SPC-4 4.2.4: its service action is in bytes 8-9
+
+
+def service_action(cdb: bytes) -> int | None:
+    """The CDB's service action (SPC-4 4.2.5.1, 4.2.4), None for an opcode without one
+    or a CDB too short to hold it."""
+    op = cdb[0]
+    if op in SERVICE_ACTION_OPCODES:
+        return cdb[1] & 0x1F if len(cdb) > 1 else None
+    if op == VARIABLE_LENGTH_CDB:
+        return u16(cdb, 8) if len(cdb) >= 10 else None
+    return None
+
+
 def cdb_length(opcode: int) -> int | None:
     """SPC-4 4.2.5.1 table 6: CDB length from the group code (top three bits).
 

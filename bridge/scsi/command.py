@@ -1,20 +1,21 @@
 """The command being executed, and the one dispatch table keyed by (opcode, service action).
 
-Every handler module registers its rows with ``@command(...)``; the table's metadata
-(CDB length, CDB usage data) drives both the reserved-bit checks before dispatch and
+Every handler module (a command family) collects its rows in a ``CommandRows``; the
+table is built from the families listed in command_families.py. A row's metadata (CDB
+length, CDB usage data) drives both the reserved-bit checks before dispatch and
 REPORT SUPPORTED OPERATION CODES (SPC-4 6.35).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bridge.scsi.request import ScsiRequest
 
 from .buffers import gather, prefix, scatter
-from .cdb import cdb_length
+from .cdb import SERVICE_ACTION_OPCODES, cdb_length
 from .sense import FieldPointer, SenseError, SenseKey, invalid_field_in_cdb, invalid_opcode
 
 if TYPE_CHECKING:
@@ -108,53 +109,86 @@ class CommandInfo:
         return len(self.usage)
 
 
-# Opcodes whose byte 1 bits 4-0 hold a service action (SPC-4 4.2.5.1 / SBC-3).
-SERVICE_ACTION_OPCODES = frozenset({0x9E, 0x9F, 0xA3, 0xA4, 0x5E, 0x5F})
-
-COMMANDS: dict[tuple[int, int | None], CommandInfo] = {}
+CommandKey = tuple[int, int | None]  # (opcode, service action or None)
 
 
-def command(opcode: int, service_action: int | None, name: str, usage: str, *,
-            allowed_with_ua: bool = False, allowed_without_lu: bool = False,
-            medium: bool = False, fast: FastPath | None = None
-            ) -> Callable[[Handler], Handler]:
-    """Register a handler row; ``usage`` is the CDB usage data in hex (spaces allowed)."""
-    raw = bytes.fromhex(usage)
-    if raw[0] != opcode:
-        raise ValueError(f"{name}: usage data must start with the opcode")
-    expected = cdb_length(opcode)
-    if expected is not None and len(raw) != expected:
-        raise ValueError(f"{name}: usage data is {len(raw)} bytes, the CDB {expected}")
+class CommandRows:
+    """The rows one command family (a handler module) contributes to the dispatch table.
 
-    def register(fn: Handler) -> Handler:
-        key = (opcode, service_action)
-        if key in COMMANDS:
-            raise ValueError(f"{name}: duplicate row {key}")
-        COMMANDS[key] = CommandInfo(opcode, service_action, name, fn, raw,
-                                    allowed_with_ua, allowed_without_lu, medium, fast)
-        return fn
+    A family module defines ``ROWS = CommandRows()`` and decorates its handlers with
+    ``@ROWS.command(...)``; the table is built from the families that
+    command_families.py declares, nothing registers itself anywhere else.
+    """
 
-    return register
+    def __init__(self) -> None:
+        self.rows: list[CommandInfo] = []
+
+    def command(self, opcode: int, service_action: int | None, name: str, usage: str, *,
+                allowed_with_ua: bool = False, allowed_without_lu: bool = False,
+                medium: bool = False, fast: FastPath | None = None
+                ) -> Callable[[Handler], Handler]:
+        """Add a row; ``usage`` is the CDB usage data in hex (spaces allowed)."""
+        raw = bytes.fromhex(usage)
+        if raw[0] != opcode:
+            raise ValueError(f"{name}: usage data must start with the opcode")
+        expected = cdb_length(opcode)
+        if expected is not None and len(raw) != expected:
+            raise ValueError(f"{name}: usage data is {len(raw)} bytes, the CDB {expected}")
+        if (service_action is not None) != (opcode in SERVICE_ACTION_OPCODES):
+            raise ValueError(f"{name}: a service action goes with a service-action opcode")
+
+        def add(fn: Handler) -> Handler:
+            self.rows.append(CommandInfo(opcode, service_action, name, fn, raw,
+                                         allowed_with_ua, allowed_without_lu, medium, fast))
+            return fn
+
+        return add
 
 
-def lookup(cdb: bytes) -> CommandInfo:
-    """The table row for a CDB, or the SPC-4 error for an unknown opcode/service action."""
-    if not cdb:
-        raise invalid_opcode()
-    op = cdb[0]
-    if op in SERVICE_ACTION_OPCODES:
-        if len(cdb) < 2:
+class CommandTable:
+    """The dispatch table keyed by (opcode, service action), from a list of families."""
+
+    def __init__(self, families: Iterable[CommandRows]) -> None:
+        self._rows: dict[CommandKey, CommandInfo] = {}
+        for family in families:
+            for info in family.rows:
+                key = (info.opcode, info.service_action)
+                if key in self._rows:
+                    raise ValueError(f"{info.name}: duplicate row {key}")
+                self._rows[key] = info
+        self._opcodes = frozenset(op for op, _sa in self._rows)
+
+    def get(self, key: CommandKey) -> CommandInfo | None:
+        return self._rows.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self) -> list[CommandInfo]:
+        """Every row, in opcode and service action order (as RSOC reports them)."""
+        return sorted(self._rows.values(), key=lambda i: (i.opcode, i.service_action or 0))
+
+    def lookup(self, cdb: bytes) -> CommandInfo:
+        """The row for a CDB, or the SPC-4 error for an unknown opcode/service action."""
+        if not cdb:
             raise invalid_opcode()
-        info = COMMANDS.get((op, cdb[1] & 0x1F))
-        if info is None:
-            if not any(k[0] == op for k in COMMANDS):
+        op = cdb[0]
+        if op in SERVICE_ACTION_OPCODES:
+            if len(cdb) < 2:
                 raise invalid_opcode()
-            raise invalid_field_in_cdb(1, 4)
+            info = self._rows.get((op, cdb[1] & 0x1F))
+            if info is None:
+                if op not in self._opcodes:
+                    raise invalid_opcode()
+                raise invalid_field_in_cdb(1, 4)
+            return info
+        info = self._rows.get((op, None))
+        if info is None:
+            raise invalid_opcode()
         return info
-    info = COMMANDS.get((op, None))
-    if info is None:
-        raise invalid_opcode()
-    return info
 
 
 def check_cdb(info: CommandInfo, cdb: bytes) -> bytes:

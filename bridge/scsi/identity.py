@@ -1,20 +1,26 @@
 """Stable logical unit identity (NAA WWN, unit serial), kept in a sidecar JSON file.
 
 The sidecar ``<image>.vscsi-id.json`` is written with temp file + fsync + rename so
-that a crash never leaves it half-written. Configured values win over stored ones.
+that a crash never leaves it half-written, and is not world-readable (state_file.py). Configured values win over stored ones.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from .state_file import write_atomically
+
 log = logging.getLogger(__name__)
+
+# iSCSI-format names (RFC 3720 3.2.6.3.1) of this bridge: the target port, and the
+# initiator ports the configuration and the Xen backend name by default.
+IQN_PREFIX = "iqn.2026-11.org.vscsi-bridge"
+TARGET_PORT_NAME = f"{IQN_PREFIX}:target"
 
 # IEEE company ID used for generated NAA-6 names. Not an assigned OUI: 0Ah has the
 # "X" (locally administered) bit set and the "M" (group) bit clear, the CID form.
@@ -79,20 +85,13 @@ def load_sidecar(image_path: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def encode_sidecar(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"
+
+
 def store_sidecar(image_path: str, data: dict[str, Any]) -> None:
-    """Write temp + fsync + rename + fsync(dir)."""
-    path = sidecar_path(image_path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write it atomically, mode 0600 (state_file.write_atomically). Blocking."""
+    write_atomically(sidecar_path(image_path), encode_sidecar(data))
 
 
 @dataclass(frozen=True)

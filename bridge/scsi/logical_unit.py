@@ -7,11 +7,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import trio
+
 from .backing import Backing, create_sparse_image
-from .identity import parse_wwn, resolve_identity, store_sidecar
+from .identity import encode_sidecar, parse_wwn, resolve_identity, sidecar_path
 from .io_gate import IoGate
 from .mode_pages import ModeParameters
-from .reservations import PersistentReservations
+from .reservations import PersistentReservations, state_path_for
+from .state_file import write_atomically
 from .task_set import TaskSet
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class LogicalUnit:
             self.identity, self._sidecar = resolve_identity(spec.path, spec.wwn, spec.serial)
             self.mode = ModeParameters(self._sidecar.get("mode") if isinstance(
                 self._sidecar.get("mode"), dict) else None)
-            self.reservations = PersistentReservations(spec.name, spec.path + ".pr.json",
+            self.reservations = PersistentReservations(spec.name, state_path_for(spec.path),
                                                        unit_attention)
         except BaseException:
             self.backing.close()
@@ -85,6 +88,9 @@ class LogicalUnit:
         self.lbprz = True  # punched holes read back as zeros (fallocate PUNCH_HOLE)
         self.prevent_removal: set[str] = set()
         self.stopped = False
+        # MODE SELECT runs one at a time per LU: saved pages are written in the order
+        # they apply (SPC-4 6.11, SP=1), current pages change in that order too.
+        self.mode_changes = trio.Lock()
         log.info("LU %s: %s, %d blocks of %d bytes%s, %s", spec.name, spec.path, self.num_blocks,
                  self.block_size, " read-only" if self.read_only else "",
                  "naa." + self.identity.wwn.hex())
@@ -93,10 +99,17 @@ class LogicalUnit:
     def num_blocks(self) -> int:
         return self.backing.size // self.block_size
 
-    def save_mode_pages(self) -> None:
-        """Persist saved mode pages in the identity sidecar (MODE SELECT with SP=1)."""
-        self._sidecar["mode"] = self.mode.saved_state()
-        store_sidecar(self.spec.path, self._sidecar)
+    async def save_mode_pages(self, saved: dict[int, bytes]) -> None:
+        """MODE SELECT with SP=1: ``saved`` becomes the saved mode pages once it is durable
+        in the identity sidecar (written in a worker thread; OSError leaves all unchanged).
+
+        Callers hold ``mode_changes`` so that saves are written in the order they apply.
+        """
+        sidecar = {**self._sidecar, "mode": ModeParameters.saved_state(saved)}
+        payload = encode_sidecar(sidecar)
+        await trio.to_thread.run_sync(write_atomically, sidecar_path(self.spec.path), payload)
+        self._sidecar = sidecar
+        self.mode.saved = saved
 
     def resize(self, new_size: int) -> None:
         """Grow/shrink a regular image to ``new_size``; re-read a block device's size."""

@@ -6,7 +6,7 @@ import logging
 import struct
 
 from .cdb import u16
-from .command import Command, command
+from .command import Command, CommandRows
 from .logical_unit import LogicalUnit
 from .mode_pages import ALL_PAGES, PAGE_ORDER, ModeParameters
 from .sense import (
@@ -17,6 +17,8 @@ from .sense import (
     parameter_list_length_error,
 )
 from .unit_attention import MODE_PARAMETERS_CHANGED
+
+ROWS = CommandRows()
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,12 @@ async def mode_sense(cmd: Command, ten: bool) -> None:
         cmd.send(header + bd + pages, c[4])
 
 
-@command(0x1A, None, "MODE SENSE(6)", "1a 08 ff ff ff 00")
+@ROWS.command(0x1A, None, "MODE SENSE(6)", "1a 08 ff ff ff 00")
 async def mode_sense_6(cmd: Command) -> None:
     await mode_sense(cmd, ten=False)
 
 
-@command(0x5A, None, "MODE SENSE(10)", "5a 18 ff ff 00 00 00 ff ff 00")
+@ROWS.command(0x5A, None, "MODE SENSE(10)", "5a 18 ff ff 00 00 00 ff ff 00")
 async def mode_sense_10(cmd: Command) -> None:
     await mode_sense(cmd, ten=True)
 
@@ -152,21 +154,19 @@ async def mode_select(cmd: Command, plen: int, ten: bool) -> None:
         return
     data = cmd.receive(plen)
     new = parse_mode_select(lu, data, ten, pf)
-    changed = any(bytes(lu.mode.current[code]) != page for code, page in new.items())
-    if sp:
-        old_saved = dict(lu.mode.saved)
-        lu.mode.saved.update(new)
-        try:
-            lu.save_mode_pages()
-        except OSError as e:
-            lu.mode.saved = old_saved
-            log.error("LU %s: cannot save mode pages: %s", lu.name, e)
-            raise SenseError(SenseKey.HARDWARE_ERROR, 0x44, 0x00) from None
-    was_wce = lu.mode.wce
-    for code, page in new.items():
-        lu.mode.current[code][:] = page
-    if was_wce and not lu.mode.wce:
-        await lu.backing.flush()  # SBC-3 6.4.5: cached data reach the medium
+    async with lu.mode_changes:  # one MODE SELECT at a time: saves land in order
+        changed = any(bytes(lu.mode.current[code]) != page for code, page in new.items())
+        if sp:
+            try:
+                await lu.save_mode_pages({**lu.mode.saved, **new})
+            except OSError as e:
+                log.error("LU %s: cannot save mode pages: %s", lu.name, e)
+                raise SenseError(SenseKey.HARDWARE_ERROR, 0x44, 0x00) from None
+        was_wce = lu.mode.wce
+        for code, page in new.items():
+            lu.mode.current[code][:] = page
+        if was_wce and not lu.mode.wce:
+            await lu.backing.flush()  # SBC-3 6.4.5: cached data reach the medium
     if changed:
         log.info("LU %s: mode parameters changed by %s (WCE=%d D_SENSE=%d)", lu.name,
                  cmd.initiator, lu.mode.wce, lu.mode.d_sense)
@@ -176,12 +176,12 @@ async def mode_select(cmd: Command, plen: int, ten: bool) -> None:
                 cmd.target.unit_attentions.establish(initiator, lu.name, MODE_PARAMETERS_CHANGED)
 
 
-@command(0x15, None, "MODE SELECT(6)", "15 11 00 00 ff 00")
+@ROWS.command(0x15, None, "MODE SELECT(6)", "15 11 00 00 ff 00")
 async def mode_select_6(cmd: Command) -> None:
     await mode_select(cmd, cmd.cdb[4], ten=False)
 
 
-@command(0x55, None, "MODE SELECT(10)", "55 11 00 00 00 00 00 ff ff 00")
+@ROWS.command(0x55, None, "MODE SELECT(10)", "55 11 00 00 00 00 00 ff ff 00")
 async def mode_select_10(cmd: Command) -> None:
     await mode_select(cmd, u16(cmd.cdb, 7), ten=True)
 

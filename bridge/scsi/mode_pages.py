@@ -84,8 +84,10 @@ class ModeParameters:
     def changeable(code: int) -> bytes:
         return _CHANGEABLE[code]
 
-    def saved_state(self) -> dict[str, str]:
-        return {f"{c:02x}": p.hex() for c, p in self.saved.items() if p != _DEFAULTS[c]}
+    @staticmethod
+    def saved_state(saved: dict[int, bytes]) -> dict[str, str]:
+        """The sidecar form of saved pages: those that differ from the defaults, in hex."""
+        return {f"{c:02x}": p.hex() for c, p in saved.items() if p != _DEFAULTS[c]}
 
     @property
     def wce(self) -> bool:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import struct
 
-from .cdb import u16, u32
-from .command import COMMANDS, SERVICE_ACTION_OPCODES, Command, CommandInfo, command
+from .cdb import SERVICE_ACTION_OPCODES, u16, u32
+from .command import Command, CommandInfo, CommandRows
 from .sense import invalid_field_in_cdb
 from .task_management import supported_tmf_flags
+
+ROWS = CommandRows()
 
 # SPC-4 6.35.4 command timeouts descriptor: nominal and recommended timeouts (seconds).
 NOMINAL_TIMEOUT = 0  # not specified
@@ -35,39 +37,39 @@ def one_command(info: CommandInfo | None, rctd: bool) -> bytes:
     return d + info.usage + (timeouts_descriptor() if rctd else b"")
 
 
-@command(0xA3, 0x0C, "REPORT SUPPORTED OPERATION CODES", "a3 1f 87 ff ff ff ff ff ff ff 00 00")
+@ROWS.command(0xA3, 0x0C, "REPORT SUPPORTED OPERATION CODES", "a3 1f 87 ff ff ff ff ff ff ff 00 00")
 async def report_supported_operation_codes(cmd: Command) -> None:
     c = cmd.cdb
     rctd = bool(c[2] & 0x80)
     option = c[2] & 0x07
     op, sa = c[3], u16(c, 4)
     alloc = u32(c, 6)
+    table = cmd.target.commands  # the table this command was dispatched through
     if option == 0:
-        rows = sorted(COMMANDS.values(), key=lambda i: (i.opcode, i.service_action or 0))
-        body = b"".join(command_descriptor(i, rctd) for i in rows)
+        body = b"".join(command_descriptor(i, rctd) for i in table.rows())
         cmd.send(struct.pack(">I", len(body)) + body, alloc)
         return
     if option == 1:
         if op in SERVICE_ACTION_OPCODES:
             raise invalid_field_in_cdb(2, 2)
-        cmd.send(one_command(COMMANDS.get((op, None)), rctd), alloc)
+        cmd.send(one_command(table.get((op, None)), rctd), alloc)
         return
     if option == 2:
         if op not in SERVICE_ACTION_OPCODES:
             raise invalid_field_in_cdb(2, 2)
-        cmd.send(one_command(COMMANDS.get((op, sa)) if sa <= 0x1F else None, rctd), alloc)
+        cmd.send(one_command(table.get((op, sa)) if sa <= 0x1F else None, rctd), alloc)
         return
     if option == 3:  # SPC-4 r37: with or without a service action, no error
         key = (op, sa) if op in SERVICE_ACTION_OPCODES else (op, None)
         if op not in SERVICE_ACTION_OPCODES and sa:
             cmd.send(one_command(None, rctd), alloc)
             return
-        cmd.send(one_command(COMMANDS.get(key), rctd), alloc)
+        cmd.send(one_command(table.get(key), rctd), alloc)
         return
     raise invalid_field_in_cdb(2, 2)
 
 
-@command(0xA3, 0x0D, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
+@ROWS.command(0xA3, 0x0D, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
          "a3 1f 80 00 00 00 ff ff ff ff 00 00")
 async def report_supported_tmfs(cmd: Command) -> None:
     repd = bool(cmd.cdb[2] & 0x80)

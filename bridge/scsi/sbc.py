@@ -8,9 +8,11 @@ import struct
 
 from . import block_limits as bl
 from .cdb import invalid_transfer_length, u16, u24, u32, u64
-from .command import Command, command
+from .command import Command, CommandRows
 from .logical_unit import LogicalUnit
 from .sense import SenseError, SenseKey, invalid_field_in_cdb, lba_out_of_range, write_protected
+
+ROWS = CommandRows()
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ async def do_write(cmd: Command, lba: int, nblocks: int, len_byte: int, fua: boo
 # -- READ CAPACITY -----------------------------------------------------------------------
 
 
-@command(0x25, None, "READ CAPACITY(10)", "25 00 ff ff ff ff 00 00 01 00")
+@ROWS.command(0x25, None, "READ CAPACITY(10)", "25 00 ff ff ff ff 00 00 01 00")
 async def read_capacity_10(cmd: Command) -> None:
     """SBC-3 5.16: RETURNED LBA is FFFFFFFFh when the capacity needs READ CAPACITY(16)."""
     lu = cmd.lu
@@ -81,7 +83,7 @@ async def read_capacity_10(cmd: Command) -> None:
     cmd.send(struct.pack(">II", last, lu.block_size), 8)
 
 
-@command(0x9E, 0x10, "READ CAPACITY(16)", "9e 10 ff ff ff ff ff ff ff ff ff ff ff ff 01 00")
+@ROWS.command(0x9E, 0x10, "READ CAPACITY(16)", "9e 10 ff ff ff ff ff ff ff ff ff ff ff ff 01 00")
 async def read_capacity_16(cmd: Command) -> None:
     """SBC-3 5.17: LBPME=1 (thin provisioned, UNMAP supported), LBPRZ."""
     lu = cmd.lu
@@ -160,14 +162,14 @@ for _op, _name, _usage in (
     (0xA8, "READ(12)", "a8 18 ff ff ff ff ff ff ff ff 1f 00"),
     (0x88, "READ(16)", "88 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00"),
 ):
-    command(_op, None, _name, _usage, medium=True, fast=read_fast)(read)
+    ROWS.command(_op, None, _name, _usage, medium=True, fast=read_fast)(read)
 for _op, _name, _usage in (
     (0x0A, "WRITE(6)", "0a 1f ff ff ff 00"),
     (0x2A, "WRITE(10)", "2a 18 ff ff ff ff 1f ff ff 00"),
     (0xAA, "WRITE(12)", "aa 18 ff ff ff ff ff ff ff ff 1f 00"),
     (0x8A, "WRITE(16)", "8a 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00"),
 ):
-    command(_op, None, _name, _usage, medium=True, fast=write_fast)(write)
+    ROWS.command(_op, None, _name, _usage, medium=True, fast=write_fast)(write)
 
 
 # -- SYNCHRONIZE CACHE -------------------------------------------------------------------
@@ -188,12 +190,12 @@ async def synchronize_cache(cmd: Command, lba: int, nblocks: int) -> None:
         raise medium_error("write", e) from None
 
 
-@command(0x35, None, "SYNCHRONIZE CACHE(10)", "35 02 ff ff ff ff 1f ff ff 00", medium=True)
+@ROWS.command(0x35, None, "SYNCHRONIZE CACHE(10)", "35 02 ff ff ff ff 1f ff ff 00", medium=True)
 async def synchronize_cache_10(cmd: Command) -> None:
     await synchronize_cache(cmd, u32(cmd.cdb, 2), u16(cmd.cdb, 7))
 
 
-@command(0x91, None, "SYNCHRONIZE CACHE(16)",
+@ROWS.command(0x91, None, "SYNCHRONIZE CACHE(16)",
          "91 02 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def synchronize_cache_16(cmd: Command) -> None:
     await synchronize_cache(cmd, u64(cmd.cdb, 2), u32(cmd.cdb, 10))

@@ -13,7 +13,7 @@ import trio
 from . import block_limits as bl
 from .backing import write_pattern_sync
 from .cdb import u16, u32, u64
-from .command import Command, command
+from .command import Command, CommandRows
 from .logical_unit import LogicalUnit
 from .sbc import check_writable, medium_error
 from .sense import (
@@ -22,6 +22,8 @@ from .sense import (
     lba_out_of_range,
     parameter_list_length_error,
 )
+
+ROWS = CommandRows()
 
 
 async def deallocate(lu: LogicalUnit, lba: int, nblocks: int) -> None:
@@ -69,18 +71,18 @@ async def write_same(cmd: Command, lba: int, nblocks: int, len_byte: int) -> Non
             await lu.backing.flush()
 
 
-@command(0x41, None, "WRITE SAME(10)", "41 08 ff ff ff ff 1f ff ff 00", medium=True)
+@ROWS.command(0x41, None, "WRITE SAME(10)", "41 08 ff ff ff ff 1f ff ff 00", medium=True)
 async def write_same_10(cmd: Command) -> None:
     await write_same(cmd, u32(cmd.cdb, 2), u16(cmd.cdb, 7), 7)
 
 
-@command(0x93, None, "WRITE SAME(16)", "93 09 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
+@ROWS.command(0x93, None, "WRITE SAME(16)", "93 09 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
          medium=True)
 async def write_same_16(cmd: Command) -> None:
     await write_same(cmd, u64(cmd.cdb, 2), u32(cmd.cdb, 10), 10)
 
 
-@command(0x42, None, "UNMAP", "42 00 00 00 00 00 1f ff ff 00", medium=True)
+@ROWS.command(0x42, None, "UNMAP", "42 00 00 00 00 00 1f ff ff 00", medium=True)
 async def unmap(cmd: Command) -> None:
     """SBC-3 5.28. Every descriptor is checked before any block is deallocated."""
     lu = cmd.lu
@@ -146,7 +148,7 @@ def lba_status(lu: LogicalUnit, lba: int, max_desc: int) -> list[tuple[int, int,
     return out
 
 
-@command(0x9E, 0x12, "GET LBA STATUS", "9e 12 ff ff ff ff ff ff ff ff ff ff ff ff 00 00",
+@ROWS.command(0x9E, 0x12, "GET LBA STATUS", "9e 12 ff ff ff ff ff ff ff ff ff ff ff ff 00 00",
          medium=True)
 async def get_lba_status(cmd: Command) -> None:
     """SBC-3 5.4."""

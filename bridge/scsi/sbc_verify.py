@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from . import block_limits as bl
 from .buffers import prefix, skip
 from .cdb import u16, u32, u64
-from .command import Command, command
+from .command import Command, CommandRows
 from .logical_unit import LogicalUnit
 from .sbc import check_range, check_writable, do_write, medium_error
 from .sense import SenseError, SenseKey, invalid_field_in_cdb, lba_out_of_range
+
+ROWS = CommandRows()
 
 
 def first_mismatch(medium: bytes | bytearray, views: Sequence[memoryview]) -> int | None:
@@ -63,17 +65,17 @@ async def verify(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
         raise miscompare(bad)
 
 
-@command(0x2F, None, "VERIFY(10)", "2f 16 ff ff ff ff 1f ff ff 00", medium=True)
+@ROWS.command(0x2F, None, "VERIFY(10)", "2f 16 ff ff ff ff 1f ff ff 00", medium=True)
 async def verify_10(cmd: Command) -> None:
     await verify(cmd, u32(cmd.cdb, 2), u16(cmd.cdb, 7), 7)
 
 
-@command(0xAF, None, "VERIFY(12)", "af 16 ff ff ff ff ff ff ff ff 1f 00", medium=True)
+@ROWS.command(0xAF, None, "VERIFY(12)", "af 16 ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def verify_12(cmd: Command) -> None:
     await verify(cmd, u32(cmd.cdb, 2), u32(cmd.cdb, 6), 6)
 
 
-@command(0x8F, None, "VERIFY(16)", "8f 16 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
+@ROWS.command(0x8F, None, "VERIFY(16)", "8f 16 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def verify_16(cmd: Command) -> None:
     await verify(cmd, u64(cmd.cdb, 2), u32(cmd.cdb, 10), 10)
 
@@ -91,23 +93,23 @@ async def write_and_verify(cmd: Command, lba: int, nblocks: int, len_byte: int) 
             raise miscompare(bad)
 
 
-@command(0x2E, None, "WRITE AND VERIFY(10)", "2e 12 ff ff ff ff 1f ff ff 00", medium=True)
+@ROWS.command(0x2E, None, "WRITE AND VERIFY(10)", "2e 12 ff ff ff ff 1f ff ff 00", medium=True)
 async def write_and_verify_10(cmd: Command) -> None:
     await write_and_verify(cmd, u32(cmd.cdb, 2), u16(cmd.cdb, 7), 7)
 
 
-@command(0xAE, None, "WRITE AND VERIFY(12)", "ae 12 ff ff ff ff ff ff ff ff 1f 00", medium=True)
+@ROWS.command(0xAE, None, "WRITE AND VERIFY(12)", "ae 12 ff ff ff ff ff ff ff ff 1f 00", medium=True)
 async def write_and_verify_12(cmd: Command) -> None:
     await write_and_verify(cmd, u32(cmd.cdb, 2), u32(cmd.cdb, 6), 6)
 
 
-@command(0x8E, None, "WRITE AND VERIFY(16)", "8e 12 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
+@ROWS.command(0x8E, None, "WRITE AND VERIFY(16)", "8e 12 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
          medium=True)
 async def write_and_verify_16(cmd: Command) -> None:
     await write_and_verify(cmd, u64(cmd.cdb, 2), u32(cmd.cdb, 10), 10)
 
 
-@command(0x89, None, "COMPARE AND WRITE", "89 18 ff ff ff ff ff ff ff ff 00 00 00 ff 1f 00",
+@ROWS.command(0x89, None, "COMPARE AND WRITE", "89 18 ff ff ff ff ff ff ff ff 00 00 00 ff 1f 00",
          medium=True)
 async def compare_and_write(cmd: Command) -> None:
     """SBC-3 5.2: data-out = verify data then write data, NUMBER OF LOGICAL BLOCKS each.

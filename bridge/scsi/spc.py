@@ -7,10 +7,12 @@ import struct
 from bridge.scsi.request import REPORT_LUNS_WLUN
 
 from .cdb import lu_not_supported, u16, u32
-from .command import Command, command
+from .command import Command, CommandRows
 from .sense import SenseData, SenseKey, invalid_field_in_cdb
 from .unit_attention import REPORTED_LUNS_DATA_HAS_CHANGED
 from .vpd import VPD_PAGES
+
+ROWS = CommandRows()
 
 PDT_DIRECT_ACCESS = 0x00
 PDT_WELL_KNOWN_LU = 0x1E
@@ -22,7 +24,7 @@ VERSION_DESCRIPTORS = (0x00A0, 0x0460, 0x04C0)
 REVISION = b"0001"
 
 
-@command(0x00, None, "TEST UNIT READY", "00 00 00 00 00 00", allowed_without_lu=True,
+@ROWS.command(0x00, None, "TEST UNIT READY", "00 00 00 00 00 00", allowed_without_lu=True,
          medium=True)
 async def test_unit_ready(cmd: Command) -> None:
     """SPC-4 6.37: GOOD, or NOT READY while stopped by START STOP UNIT (checked in dispatch)."""
@@ -53,7 +55,7 @@ def standard_inquiry(cmd: Command) -> bytes:
     return bytes(data)
 
 
-@command(0x12, None, "INQUIRY", "12 01 ff ff ff 00", allowed_with_ua=True, allowed_without_lu=True)
+@ROWS.command(0x12, None, "INQUIRY", "12 01 ff ff ff 00", allowed_with_ua=True, allowed_without_lu=True)
 async def inquiry(cmd: Command) -> None:
     """SPC-4 6.6. EVPD=0 with a page code is invalid; unknown VPD pages are invalid."""
     cdb = cmd.cdb
@@ -77,7 +79,7 @@ async def inquiry(cmd: Command) -> None:
     cmd.send(bytes((PDT_DIRECT_ACCESS, page)) + struct.pack(">H", len(body)) + body, alloc)
 
 
-@command(0x03, None, "REQUEST SENSE", "03 01 00 00 ff 00", allowed_with_ua=True,
+@ROWS.command(0x03, None, "REQUEST SENSE", "03 01 00 00 ff 00", allowed_with_ua=True,
          allowed_without_lu=True)
 async def request_sense(cmd: Command) -> None:
     """SPC-4 6.39: report (and clear) a pending unit attention, else NO SENSE.
@@ -105,7 +107,7 @@ def encode_lun(lun: int) -> bytes:
     return bytes((0x40 | (lun >> 8), lun & 0xFF)) + bytes(6)
 
 
-@command(0xA0, None, "REPORT LUNS", "a0 00 ff 00 00 00 ff ff ff ff 00 00",
+@ROWS.command(0xA0, None, "REPORT LUNS", "a0 00 ff 00 00 00 ff ff ff ff 00 00",
          allowed_with_ua=True, allowed_without_lu=True)
 async def report_luns(cmd: Command) -> None:
     """SPC-4 6.33. SELECT REPORT 0: LUs; 1: well-known LUs; 2: both."""

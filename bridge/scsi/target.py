@@ -25,13 +25,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-# Handler modules register their rows in the dispatch table on import.
-from . import mode, pr, rsoc, sbc, sbc_provisioning, sbc_verify, spc, unit_state  # noqa: F401
 from .cdb import lu_not_supported
-from .command import Command, CommandInfo, Overrun, check_cdb, lookup
+from .command import Command, CommandInfo, CommandTable, Overrun, check_cdb
+from .command_families import COMMAND_TABLE
 from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from .identity import TARGET_PORT_NAME
 from .logical_unit import LogicalUnit, LogicalUnitSpec
-from .pr import ReservationConflictStatus
 from .request import (
     MAX_LUN,
     REPORT_LUNS_WLUN,
@@ -43,6 +42,7 @@ from .request import (
     TmfResponse,
     TmfServiceResponse,
 )
+from .reservations.commands import ReservationConflictStatus
 from .sense import SenseData, SenseError, SenseKey, invalid_opcode
 from .statistics import Statistics
 from .task_management import TASK_MANAGEMENT_FUNCTIONS
@@ -65,9 +65,10 @@ class Target:
         self,
         lus: list[LogicalUnitSpec],
         lun_maps: dict[str, dict[int, str]],
-        target_port_name: str = "iqn.2026-11.org.vscsi-bridge:target",
+        target_port_name: str = TARGET_PORT_NAME,
     ) -> None:
         self.target_port_name = target_port_name
+        self.commands: CommandTable = COMMAND_TABLE
         self.unit_attentions = UnitAttentions()
         self._lus: dict[str, LogicalUnit] = {}
         self._maps: dict[str, dict[int, str]] = {}
@@ -285,7 +286,7 @@ class Target:
         try:
             if not wlun and cmd.cdb[:1] not in (b"\x12", b"\xa0", b"\x03"):
                 raise lu_not_supported()
-            info = lookup(cmd.cdb)
+            info = self.commands.lookup(cmd.cdb)
             if not info.allowed_without_lu:
                 raise invalid_opcode()
             cmd.cdb = check_cdb(info, cmd.cdb)
@@ -303,7 +304,7 @@ class Target:
         info = None
         lookup_error: SenseError | None = None
         try:
-            info = lookup(cmd.cdb)
+            info = self.commands.lookup(cmd.cdb)
         except SenseError as e:
             lookup_error = e
         # SAM-5 5.14: a pending unit attention fails every command except INQUIRY,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from .command import Command, command
+from .command import Command, CommandRows
 from .sbc import medium_error
 from .sense import invalid_field_in_cdb
+
+ROWS = CommandRows()
 
 log = logging.getLogger(__name__)
 
 
-@command(0x1B, None, "START STOP UNIT", "1b 01 00 0f f7 00")
+@ROWS.command(0x1B, None, "START STOP UNIT", "1b 01 00 0f f7 00")
 async def start_stop_unit(cmd: Command) -> None:
     """POWER CONDITION 0 only (START_VALID); LOEJ rejected: the medium is not removable.
 
@@ -38,7 +40,7 @@ async def start_stop_unit(cmd: Command) -> None:
     lu.stopped = not start
 
 
-@command(0x1E, None, "PREVENT ALLOW MEDIUM REMOVAL", "1e 00 00 00 03 00")
+@ROWS.command(0x1E, None, "PREVENT ALLOW MEDIUM REMOVAL", "1e 00 00 00 03 00")
 async def prevent_allow_medium_removal(cmd: Command) -> None:
     """PREVENT 00b allow, 01b prevent (recorded per initiator); 10b/11b obsolete: rejected."""
     lu = cmd.lu

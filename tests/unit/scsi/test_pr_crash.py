@@ -154,7 +154,8 @@ class Model:
         if aptpl:  # no state file in the model: APTPL off, else identical
             data = data[:20] + b"\0" + data[21:]
         try:
-            self.pr.handle(InitiatorPort(INITIATORS[step[0]]), pr_out_cdb(step[1], rtype, len(data)), data, 0)
+            trio.run(self.pr.handle, InitiatorPort(INITIATORS[step[0]]),
+                     pr_out_cdb(step[1], rtype, len(data)), data, 0)
         except ReservationConflict:
             return RESERVATION_CONFLICT
         except SenseError:

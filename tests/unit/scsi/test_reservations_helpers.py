@@ -6,6 +6,7 @@ import struct
 from dataclasses import dataclass, field
 
 import pytest
+import trio
 
 from bridge.scsi.request import (
     InitiatorPort,
@@ -16,7 +17,7 @@ from bridge.scsi.reservations import (
     pr_in_cdb,
     pr_out_cdb,
 )
-from bridge.scsi.reservations_codec import encode_iscsi_transport_id
+from bridge.scsi.reservations.codec import encode_iscsi_transport_id
 from bridge.scsi.sense import SenseError
 
 A = InitiatorPort("iqn.2026-11.org.test:node-a")
@@ -66,8 +67,13 @@ class Harness:
         tids: tuple[str, ...] = (),
     ) -> list[str]:
         data = params(rkey, sakey, spec_i_pt=spec_i_pt, all_tg_pt=all_tg_pt, aptpl=aptpl, tids=tids)
-        _, aborts = self.pr.handle(ini, pr_out_cdb(sa, rtype, len(data), scope), data, 0)
+        _, aborts = self.handle(ini, pr_out_cdb(sa, rtype, len(data), scope), data, 0)
         return aborts
+
+    def handle(self, ini: InitiatorPort, cdb: bytes, data_out: bytes | list[memoryview],
+               alloc: int) -> tuple[bytes, list[str]]:
+        """PersistentReservations.handle run to completion from synchronous test code."""
+        return trio.run(self.pr.handle, ini, cdb, data_out, alloc)
 
     def register(self, ini: InitiatorPort, key: int, **kw: bool) -> None:
         self.out(ini, REGISTER, 0, key, **kw)
@@ -77,7 +83,7 @@ class Harness:
 
     # --- PR IN --------------------------------------------------------
     def pr_in(self, sa: int, alloc: int = 0xFFFF, ini: InitiatorPort = A) -> bytes:
-        data, aborts = self.pr.handle(ini, pr_in_cdb(sa, alloc), b"", alloc)
+        data, aborts = self.handle(ini, pr_in_cdb(sa, alloc), b"", alloc)
         assert aborts == []
         return data
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.scsi.reservations import ReservationType, conflict_table_rows
-from bridge.scsi.reservations_table import SPC2_ALLOWED_FROM_OTHERS, command_key
+from bridge.scsi.reservations.table import SPC2_ALLOWED_FROM_OTHERS, command_key
 
 from .test_reservations_helpers import KEY_A, KEY_B, A, B, ReservationConflict, SenseError, make
 
@@ -31,7 +31,7 @@ def test_handle_only_raises_scsi_errors(op, cdb_tail, data, alloc, holder):
         h.reserve(A, KEY_A, ReservationType.WRITE_EXCLUSIVE)
     cdb = bytes([op]) + cdb_tail
     try:
-        out, aborts = h.pr.handle(B, cdb, data, alloc)
+        out, aborts = h.handle(B, cdb, data, alloc)
     except (SenseError, ReservationConflict):
         return
     assert isinstance(out, bytes) and len(out) <= max(alloc, 0)
@@ -58,7 +58,7 @@ def test_spec_i_pt_lists_never_crash(length, tail, tpdl):
     data = (struct.pack(">QQIBBHI", 0, KEY_A, 0, 0x08, 0, 0, tpdl) + tail)[:length]
     cdb = bytes([0x5F, 0, 0, 0, 0]) + struct.pack(">I", length) + b"\0"
     try:
-        h.pr.handle(A, cdb, data, 0)
+        h.handle(A, cdb, data, 0)
     except (SenseError, ReservationConflict):
         assert h.keys() == (0, [])
 
@@ -68,7 +68,7 @@ def test_data_out_as_list_of_memoryviews():
     raw = struct.pack(">QQIBBH", 0, KEY_A, 0, 0, 0, 0)
     bufs = [memoryview(raw[:10]), memoryview(raw[10:])]
     cdb = bytes([0x5F, 0, 0, 0, 0]) + struct.pack(">I", 24) + b"\0"
-    h.pr.handle(A, cdb, bufs, 0)
+    h.handle(A, cdb, bufs, 0)
     assert h.keys() == (1, [KEY_A])
 
 

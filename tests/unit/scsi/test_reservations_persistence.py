@@ -12,8 +12,9 @@ import textwrap
 import time
 
 import pytest
+import trio
 
-from bridge.scsi import reservations_state
+from bridge.scsi import state_file
 from bridge.scsi.reservations import ReservationStateError, ReservationType
 
 from .test_reservations_helpers import (
@@ -211,7 +212,7 @@ def test_failed_write_fails_the_command_and_keeps_old_state(state_path, monkeypa
     def crash(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(reservations_state.os, "replace", crash)
+    monkeypatch.setattr(state_file.os, "replace", crash)
     with pytest.raises(SenseError) as e:
         h.out(A, 0, KEY_A, 0x7777, aptpl=True)
     expect_sense(e, 0x4, 0x44, 0x00)
@@ -245,6 +246,7 @@ _CHILD_CODE = textwrap.dedent(
     """
     import json, struct, sys
     sys.path.insert(0, sys.argv[1])
+    import trio
     from bridge.scsi.reservations import PersistentReservations, pr_out_cdb, ReservationConflict
     from bridge.scsi.sense import SenseError
     from bridge.scsi.request import InitiatorPort
@@ -260,7 +262,7 @@ _CHILD_CODE = textwrap.dedent(
         flags = 1 if sa in (0, 6) else 0  # APTPL on every register action
         data = struct.pack(">QQIBBH", rkey, sakey, 0, flags, 0, 0)
         try:
-            pr.handle(InitiatorPort(name), pr_out_cdb(sa, rtype, 24), data, 0)
+            trio.run(pr.handle, InitiatorPort(name), pr_out_cdb(sa, rtype, 24), data, 0)
         except (ReservationConflict, SenseError):
             pass
         print(json.dumps([i, pr.status()]), flush=True)
@@ -344,3 +346,18 @@ def test_kill_9_at_random_points_keeps_the_last_acknowledged_state(tmp_path):
     # The kills must land mid-workload for the test to mean anything.
     print("acknowledged steps at kill:", killed_at)
     assert any(0 <= k < len(expected) - 1 for k in killed_at), killed_at
+
+
+def test_administrators_clear_all_drops_everything_and_the_file(state_path):
+    h = populated(state_path)
+    generation = h.generation()
+    assert os.path.exists(state_path)
+    trio.run(h.pr.clear_all)
+    st = h.pr.status()
+    assert st["registrants"] == [] and st["holder"] is None and st["aptpl"] is False
+    assert st["generation"] == generation + 1
+    assert not os.path.exists(state_path)  # APTPL ended: nothing comes back on restart
+    assert make(state_path).pr.status()["registrants"] == []
+    uas = h.take_uas()
+    assert sorted(name for name, _asc, _ascq in uas) == sorted([A.name, B.name, C.name])
+    assert {(asc, ascq) for _name, asc, ascq in uas} == {(0x2A, 0x03)}  # RESERVATIONS PREEMPTED

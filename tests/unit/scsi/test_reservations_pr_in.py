@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from bridge.scsi.reservations import ReservationType, pr_in_cdb
-from bridge.scsi.reservations_codec import parse_iscsi_transport_id
+from bridge.scsi.reservations.codec import parse_iscsi_transport_id
 
 from .test_reservations_helpers import (
     KEY_A,
@@ -134,7 +134,7 @@ def test_allocation_length_truncates(alloc):
 def test_buffer_smaller_than_allocation_length_truncates_too():
     h = make()
     h.register(A, KEY_A)
-    data, _ = h.pr.handle(A, pr_in_cdb(READ_KEYS, 0xFFFF), b"", 10)
+    data, _ = h.handle(A, pr_in_cdb(READ_KEYS, 0xFFFF), b"", 10)
     assert len(data) == 10
 
 

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from bridge.scsi.reservations import ReservationType, pr_out_cdb
-from bridge.scsi.reservations_codec import encode_iscsi_transport_id
+from bridge.scsi.reservations.codec import encode_iscsi_transport_id
 
 from .test_reservations_helpers import (
     CLEAR,
@@ -391,7 +391,7 @@ def test_preempt_without_and_abort_aborts_nothing():
 
 
 def _move(h, ini, data, rtype=0):
-    return h.pr.handle(ini, pr_out_cdb(REGISTER_AND_MOVE, rtype, len(data)), data, 0)
+    return h.handle(ini, pr_out_cdb(REGISTER_AND_MOVE, rtype, len(data)), data, 0)
 
 
 def test_register_and_move_to_unregistered_nexus():
@@ -529,7 +529,7 @@ def test_bad_transport_ids_are_refused(tid, pointer):
     h = make()
     data = _spec_list(tid)
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
+        h.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
     expect_sense(e, ILLEGAL, 0x26, 0)
     assert field_pointer(e) == pointer
     assert h.keys() == (0, [])
@@ -540,7 +540,7 @@ def test_transport_id_running_past_the_list_is_refused():
     tid = encode_iscsi_transport_id(B.name)
     data = _spec_list(tid[:-4])  # TPDL says shorter than the TransportID claims
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
+        h.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
     expect_sense(e, ILLEGAL, 0x26, 0)
 
 
@@ -552,7 +552,7 @@ def test_basic_parameter_list_must_be_24_bytes(length):
     h = make()
     data = params(0, KEY_A).ljust(max(length, 24), b"\0")[:length]
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, pr_out_cdb(REGISTER, 0, length), data, 0)
+        h.handle(A, pr_out_cdb(REGISTER, 0, length), data, 0)
     expect_sense(e, ILLEGAL, 0x1A, 0)
     assert h.keys() == (0, [])
 
@@ -560,7 +560,7 @@ def test_basic_parameter_list_must_be_24_bytes(length):
 def test_data_out_shorter_than_parameter_list_length():
     h = make()
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, pr_out_cdb(REGISTER, 0, 24), params(0, KEY_A)[:20], 0)
+        h.handle(A, pr_out_cdb(REGISTER, 0, 24), params(0, KEY_A)[:20], 0)
     expect_sense(e, ILLEGAL, 0x1A, 0)
 
 
@@ -568,11 +568,11 @@ def test_spec_i_pt_transport_id_length_must_match_the_list():
     h = make()
     data = params(0, KEY_A, spec_i_pt=True, tids=(B.name,))
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, pr_out_cdb(REGISTER, 0, len(data) + 4), data + b"\0" * 4, 0)
+        h.handle(A, pr_out_cdb(REGISTER, 0, len(data) + 4), data + b"\0" * 4, 0)
     expect_sense(e, ILLEGAL, 0x1A, 0)
     with pytest.raises(SenseError) as e:  # SPEC_I_PT but no room for TPDL
         short = data[:24]
-        h.pr.handle(A, pr_out_cdb(REGISTER, 0, 24), short, 0)
+        h.handle(A, pr_out_cdb(REGISTER, 0, 24), short, 0)
     expect_sense(e, ILLEGAL, 0x1A, 0)
 
 
@@ -580,7 +580,7 @@ def test_huge_transport_id_length_does_not_crash():
     h = make()
     data = struct.pack(">QQIBBHI", 0, KEY_A, 0, 0x08, 0, 0, 0xFFFFFFFF)
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
+        h.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
     expect_sense(e, ILLEGAL, 0x1A, 0)
 
 
@@ -592,7 +592,7 @@ def test_unknown_service_action(sa):
     h = make()
     data = params(0, KEY_A)
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, pr_out_cdb(sa, 0, 24), data, 0)
+        h.handle(A, pr_out_cdb(sa, 0, 24), data, 0)
     expect_sense(e, ILLEGAL, 0x24, 0)
     assert field_pointer(e) == (True, 1, 4)
 
@@ -622,7 +622,7 @@ def test_aptpl_ignored_for_non_register_actions():
 def test_short_cdb_is_refused_cleanly():
     h = make()
     with pytest.raises(SenseError):
-        h.pr.handle(A, bytes([0x5F, 0x00, 0x00]), b"", 0)
+        h.handle(A, bytes([0x5F, 0x00, 0x00]), b"", 0)
 
 
 def test_failed_command_changes_nothing():
@@ -641,7 +641,7 @@ def test_failed_command_changes_nothing():
 
 
 def test_registration_count_is_bounded():
-    from bridge.scsi import reservations
+    from bridge.scsi.reservations import pr_out as reservations
 
     h = make()
     names = tuple(f"iqn.2026-11.org.test:n{i}" for i in range(reservations.MAX_REGISTRATIONS + 1))
@@ -668,5 +668,5 @@ def test_spec_i_pt_pointer_names_the_offending_transport_id():
     blob = first + encode_iscsi_transport_id(C.name)
     data = _spec_list(blob)
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
+        h.handle(A, pr_out_cdb(REGISTER, 0, len(data)), data, 0)
     assert field_pointer(e) == (False, 28 + len(first), None)

@@ -33,7 +33,7 @@ TUR = bytes(6)
 def run(h, ini, cdb):
     if h.pr.conflicts(ini.name, cdb):
         raise ReservationConflict("conflicts()")
-    return h.pr.handle(ini, cdb, b"", 0)
+    return h.handle(ini, cdb, b"", 0)
 
 
 @pytest.mark.parametrize("reserve,release", [(RESERVE6, RELEASE6), (RESERVE10, RELEASE10)])
@@ -63,7 +63,7 @@ def test_pr_commands_conflict_while_spc2_reserved_even_for_the_holder():
         assert h.pr.conflicts(ini.name, pr_in_cdb(READ_KEYS)) is True
         assert h.pr.conflicts(ini.name, pr_out_cdb(0)) is True
         with pytest.raises(ReservationConflict):
-            h.pr.handle(ini, pr_in_cdb(READ_KEYS), b"", 100)
+            h.handle(ini, pr_in_cdb(READ_KEYS), b"", 100)
 
 
 def test_nexus_loss_and_lu_reset_release_spc2_but_not_pr():
@@ -92,7 +92,7 @@ def test_reserve_release_conflict_once_registrations_exist():
         for cdb in (RESERVE6, RELEASE6, RESERVE10, RELEASE10):
             assert h.pr.conflicts(ini.name, cdb) is True
             with pytest.raises(ReservationConflict):
-                h.pr.handle(ini, cdb, b"", 0)
+                h.handle(ini, cdb, b"", 0)
 
 
 def test_crh_holder_reserve_and_release_are_good_no_ops():
@@ -138,7 +138,7 @@ def test_crh_registrant_under_registrants_types_gets_good(rtype):
 def test_unsupported_reserve_forms(cdb, pointer):
     h = make()
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, cdb, b"", 0)
+        h.handle(A, cdb, b"", 0)
     assert field_pointer(e) == pointer
     assert h.pr.status()["spc2_holder"] is None
 
@@ -146,5 +146,5 @@ def test_unsupported_reserve_forms(cdb, pointer):
 def test_unhandled_opcode_is_invalid():
     h = make()
     with pytest.raises(SenseError) as e:
-        h.pr.handle(A, READ10, b"", 0)
+        h.handle(A, READ10, b"", 0)
     assert e.value.sense.asc == 0x20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.scsi.reservations import ReservationType, conflict_table_rows
-from bridge.scsi.reservations_table import DEFAULT_ROW, command_key, conflict_row
+from bridge.scsi.reservations.table import DEFAULT_ROW, command_key, conflict_row
 
 from .test_reservations_helpers import KEY_A, KEY_B, A, B, C, make
 

@@ -476,6 +476,17 @@ async def test_rsoc_one_command(target):
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
 
 
+async def test_rsoc_knows_service_action_opcodes_the_target_does_not_implement(target):
+    # SPC-4 6.35.2: reporting option 001b on an opcode with service actions is an
+    # INVALID FIELD IN CDB, implemented or not (EXTENDED COPY, 83h; SERVICE ACTION IN(12), ABh).
+    for op in (0x83, 0xAB):
+        r = await run(target, rsoc(1, op=op), data_in=64)
+        assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
+        r = await run(target, rsoc(2, op=op, sa=0x01), data_in=64)
+        assert_good(r)
+        assert r.data[1] & 7 == 1  # not supported
+
+
 async def test_rstmf(target):
     cdb = struct.pack(">BBBBHIBB", 0xA3, 0x0D, 0, 0, 0, 16, 0, 0)
     r = await run(target, cdb, data_in=16)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.scsi.command import COMMANDS
+from bridge.scsi.command_families import COMMAND_TABLE
 from bridge.scsi.logical_unit import LogicalUnitSpec
 from bridge.scsi.request import (
     REPORT_LUNS_WLUN,
@@ -24,9 +24,9 @@ from bridge.scsi.target import Target
 
 from .helpers import INI_A, INI_B, MiB, drain_ua
 
-KNOWN_OPCODES = sorted({op for op, _sa in COMMANDS})
+KNOWN_OPCODES = sorted({i.opcode for i in COMMAND_TABLE.rows()})
 
-ROWS = sorted(COMMANDS.values(), key=lambda i: (i.opcode, i.service_action or 0))
+ROWS = COMMAND_TABLE.rows()
 
 
 def _valid_bits(info, raw: list[int]) -> bytes:

@@ -24,6 +24,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..cdb import VARIABLE_LENGTH_CDB, cdb_length, service_action
+
 
 class ReservationType(enum.IntEnum):
     """SPC-4 6.15.3.3 table: persistent reservation TYPE codes."""
@@ -71,10 +73,6 @@ _SHORT_NAMES = {
     ReservationType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS: "EAAR",
 }
 
-# Opcodes whose service action sits in byte 1 bits 4..0 (SPC-4 4.2.5.1).
-_SA_IN_BYTE1 = frozenset({0x5E, 0x5F, 0x83, 0x84, 0x9E, 0x9F, 0xA3, 0xA4, 0xAB})
-VARIABLE_LENGTH_CDB = 0x7F  # SPC-4 4.2.4: service action in bytes 8..9
-
 START_STOP_UNIT = 0x1B
 PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
 
@@ -87,12 +85,8 @@ CommandKey = tuple[int, int | None, str | None]
 def command_key(cdb: bytes) -> CommandKey:
     """(opcode, service action or None, variant) of a CDB, for table look-up."""
     op = cdb[0]
-    sa: int | None = None
+    sa = service_action(cdb)
     variant: str | None = None
-    if op in _SA_IN_BYTE1 and len(cdb) > 1:
-        sa = cdb[1] & 0x1F
-    elif op == VARIABLE_LENGTH_CDB and len(cdb) >= 10:
-        sa = struct.unpack_from(">H", cdb, 8)[0]
     if op == START_STOP_UNIT:
         # SBC-3 table: allowed everywhere only with START=1 and POWER CONDITION=0h.
         b4 = cdb[4] if len(cdb) > 4 else 0
@@ -101,12 +95,6 @@ def command_key(cdb: bytes) -> CommandKey:
         b4 = cdb[4] if len(cdb) > 4 else 0xFF
         variant = "allow" if (b4 & 0x03) == 0 else "prevent"
     return op, sa, variant
-
-
-def _cdb_length(op: int) -> int:
-    """SPC-4 4.2.5.1: CDB length from the group code."""
-    group = op >> 5
-    return {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(group, 10)
 
 
 @dataclass(frozen=True)
@@ -135,7 +123,10 @@ class ConflictRow:
             cdb[7] = 0x18  # ADDITIONAL CDB LENGTH
             struct.pack_into(">H", cdb, 8, self.service_action or 0)
         else:
-            cdb = bytearray(_cdb_length(self.opcode))
+            length = cdb_length(self.opcode)
+            if length is None:
+                raise ValueError(f"{self.command}: no fixed CDB length for opcode {self.opcode:#x}")
+            cdb = bytearray(length)
             if self.service_action is not None:
                 cdb[1] = self.service_action
         cdb[0] = self.opcode

@@ -10,7 +10,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from bridge.scsi.sense import (
+from ..sense import (
     invalid_field_in_cdb,
     invalid_field_in_parameter_list,
     parameter_list_length_error,
