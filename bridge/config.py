@@ -265,17 +265,19 @@ def _socket_access(t: _Table, inherited: SocketAccess) -> SocketAccess:
 
 
 def _image_facts(where: str, path: Path, size: int | None, block_size: int,
-                 warnings: list[str]) -> ImageFacts:
-    """Check an LU's image path without opening it for I/O; what will be served."""
+                 warnings: list[str], size_reported: bool = False) -> ImageFacts:
+    """Check an LU's image path without opening it for I/O; what will be served.
+
+    ``size_reported``: the size field had an error already, so do not add another."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         if not path.parent.is_dir():
             raise ConfigError(f"{where}.path", f"directory {path.parent} does not exist; create it "
                                                "or correct the path") from None
-        if size is None:
+        if size is None and not size_reported:
             raise ConfigError(f"{where}.size", f"is required because {path} does not exist") from None
-        return ImageFacts(exists=False, served_bytes=size)
+        return ImageFacts(exists=False, served_bytes=size or 0)
     except OSError as e:
         raise ConfigError(f"{where}.path", f"{path}: {e.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
@@ -303,7 +305,7 @@ def _image_facts(where: str, path: Path, size: int | None, block_size: int,
                         f"{served // block_size} block{'s' if served // block_size != 1 else ''} "
                         f"({format_size(served)}) served, "
                         f"the last {length - served} bytes are not")
-    if size is not None and size != length:
+    if size is not None and size != length and not size_reported:
         warnings.append(f"{where}.size: {format_size(size)} ignored: {path} exists and is "
                         f"{format_size(length)} (an existing image is never resized)")
     return ImageFacts(exists=True, served_bytes=served, block_device=block_device)
@@ -366,10 +368,12 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> BridgeConfig:
             if block_size not in (512, 4096):
                 raise ConfigError(t.path("block_size"), "must be 512 or 4096")
         t.used.add("size")
+        size_ok = False
         with errors.field():
             size = parse_size(t.data["size"], t.path("size")) if "size" in t.data else None
-            if size is not None and size % block_size:
+            if size is not None and block_size in (512, 4096) and size % block_size:
                 raise ConfigError(t.path("size"), f"must be a multiple of block_size ({block_size})")
+            size_ok = True
         wwn = serial = None
         with errors.field():
             wwn = t.get("wwn", str, None)
@@ -392,7 +396,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> BridgeConfig:
         facts = None
         if path is not None:
             with errors.field():
-                facts = _image_facts(where, path, size, block_size, warnings)
+                facts = _image_facts(where, path, size, block_size, warnings, size_reported=not size_ok)
             # Two LUs on one file would be served with two WWNs, share one .pr.json and
             # overwrite each other's data without either knowing.
             real = os.path.realpath(path)

@@ -185,7 +185,10 @@ async def serve(config: BridgeConfig, ready_file: str | None = None,
     instance.acquire()
     image_locks: list[ImageLock] = []
     target = None
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (OSError, ValueError):  # stderr without a file descriptor (embedded, tests)
+        log.debug("SIGUSR1 stack dumps unavailable: stderr has no file descriptor")
     try:
         problems = environment_problems(config)
         if problems:
