@@ -97,6 +97,9 @@ def prepare_state_dir(config: BridgeConfig) -> None:
         raise StartupError(f"state directory {path}: must be owned by this user and writable by "
                            f"nobody else (it is mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}); "
                            "fix it with chown/chmod")
+    if stat.S_IMODE(st.st_mode) != mode:
+        # Ours (e.g. systemd's RuntimeDirectory=): the mode the sockets in it need.
+        os.chmod(path, mode)
 
 
 def _lock_images(config: BridgeConfig, existing: bool) -> list[ImageLock]:

@@ -74,3 +74,20 @@ def test_lock_bytes_are_qemus(mode: LockMode, locked: set[int], tmp_path) -> Non
     with pytest.raises(StartupError, match="in use"):
         ImageLock(str(img), LockMode.for_lu(True, False)).acquire()
     again.release()
+
+
+def test_shipped_systemd_unit_verifies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze not found: apt-get install systemd to check the unit file")
+    unit = (Path(__file__).resolve().parents[2] / "packaging" / "systemd" / "vscsi-bridge.service").read_text()
+    assert "Type=notify" in unit and "RestartPreventExitStatus=2" in unit
+    # The executable is checked for existence; everything else as shipped.
+    (tmp_path / "vscsi-bridge.service").write_text(unit.replace("/usr/local/bin/vscsi-bridge", "/bin/true"))
+    r = subprocess.run([analyze, "verify", str(tmp_path / "vscsi-bridge.service")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
