@@ -14,7 +14,7 @@ import trio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.integration.guest import run_guest  # noqa: E402
+from harness.guest import run_guest  # noqa: E402
 
 CACHE = Path(os.environ.get("VSCSI_CACHE", Path.home() / ".cache" / "vscsi-bridge")) / "demo"
 

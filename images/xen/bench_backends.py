@@ -23,8 +23,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.kvm_bench import BENCH_DIR, pip_install  # noqa: E402
-from tests.integration.xen_harness import run_xen  # noqa: E402
+from harness.bench import BENCH_DIR, pip_install  # noqa: E402
+from harness.xen import run_xen  # noqa: E402
 
 ROWS = [
     ("randread-4k-qd1", "randread", "4k", 1),

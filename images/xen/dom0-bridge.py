@@ -1,6 +1,6 @@
 """dom0 helper: run the bridge's Xen backend from the checkout under test (/vscsi/src).
 
-Copied into each run directory by tests/integration/xen_harness.py; lib.sh wraps it
+Copied into each run directory by harness/xen.py; lib.sh wraps it
 (bridge_attach, bridge_start, bridge_stop). Two commands:
 
   attach --domid N [--devid D] --lun L[:h:c:t:l] ...   write the vscsi xenstore nodes with the

@@ -1,5 +1,5 @@
 # Shell helpers for dom0 test scripts (sourced before /vscsi/run/test.sh). POSIX sh.
-# Copied into the run directory by tests/integration/xen_harness.py at every run.
+# Copied into the run directory by harness/xen.py at every run.
 #   /vscsi/img   the built image (vmlinuz, domu-initrd.gz), read-only
 #   /vscsi/src   the checkout under test, read-only (python3 -m bridge... from there)
 #   /vscsi/run   this run's directory, shared with the host (results go here)
