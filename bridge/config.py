@@ -40,6 +40,8 @@ MAX_LUN = 16383  # virtio-scsi max_lun; flat space addressing (SAM-5 4.7.7)
 MAX_SOCKET_PATH = 107
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# How the Xen backend reaches guest pages (bridge/xen/datapath.py): gntdev map or GNTTABOP_copy.
+GRANT_STRATEGIES = ("map", "copy")
 
 
 class ConfigError(Exception):
@@ -119,6 +121,7 @@ class BridgeConfig:
     images: dict[str, ImageFacts] = field(default_factory=dict)  # LU name -> facts
     warnings: list[str] = field(default_factory=list)  # printed by check-config, logged by serve
     source: str | None = None  # the file it came from
+    xen_grant_strategy: str = "map"
 
     def lun_maps(self) -> dict[str, dict[int, str]]:
         """Initiator port name -> {LUN: LU name}, the form the target core takes."""
@@ -320,7 +323,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> BridgeConfig:
     warnings: list[str] = []
     top = _Table(data, "")
     state_dir = "/run/vscsi-bridge"
-    log_level, log_format = "info", "text"
+    log_level, log_format, grant_strategy = "info", "text", "map"
     default_access = SocketAccess()
     with errors.field():
         bridge = _Table(top.get("bridge", dict, {}), "bridge")
@@ -336,6 +339,10 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> BridgeConfig:
                 raise ConfigError("bridge.log_format", "must be one of " + ", ".join(LOG_FORMATS))
         with errors.field():
             default_access = _socket_access(bridge, default_access)
+        with errors.field():
+            grant_strategy = bridge.get("xen_grant_strategy", str, "map")
+            if grant_strategy not in GRANT_STRATEGIES:
+                raise ConfigError("bridge.xen_grant_strategy", "must be one of " + ", ".join(GRANT_STRATEGIES))
         bridge.reject_unknown(errors)
 
     lus: list[LogicalUnitSpec] = []
@@ -500,7 +507,8 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> BridgeConfig:
     top.reject_unknown(errors)
     if errors.errors:
         raise ConfigErrors(errors.errors)
-    return BridgeConfig(lus, vfio, xen, state_dir, log_level, log_format, locking, images, warnings)
+    return BridgeConfig(lus, vfio, xen, state_dir, log_level, log_format, locking, images, warnings,
+                        xen_grant_strategy=grant_strategy)
 
 
 def _claim_initiator(owners: dict[str, str], name: str, where: str, errors: _Errors) -> None:

@@ -215,7 +215,9 @@ async def serve(config: BridgeConfig, ready_file: str | None = None,
             if config.xen:
                 from bridge.xen.runner import run_xen_backend, xen_config_from
 
-                await nursery.start(run_xen_backend, target, None, xen_config_from(config))
+                xen_config = xen_config_from(config)
+                xen_config.grant_strategy = config.xen_grant_strategy
+                await nursery.start(run_xen_backend, target, None, xen_config)
             print(describe(config), flush=True)
             if ready_file:
                 Path(ready_file).write_text("ready\n")

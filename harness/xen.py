@@ -43,7 +43,7 @@ BEGIN = "VSCSI-XEN-DOM0-SCRIPT-BEGIN"
 END = "VSCSI-XEN-DOM0-SCRIPT-END"
 RC_RE = re.compile(r"VSCSI-XEN-DOM0-RC=(\d+)")
 # Copied into every run directory (so editing them never rebuilds the image).
-DOM0_HELPERS = ("dom0-init.sh", "lib.sh", "dom0-bridge.py")
+DOM0_HELPERS = ("dom0-init.sh", "lib.sh")
 
 
 class XenEnvironmentError(RuntimeError):

@@ -3,7 +3,7 @@ xen-scsiback + LIO fileio, in one Xen-in-QEMU boot, same domU kernel, same image
 
     python3 images/xen/bench_backends.py [--strategies map,copy] [--runtime 5]
 
-One phase per bridge grant strategy (dom0-bridge.py, the checkout's code) serving /tmp/disk.img
+One phase per bridge grant strategy (`vscsi-bridge serve` from the checkout, lib.sh bridge_start) serving /tmp/disk.img
 (dom0 tmpfs), then one with xen-scsiback + LIO on the same file. Each phase boots a PV domU with
 fio and runs the same rows (IOPS, bandwidth, completion-latency p50/p99). Under TCG the guest CPU
 is slow and other load on the host moves every number: the ratio bridge/kernel of one run is the
