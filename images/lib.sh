@@ -2,7 +2,7 @@
 # Every build script keys its cache directory by input_hash over its own text,
 # this file's text and its package list, so it rebuilds only when those change.
 
-VSCSI_CACHE="${VSCSI_CACHE:-/root/.cache/vscsi-bridge}"
+VSCSI_CACHE="${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}"
 IMAGES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 _APT_UPDATED=0
 

@@ -7,12 +7,12 @@
 #   OUT/domu-fio.cpio.gz   fio layer, appended to the base for guests that run fio
 #   OUT/rootfs ->          debootstrapped bookworm dom0 root (xen-utils-4.17, python3-trio, ...), a cache
 #                          stage of its own: CACHE/xen-rootfs-<hash of its recipe>/rootfs
-# OUT = ${VSCSI_CACHE:-/root/.cache/vscsi-bridge}/xen-<hash of the inputs>. Idempotent: a finished OUT
+# OUT = ${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}/xen-<hash of the inputs>. Idempotent: a finished OUT
 # (OUT/.complete) is reused. Progress lines go to stderr; the last stdout line is OUT.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CACHE=${VSCSI_CACHE:-/root/.cache/vscsi-bridge}
+CACHE=${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}
 MIRROR=${VSCSI_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${VSCSI_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 INPUTS=("$HERE/build.sh" "$HERE/dom0-initramfs-init.sh" "$HERE/domu-init.sh")
@@ -185,7 +185,7 @@ pack "$WORK/domu-fio" "$WORK/out/domu-fio.cpio.gz"
 TRIO_VERSION=0.35.0
 say "pylib: trio==$TRIO_VERSION (pip --target)"
 PIP_PY=
-for py in "${VSCSI_PYTHON:-}" "$CACHE/venv/bin/python" /root/.cache/vscsi-venv/bin/python python3; do
+for py in "${VSCSI_PYTHON:-}" python3; do
     [ -n "$py" ] && "$py" -m pip --version >/dev/null 2>&1 && { PIP_PY=$py; break; }
 done
 PIP_EXTRA=
