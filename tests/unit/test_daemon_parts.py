@@ -91,3 +91,18 @@ def test_shipped_systemd_unit_verifies(tmp_path) -> None:  # type: ignore[no-unt
     r = subprocess.run([analyze, "verify", str(tmp_path / "vscsi-bridge.service")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+async def test_xen_attach_resolves_a_domain_name(nursery) -> None:  # type: ignore[no-untyped-def]
+    from bridge.cli import _resolve_domain
+    from bridge.xen.sim_xenstored import SimXenstored
+    from bridge.xen.xenstore import open_xenstore
+
+    xsd = SimXenstored(nursery)
+    async with open_xenstore(await xsd.connect(0)) as xs:
+        await xs.write("/local/domain/7/name", "domu1")
+        await xs.write("/local/domain/9/name", "other")
+        assert await _resolve_domain(xs, "domu1") == 7
+        assert await _resolve_domain(xs, "12") == 12
+        with pytest.raises(StartupError, match=r"^xen: no running domain named 'gone' \(see `xl list`\)$"):
+            await _resolve_domain(xs, "gone")
