@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0
-    except BaseException as e:  # noqa: B902 - the boundary: explain, or re-raise a real bug
+    except BaseException as e:  # the boundary: explain it in one line, or re-raise a real bug
         reason = explain(e)
         if reason is None:
             raise
