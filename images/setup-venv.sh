@@ -3,10 +3,12 @@
 # One venv per checkout ($VSCSI_CACHE/venv-<hash of the checkout's path>), with this checkout
 # installed editable: two checkouts on one machine never run each other's code. Keyed also by
 # pyproject.toml: a change of dependencies rebuilds it. Used by tests/run and images/demo.sh.
+# --path: print the path only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VSCSI_CACHE="${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}"
 VENV="$VSCSI_CACHE/venv-$(pwd -P | sha256sum | cut -c1-12)"
+if [ "${1:-}" = --path ]; then echo "$VENV"; exit 0; fi   # where it is, without creating it
 need_apt=()
 command -v gcc >/dev/null || need_apt+=(gcc libc6-dev)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)

@@ -72,3 +72,29 @@ def test_images_do_not_import_tests() -> None:
     assert offenders == []
     assert not (REPO / "tests" / "integration" / "guest.py").exists()
     assert not (REPO / "bridge" / "harness").exists()  # not installed with the bridge
+
+
+def test_each_checkout_gets_its_own_venv(tmp_path: Path) -> None:
+    import subprocess
+
+    paths = []
+    for name in ("one", "two"):
+        checkout = tmp_path / name
+        (checkout / "images").mkdir(parents=True)
+        (checkout / "images" / "setup-venv.sh").write_bytes((REPO / "images" / "setup-venv.sh").read_bytes())
+        r = subprocess.run(["bash", str(checkout / "images" / "setup-venv.sh"), "--path"], capture_output=True,
+                           text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        assert r.returncode == 0, r.stderr
+        paths.append(r.stdout.strip())
+    assert paths[0] != paths[1]
+    assert all(p.startswith(f"{tmp_path}/.cache/vscsi-bridge/venv-") for p in paths), paths
+
+
+def test_build_outputs_and_caches_are_ignored_by_git() -> None:
+    import subprocess
+
+    names = ["build/lib/x.py", "dist/vscsi_bridge-0.1.0.whl", "bridge/__pycache__/cli.cpython-311.pyc",
+             "vscsi_bridge.egg-info/PKG-INFO", ".pytest_cache/v", ".ruff_cache/x", ".hypothesis/x"]
+    r = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *names],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.split() == names, r.stdout + r.stderr
