@@ -12,6 +12,7 @@ supported yet (the Xen runner takes its domains at start).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import trio
 
 from bridge.config import BridgeConfig, ConfigError, VfioUserAttachment, parse_config
+from bridge.daemon import logs
 from bridge.scsi.logical_unit import LogicalUnitSpec
 from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
@@ -37,7 +39,9 @@ class _Running:
 class Attachments:
     """Implements bridge.control.host.AttachmentHost for ``serve``."""
 
-    def __init__(self, nursery: trio.Nursery, target: Target, config: BridgeConfig) -> None:
+    def __init__(self, nursery: trio.Nursery, target: Target, config: BridgeConfig,
+                 tracer: Callable[[], Callable[[object], None]] | None = None) -> None:
+        self._tracer = tracer  # at debug level: a vfio-user message tracer per socket
         self._nursery = nursery
         self._target = target
         self._config = config
@@ -53,19 +57,26 @@ class Attachments:
                                      num_queues=att.num_queues, queue_size=att.queue_size)
         running = _Running(att, device, trio.CancelScope(), trio.Event())
 
+        trace = self._tracer() if self._tracer is not None else None
+
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 with running.scope:
-                    await serve_vfio_user(att.socket, device, task_status=task_status)
+                    await serve_vfio_user(att.socket, device, access=att.access, trace=trace,
+                                          task_status=task_status)
             finally:
                 device.close()
                 running.done.set()
 
+        # Every task started here inherits this: their log lines name the connection.
+        token = logs.connection.set((("socket", att.socket), ("initiator", att.initiator)))
         try:
             await self._nursery.start(run)
         except BaseException:
             running.done.set()
             raise
+        finally:
+            logs.connection.reset(token)
         self._vfio[att.socket] = running
         log.info("serving vfio-user socket %s for %s", att.socket, att.initiator)
 
@@ -116,15 +127,20 @@ class Attachments:
         raise LookupError(f"no attachment {key!r}")
 
     def lu_spec(self, params: dict[str, Any]) -> LogicalUnitSpec:
-        return self._parse({"lu": [params]}, "lu[0].").lus[0]
+        # Alone: whether its image is one a running LU has is the caller's check
+        # (by device and inode, bridge/control/methods.py), answered as a refusal.
+        return self._parse({"lu": [params]}, "lu[0].", with_running_lus=False).lus[0]
 
-    def _parse(self, sections: dict[str, Any], prefix: str) -> BridgeConfig:
-        """One section checked exactly as the configuration file's (same messages)."""
+    def _parse(self, sections: dict[str, Any], prefix: str,
+               with_running_lus: bool = True) -> BridgeConfig:
+        """One section checked exactly as the configuration file's (same messages); the
+        running LUs are added so that a new attachment's LUN map can name them."""
         doc = {"bridge": {"state_dir": self._config.state_dir}, **sections}
         doc.setdefault("lu", [])
-        existing = [{"name": lu.name, "path": lu.spec.path} for lu in self._target.logical_units()]
-        doc["lu"] = doc["lu"] + existing
+        if with_running_lus:
+            doc["lu"] = doc["lu"] + [{"name": lu.name, "path": lu.spec.path}
+                                     for lu in self._target.logical_units()]
         try:
-            return parse_config(doc, Path(self._config.state_dir))
+            return parse_config(doc, Path(self._config.state_dir), require_attachments=False)
         except ConfigError as e:
             raise ValueError(str(e).removeprefix(prefix)) from None

@@ -1,27 +1,46 @@
 """The TOML configuration file: logical units and the initiators that see them.
 
-Every problem is reported as one ConfigError naming the field (``lu[1].block_size``)
-so the command line can print one line and exit 2.
+Every problem is a ConfigError naming the field (``lu[1].block_size``). Parsing goes on
+after an error so that ``check-config`` can list every problem at once; the errors come
+back together as one ConfigErrors (a ConfigError whose ``field`` is the first one's).
+Relative paths (images, ``state_dir``) are taken from the configuration file's directory.
+Facts about the files that can be checked without serving (an image that is a directory,
+empty, or not a whole number of blocks; a socket path too long for AF_UNIX) are checked
+here too; what only serving can find out (a socket in use, a lock held) is in preflight.
 """
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import re
+import stat
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.scsi.identity import parse_wwn
+from bridge.scsi.identity import IQN_PREFIX, parse_wwn
 from bridge.scsi.logical_unit import LogicalUnitSpec
 from bridge.scsi.request import MAX_LUN
+from bridge.unix_socket import SocketAccess
 
-IQN_PREFIX = "iqn.2026-11.org.vscsi-bridge"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# TOML table keys are strings: int() would also take "00", "+1" and "1_000".
+_LUN_KEY_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 # SPC-4 7.6.4.6: iSCSI names are at most 223 bytes; iqn./eui./naa. forms (RFC 3720 3.2.6.3).
 _ISCSI_NAME_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[!-~]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL (unix(7)).
+MAX_SOCKET_PATH = 107
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+# How the Xen backend reaches guest pages (bridge/xen/datapath.py): gntdev map or GNTTABOP_copy.
+GRANT_STRATEGIES = ("map", "copy")
 
 
 class ConfigError(Exception):
@@ -33,6 +52,15 @@ class ConfigError(Exception):
         self.problem = problem
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration problems; ``errors`` lists them in file order."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__(errors[0].field, errors[0].problem)
+        self.errors = errors
+        self.args = ("\n".join(str(e) for e in errors),)
+
+
 @dataclass
 class VfioUserAttachment:
     """One virtio-scsi PCI device exported over a vfio-user socket: one I_T nexus."""
@@ -42,6 +70,7 @@ class VfioUserAttachment:
     luns: dict[int, str]
     num_queues: int = 2
     queue_size: int = 256
+    access: SocketAccess = field(default_factory=SocketAccess)
 
 
 @dataclass
@@ -57,6 +86,28 @@ class XenAttachment:
     luns: dict[int, str]
 
 
+@dataclass(frozen=True)
+class ImageLocking:
+    """How an LU's image is locked against other writers (QEMU's own lock bytes).
+
+    ``share_rw``: other writers that also share write access (QEMU ``share-rw=on``) may
+    open it too, for cluster file systems on shared storage. ``enabled`` False takes no
+    locks at all (QEMU ``file.locking=off``), for storage where another host coordinates.
+    """
+
+    enabled: bool = True
+    share_rw: bool = False
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What is served from an LU's image: the bytes on disk, or the size it will be created at."""
+
+    exists: bool
+    served_bytes: int
+    block_device: bool = False
+
+
 @dataclass
 class BridgeConfig:
     lus: list[LogicalUnitSpec]
@@ -64,6 +115,14 @@ class BridgeConfig:
     xen: list[XenAttachment] = field(default_factory=list)
     state_dir: str = "/run/vscsi-bridge"
     log_level: str = "info"
+    log_format: str = "text"
+    locking: dict[str, ImageLocking] = field(default_factory=dict)  # LU name -> locking
+    images: dict[str, ImageFacts] = field(default_factory=dict)  # LU name -> facts
+    warnings: list[str] = field(default_factory=list)  # printed by check-config, logged by serve
+    source: str | None = None  # the file it came from
+    xen_grant_strategy: str = "map"
+    # [bridge] socket_mode/owner/group: the control socket's, and every socket's default.
+    socket_access: SocketAccess = field(default_factory=SocketAccess)
 
     def lun_maps(self) -> dict[str, dict[int, str]]:
         """Initiator port name -> {LUN: LU name}, the form the target core takes."""
@@ -86,6 +145,33 @@ def parse_size(value: Any, where: str) -> int:
     if size <= 0:
         raise ConfigError(where, "must be greater than zero")
     return size
+
+
+def format_size(size: int) -> str:
+    """Bytes as the largest binary unit that divides them ("64 MiB"), else bytes."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} bytes"
+
+
+class _Errors:
+    """Collects ConfigErrors so that one bad field does not hide the next."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    @contextmanager
+    def field(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigErrors as e:
+            self.errors.extend(e.errors)
+        except ConfigError as e:
+            self.errors.append(e)
+
+    def add(self, where: str, problem: str) -> None:
+        self.errors.append(ConfigError(where, problem))
 
 
 class _Table:
@@ -113,31 +199,33 @@ class _Table:
             raise ConfigError(self.path(key), f"must be {_ARTICLE.get(names, 'a ' + names)}, not {value!r}")
         return value
 
-    def reject_unknown(self) -> None:
+    def reject_unknown(self, errors: _Errors) -> None:
         for key in self.data:
             if key not in self.used:
-                raise ConfigError(self.path(key), "unknown key")
+                errors.add(self.path(key), "unknown key")
 
 
 _ARTICLE = {"int": "an integer", "str": "a string", "bool": "true or false", "dict": "a table",
             "list": "an array", "int or str": "an integer or a string"}
 
 
-def _lun_map(t: _Table, lu_names: set[str]) -> dict[int, str]:
-    raw = _Table(t.get("luns", dict, required=True), t.path("luns"))
+def _lun_map(t: _Table, lu_names: set[str], errors: _Errors) -> dict[int, str]:
     luns: dict[int, str] = {}
-    for key in raw.data:
-        where = raw.path(key)
-        try:
-            lun = int(key)
-        except ValueError:
-            raise ConfigError(where, "LUN must be an integer") from None
-        if not 0 <= lun <= MAX_LUN:
-            raise ConfigError(where, f"LUN must be between 0 and {MAX_LUN}")
-        name = raw.get(key, str)
-        if name not in lu_names:
-            raise ConfigError(where, f"no logical unit named {name!r}")
-        luns[lun] = name
+    with errors.field():
+        raw = _Table(t.get("luns", dict, required=True), t.path("luns"))
+        for key in raw.data:
+            where = raw.path(key)
+            with errors.field():
+                if not _LUN_KEY_RE.match(key):
+                    raise ConfigError(where, "LUN must be a decimal integer without leading zeros, "
+                                             "signs or underscores")
+                lun = int(key)
+                if lun > MAX_LUN:
+                    raise ConfigError(where, f"LUN must be between 0 and {MAX_LUN}")
+                name = raw.get(key, str)
+                if name not in lu_names:
+                    raise ConfigError(where, f"no logical unit named {name!r}")
+                luns[lun] = name
     return luns
 
 
@@ -148,89 +236,306 @@ def _initiator(t: _Table, default: str) -> str:
     return name
 
 
-def parse_config(data: dict[str, Any], base_dir: Path) -> BridgeConfig:
-    """Validate a decoded TOML document; relative paths are taken from ``base_dir``."""
+def _resolve(path: str, base_dir: Path) -> Path:
+    p = Path(path)
+    return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
+
+
+def _socket_access(t: _Table, inherited: SocketAccess) -> SocketAccess:
+    """``socket_mode`` (e.g. "0660" or 0o660), ``socket_owner`` and ``socket_group``
+    (names or numeric ids) of one table, each defaulting to ``inherited``."""
+    mode, uid, gid = inherited.mode, inherited.uid, inherited.gid
+    raw_mode = t.get("socket_mode", (str, int), None)
+    if raw_mode is not None:
+        try:
+            mode = int(raw_mode, 8) if isinstance(raw_mode, str) else raw_mode
+        except ValueError:
+            raise ConfigError(t.path("socket_mode"), f"must be an octal mode such as \"0660\", not {raw_mode!r}") from None
+        if not 0 <= mode <= 0o777:
+            raise ConfigError(t.path("socket_mode"), "must be between 0000 and 0777")
+    owner = t.get("socket_owner", (str, int), None)
+    if owner is not None:
+        try:
+            uid = owner if isinstance(owner, int) else int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise ConfigError(t.path("socket_owner"), f"no user named {owner!r} on this host") from None
+    group = t.get("socket_group", (str, int), None)
+    if group is not None:
+        try:
+            gid = group if isinstance(group, int) else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(t.path("socket_group"), f"no group named {group!r} on this host") from None
+    return SocketAccess(mode, uid, gid)
+
+
+def _image_facts(where: str, path: Path, size: int | None, block_size: int,
+                 warnings: list[str], size_reported: bool = False) -> ImageFacts:
+    """Check an LU's image path without opening it for I/O; what will be served.
+
+    ``size_reported``: the size field had an error already, so do not add another."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ConfigError(f"{where}.path", f"directory {path.parent} does not exist; create it "
+                                               "or correct the path") from None
+        if size is None and not size_reported:
+            raise ConfigError(f"{where}.size", f"is required because {path} does not exist") from None
+        return ImageFacts(exists=False, served_bytes=size or 0)
+    except OSError as e:
+        raise ConfigError(f"{where}.path", f"{path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{where}.path", f"{path} is a directory, not an image file or block device")
+    if stat.S_ISBLK(st.st_mode):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ConfigError(f"{where}.path", f"{path}: {e.strerror}") from None
+        try:
+            length = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+        block_device = True
+    elif stat.S_ISREG(st.st_mode):
+        length, block_device = st.st_size, False
+    else:
+        raise ConfigError(f"{where}.path", f"{path} is neither a regular file nor a block device")
+    if length < block_size:
+        raise ConfigError(f"{where}.path", f"{path} is {length} bytes, smaller than one "
+                                           f"{block_size}-byte block; give it a size or use another image")
+    served = length - length % block_size
+    if served != length:
+        warnings.append(f"{where}.path: {path} is {length} bytes, not a multiple of {block_size}: "
+                        f"{served // block_size} block{'s' if served // block_size != 1 else ''} "
+                        f"({format_size(served)}) served, "
+                        f"the last {length - served} bytes are not")
+    if size is not None and size != length and not size_reported:
+        warnings.append(f"{where}.size: {format_size(size)} ignored: {path} exists and is "
+                        f"{format_size(length)} (an existing image is never resized)")
+    return ImageFacts(exists=True, served_bytes=served, block_device=block_device)
+
+
+def parse_config(data: dict[str, Any], base_dir: Path, *,
+                 require_attachments: bool = True) -> BridgeConfig:
+    """Validate a decoded TOML document; relative paths are taken from ``base_dir``.
+    ``require_attachments=False`` checks sections added to a running bridge (the
+    control plane's lu.add / attach.add), which serve through attachments it has.
+
+    Raises ConfigErrors listing every problem found.
+    """
+    errors = _Errors()
+    warnings: list[str] = []
     top = _Table(data, "")
-    bridge = _Table(top.get("bridge", dict, {}), "bridge")
-    state_dir = bridge.get("state_dir", str, "/run/vscsi-bridge")
-    log_level = bridge.get("log_level", str, "info")
-    if log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError("bridge.log_level", "must be one of debug, info, warning, error")
-    bridge.reject_unknown()
+    state_dir = "/run/vscsi-bridge"
+    log_level, log_format, grant_strategy = "info", "text", "map"
+    default_access = SocketAccess()
+    with errors.field():
+        bridge = _Table(top.get("bridge", dict, {}), "bridge")
+        with errors.field():
+            state_dir = str(_resolve(bridge.get("state_dir", str, "/run/vscsi-bridge"), base_dir))
+        with errors.field():
+            log_level = bridge.get("log_level", str, "info")
+            if log_level not in LOG_LEVELS:
+                raise ConfigError("bridge.log_level", "must be one of " + ", ".join(LOG_LEVELS))
+        with errors.field():
+            log_format = bridge.get("log_format", str, "text")
+            if log_format not in LOG_FORMATS:
+                raise ConfigError("bridge.log_format", "must be one of " + ", ".join(LOG_FORMATS))
+        with errors.field():
+            default_access = _socket_access(bridge, default_access)
+        with errors.field():
+            grant_strategy = bridge.get("xen_grant_strategy", str, "map")
+            if grant_strategy not in GRANT_STRATEGIES:
+                raise ConfigError("bridge.xen_grant_strategy", "must be one of " + ", ".join(GRANT_STRATEGIES))
+        bridge.reject_unknown(errors)
 
     lus: list[LogicalUnitSpec] = []
-    raw_lus = top.get("lu", list, [])
+    locking: dict[str, ImageLocking] = {}
+    images: dict[str, ImageFacts] = {}
+    seen_paths: dict[str, str] = {}  # real path -> the lu[i] that has it
+    raw_lus: list[Any] = []
+    with errors.field():
+        raw_lus = top.get("lu", list, [])
     for i, raw in enumerate(raw_lus):
-        t = _Table(raw, f"lu[{i}]")
-        name = t.get("name", str, required=True)
-        if not _NAME_RE.match(name):
-            raise ConfigError(t.path("name"), "must be 1-64 characters of letters, digits and _ . : -")
-        if any(lu.name == name for lu in lus):
-            raise ConfigError(t.path("name"), f"duplicate logical unit name {name!r}")
-        path = Path(t.get("path", str, required=True))
-        if not path.is_absolute():
-            path = base_dir / path
-        size = parse_size(t.data["size"], t.path("size")) if "size" in t.data else None
+        where = f"lu[{i}]"
+        try:
+            t = _Table(raw, where)
+        except ConfigError as e:
+            errors.errors.append(e)
+            continue
+        name = path = None
+        size: int | None = None
+        block_size = 512
+        with errors.field():
+            name = t.get("name", str, required=True)
+            if not _NAME_RE.match(name):
+                raise ConfigError(t.path("name"), "must be 1-64 characters of letters, digits and _ . : -")
+            if any(lu.name == name for lu in lus):
+                raise ConfigError(t.path("name"), f"duplicate logical unit name {name!r}")
+        with errors.field():
+            path = _resolve(t.get("path", str, required=True), base_dir)
+        with errors.field():
+            block_size = t.get("block_size", int, 512)
+            if block_size not in (512, 4096):
+                raise ConfigError(t.path("block_size"), "must be 512 or 4096")
         t.used.add("size")
-        block_size = t.get("block_size", int, 512)
-        if block_size not in (512, 4096):
-            raise ConfigError(t.path("block_size"), "must be 512 or 4096")
-        if size is not None and size % block_size:
-            raise ConfigError(t.path("size"), f"must be a multiple of block_size ({block_size})")
-        if size is None and not path.exists():
-            raise ConfigError(t.path("size"), f"is required because {path} does not exist")
-        wwn = t.get("wwn", str, None)
-        if wwn is not None:
-            try:
-                parse_wwn(wwn)
-            except ValueError:
-                raise ConfigError(t.path("wwn"), "must be 'naa.' and 32 hex digits (NAA 6) or 16 (NAA 5)") from None
-        serial = t.get("serial", str, None)
-        if serial is not None and not re.fullmatch(r"[\x21-\x7e]{1,40}", serial):
-            raise ConfigError(t.path("serial"), "must be 1-40 printable ASCII characters without spaces")
-        read_only = t.get("read_only", bool, False)
-        t.reject_unknown()
+        size_ok = False
+        with errors.field():
+            size = parse_size(t.data["size"], t.path("size")) if "size" in t.data else None
+            if size is not None and block_size in (512, 4096) and size % block_size:
+                raise ConfigError(t.path("size"), f"must be a multiple of block_size ({block_size})")
+            size_ok = True
+        wwn = serial = None
+        with errors.field():
+            wwn = t.get("wwn", str, None)
+            if wwn is not None:
+                try:
+                    parse_wwn(wwn)
+                except ValueError:
+                    raise ConfigError(t.path("wwn"), "must be 'naa.' and 32 hex digits (NAA 6) or 16 (NAA 5)") from None
+        with errors.field():
+            serial = t.get("serial", str, None)
+            if serial is not None and not re.fullmatch(r"[\x21-\x7e]{1,40}", serial):
+                raise ConfigError(t.path("serial"), "must be 1-40 printable ASCII characters without spaces")
+        read_only = False
+        with errors.field():
+            read_only = t.get("read_only", bool, False)
+        lock = ImageLocking()
+        with errors.field():
+            lock = ImageLocking(enabled=t.get("locking", bool, True), share_rw=t.get("share_rw", bool, False))
+        t.reject_unknown(errors)
+        facts = None
+        if path is not None:
+            with errors.field():
+                facts = _image_facts(where, path, size, block_size, warnings, size_reported=not size_ok)
+            # Two LUs on one file would be served with two WWNs, share one .pr.json and
+            # overwrite each other's data without either knowing.
+            real = os.path.realpath(path)
+            if real in seen_paths:
+                errors.add(t.path("path"), f"{path} is also the image of {seen_paths[real]}; "
+                                           "one image can back only one logical unit")
+            else:
+                seen_paths[real] = where
+        if name is None or path is None or not _NAME_RE.match(name) or any(lu.name == name for lu in lus):
+            continue
         lus.append(LogicalUnitSpec(name=name, path=str(path), size=size, block_size=block_size,
                                    read_only=read_only, wwn=wwn, serial=serial))
-    if not lus:
-        raise ConfigError("lu", "at least one [[lu]] is required")
-    lu_names = {lu.name for lu in lus}
+        locking[name] = lock
+        if facts is not None:
+            images[name] = facts
+    if not raw_lus:
+        errors.add("lu", "at least one [[lu]] is required")
+    lu_names = {lu.name for lu in lus} | {
+        r.get("name") for r in raw_lus if isinstance(r, dict) and isinstance(r.get("name"), str)}
 
     vfio: list[VfioUserAttachment] = []
-    for i, raw in enumerate(top.get("vfio_user", list, [])):
-        t = _Table(raw, f"vfio_user[{i}]")
-        sock = t.get("socket", str, required=True)
-        if not Path(sock).is_absolute():
-            sock = str(Path(state_dir) / sock)
-        if any(v.socket == sock for v in vfio):
-            raise ConfigError(t.path("socket"), f"socket {sock} is used twice")
-        num_queues = t.get("num_queues", int, 2)
-        if not 1 <= num_queues <= 64:
-            raise ConfigError(t.path("num_queues"), "must be between 1 and 64")
-        queue_size = t.get("queue_size", int, 256)
-        if queue_size not in (16, 32, 64, 128, 256, 512, 1024):
-            raise ConfigError(t.path("queue_size"), "must be a power of two between 16 and 1024")
-        initiator = _initiator(t, f"{IQN_PREFIX}:vfio-user.{Path(sock).stem}")
-        vfio.append(VfioUserAttachment(sock, initiator, _lun_map(t, lu_names), num_queues, queue_size))
-        t.reject_unknown()
+    owners: dict[str, str] = {}  # initiator name -> the attachment that has it
+    raw_vfio: list[Any] = []
+    with errors.field():
+        raw_vfio = top.get("vfio_user", list, [])
+    for i, raw in enumerate(raw_vfio):
+        where = f"vfio_user[{i}]"
+        try:
+            t = _Table(raw, where)
+        except ConfigError as e:
+            errors.errors.append(e)
+            continue
+        sock = None
+        with errors.field():
+            sock = str(_resolve(t.get("socket", str, required=True), Path(state_dir)))
+            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+                raise ConfigError(t.path("socket"), f"{sock} is {len(os.fsencode(sock))} bytes, longer than "
+                                                    f"the {MAX_SOCKET_PATH} a unix socket path may have; "
+                                                    "use a shorter state_dir or socket name")
+            if any(v.socket == sock for v in vfio):
+                raise ConfigError(t.path("socket"), f"socket {sock} is used twice")
+            _check_socket_path(t.path("socket"), Path(sock), Path(state_dir))
+        num_queues, queue_size = 2, 256
+        with errors.field():
+            num_queues = t.get("num_queues", int, 2)
+            if not 1 <= num_queues <= 64:
+                raise ConfigError(t.path("num_queues"), "must be between 1 and 64")
+        with errors.field():
+            queue_size = t.get("queue_size", int, 256)
+            if queue_size not in (16, 32, 64, 128, 256, 512, 1024):
+                raise ConfigError(t.path("queue_size"), "must be a power of two between 16 and 1024")
+        initiator = None
+        with errors.field():
+            initiator = _initiator(t, f"{IQN_PREFIX}:vfio-user.{Path(sock or 'x').stem}")
+        access = default_access
+        with errors.field():
+            access = _socket_access(t, default_access)
+        luns = _lun_map(t, lu_names, errors)
+        t.reject_unknown(errors)
+        if initiator is not None:
+            _claim_initiator(owners, initiator, where, errors)
+        if sock is not None and initiator is not None:
+            vfio.append(VfioUserAttachment(sock, initiator, luns, num_queues, queue_size, access))
 
     xen: list[XenAttachment] = []
-    for i, raw in enumerate(top.get("xen", list, [])):
-        t = _Table(raw, f"xen[{i}]")
-        domain = t.get("domain", (str, int), required=True)
-        devid = t.get("devid", int, 0)
-        if not 0 <= devid <= 0xFFFF:
-            raise ConfigError(t.path("devid"), "must be between 0 and 65535")
-        initiator = _initiator(t, f"{IQN_PREFIX}:xen.{domain}.{devid}")
-        xen.append(XenAttachment(str(domain), devid, initiator, _lun_map(t, lu_names)))
-        t.reject_unknown()
+    devices: dict[tuple[str, int], str] = {}
+    raw_xen: list[Any] = []
+    with errors.field():
+        raw_xen = top.get("xen", list, [])
+    for i, raw in enumerate(raw_xen):
+        where = f"xen[{i}]"
+        try:
+            t = _Table(raw, where)
+        except ConfigError as e:
+            errors.errors.append(e)
+            continue
+        domain = None
+        devid = 0
+        with errors.field():
+            domain = str(t.get("domain", (str, int), required=True))
+        with errors.field():
+            devid = t.get("devid", int, 0)
+            if not 0 <= devid <= 0xFFFF:
+                raise ConfigError(t.path("devid"), "must be between 0 and 65535")
+        initiator = None
+        with errors.field():
+            initiator = _initiator(t, f"{IQN_PREFIX}:xen.{domain}.{devid}")
+        luns = _lun_map(t, lu_names, errors)
+        t.reject_unknown(errors)
+        if domain is None:
+            continue
+        if (domain, devid) in devices:
+            errors.add(t.path("devid"), f"domain {domain} vscsi device {devid} is also configured by "
+                                        f"{devices[(domain, devid)]}")
+        devices[(domain, devid)] = where
+        if initiator is not None:
+            _claim_initiator(owners, initiator, where, errors)
+            xen.append(XenAttachment(domain, devid, initiator, luns))
+    if require_attachments and raw_lus and not raw_vfio and not raw_xen:
+        errors.add("vfio_user", "nothing to serve: add a [[vfio_user]] or [[xen]] attachment")
+    top.reject_unknown(errors)
+    if errors.errors:
+        raise ConfigErrors(errors.errors)
+    return BridgeConfig(lus, vfio, xen, state_dir, log_level, log_format, locking, images, warnings,
+                        xen_grant_strategy=grant_strategy, socket_access=default_access)
 
-    initiators = [att.initiator for att in [*vfio, *xen]]
-    for name in initiators:
-        if initiators.count(name) > 1:
-            raise ConfigError("initiator", f"{name} is used by two attachments")
-    top.reject_unknown()
-    return BridgeConfig(lus, vfio, xen, state_dir, log_level)
+
+def _claim_initiator(owners: dict[str, str], name: str, where: str, errors: _Errors) -> None:
+    if name in owners:
+        errors.add(f"{where}.initiator", f"{name} is also the initiator of {owners[name]}; "
+                                         "each attachment needs its own name")
+    else:
+        owners[name] = where
+
+
+def _check_socket_path(where: str, sock: Path, state_dir: Path) -> None:
+    """The socket's directory must exist (the state directory is created by serve) and the
+    path must not be something other than a socket."""
+    if sock.parent != state_dir and not sock.parent.is_dir():
+        raise ConfigError(where, f"directory {sock.parent} does not exist; create it or correct the path")
+    try:
+        st = os.lstat(sock)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(where, f"{sock}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(where, f"{sock} exists and is not a socket; remove it or choose another path")
 
 
 def load_config(path: str | Path) -> BridgeConfig:
@@ -239,15 +544,21 @@ def load_config(path: str | Path) -> BridgeConfig:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(str(path), "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "is a directory, not a configuration file") from None
     except OSError as e:
         raise ConfigError(str(path), e.strerror or str(e)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), f"not valid TOML: {e}") from None
-    return parse_config(data, path.parent.resolve())
+    config = parse_config(data, path.parent.resolve())
+    config.source = str(path.resolve())
+    return config
 
 
 def demo_config(cache_dir: Path) -> BridgeConfig:
-    """The default configuration: one sparse 1 GiB image served to one vfio-user guest."""
+    """The demo configuration (``serve --demo``): one sparse 1 GiB image, one vfio-user guest."""
     return parse_config(
         {
             "bridge": {"state_dir": str(cache_dir / "run")},

@@ -53,39 +53,8 @@ HASH=$(input_hash "${BASH_SOURCE[0]}" "$IMAGES_DIR/lib.sh" "$IMAGES_DIR"/guest/*
        "${VERSIONS[@]}" "${MODULES[@]}" "${XEN_MODULES[@]}")
 OUT="$VSCSI_CACHE/guest-$HASH"
 
-# copy_with_libs ROOT FILE...: FILE and every library ldd lists, same paths.
-copy_with_libs() {
-    local root=$1; shift
-    local f lib
-    for f in "$@"; do
-        install -D -m 755 "$f" "$root$f"
-        while read -r lib; do
-            [[ -e "$root$lib" ]] || install -D -m 755 "$(readlink -f "$lib")" "$root$lib"
-        done < <(ldd "$f" 2>/dev/null | grep -Eo '/[^ ]+\.so[^ ]*' | sort -u)
-    done
-}
-
-# module_closure MODDIR NAME...: the .ko paths of NAMEs and their dependencies.
-module_closure() {
-    local moddir=$1; shift
-    declare -A seen=()
-    local queue=("$@") m f dep
-    while (( ${#queue[@]} )); do
-        m=${queue[0]}; queue=("${queue[@]:1}")
-        m=${m//-/_}
-        [[ -n "${seen[$m]:-}" ]] && continue
-        seen[$m]=1
-        f=$(find "$moddir/kernel" \( -name "$m.ko" -o -name "${m//_/-}.ko" \) -print -quit)
-        if [[ -z "$f" ]]; then
-            # Built into the kernel (modules.builtin) is fine; absent is not.
-            grep -qE "/(${m}|${m//_/-})\.ko$" "$moddir/modules.builtin" \
-                || die "module $m not found in $moddir"
-            continue
-        fi
-        echo "$f"
-        for dep in $(modinfo -F depends "$f" | tr , ' '); do queue+=("$dep"); done
-    done
-}
+# Programs, their libraries and modules are copied with lib.sh's copy_with_libs,
+# module_closure and extra_layer (shared with xen/build.sh).
 
 build() {
     if [[ -f "$OUT/.complete" ]]; then
@@ -118,8 +87,9 @@ build() {
     progress "3/$STEPS" "collecting modules"
     local root="$tmp/root"
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc/vscsi,lib/vscsi,proc,sys,dev,tmp,run,mnt,root}
-    local f rel
-    for f in $(module_closure "$moddir" "${MODULES[@]}" "${XEN_MODULES[@]}" | sort -u); do
+    local f rel mods
+    mods=$(module_closure "$moddir" "${MODULES[@]}" "${XEN_MODULES[@]}") || die "modules"
+    for f in $(sort -u <<<"$mods"); do
         rel=${f#"$tmp/kernel"}
         install -D -m 644 "$f" "$root$rel"
     done
@@ -140,7 +110,7 @@ build() {
     for f in mke2fs mkfs.ext4 e2fsck fsck.ext4 tune2fs dumpe2fs resize2fs debugfs; do
         tools+=("$(command -v "$f" || echo "/sbin/$f")")
     done
-    copy_with_libs "$root" "${tools[@]}"
+    copy_with_libs / "$root" "${tools[@]}"
     [[ -f /etc/mke2fs.conf ]] && install -D -m 644 /etc/mke2fs.conf "$root/etc/mke2fs.conf"
     install -m 755 "$IMAGES_DIR/guest/init" "$root/init"
     install -m 644 "$IMAGES_DIR/guest/helpers.sh" "$root/lib/vscsi/helpers.sh"
@@ -153,20 +123,13 @@ build() {
         | cpio --null -o -H newc --quiet --owner=0:0 | gzip -6 -n) >"$tmp/initramfs.cpio.gz"
 
     progress "6/$STEPS" "packing fio.cpio (fio and the libraries the base lacks)"
-    local fio_root="$tmp/fio-root"
     # Libraries already in the base are left out of the fio layer.
-    cp -a "$root" "$fio_root.base"
-    copy_with_libs "$fio_root.base" /usr/bin/fio
-    (cd "$fio_root.base" && find . -mindepth 1 -print) | LC_ALL=C sort >"$tmp/all.lst"
-    (cd "$root" && find . -mindepth 1 -print) | LC_ALL=C sort >"$tmp/base.lst"
-    comm -23 "$tmp/all.lst" "$tmp/base.lst" >"$tmp/fio.lst"
-    (cd "$fio_root.base" && cpio -o -H newc --quiet --owner=0:0 <"$tmp/fio.lst") >"$tmp/fio.cpio"
-    rm -rf "$fio_root.base"
+    extra_layer "$root" "$tmp/fio.cpio" / /usr/bin/fio
 
     progress "7/$STEPS" "done: $(du -h "$tmp/initramfs.cpio.gz" | cut -f1) initramfs, $(du -h "$tmp/fio.cpio" | cut -f1) fio layer"
     printf '%s\n' "${VERSIONS[@]}" >"$tmp/versions.txt"
     echo "$kver" >"$tmp/kernel-release"
-    rm -rf "$tmp/kernel" "$tmp/all.lst" "$tmp/base.lst" "$tmp/fio.lst"
+    rm -rf "$tmp/kernel"
     mv "$tmp/root" "$tmp/initramfs-root"
     touch "$tmp/.complete"
     rm -rf "$OUT"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,11 @@ import trio
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.integration.guest import run_guest  # noqa: E402
+from harness import cache_dir  # noqa: E402
+from harness.guest import run_guest  # noqa: E402
 
-CACHE = Path(os.environ.get("VSCSI_CACHE", Path.home() / ".cache" / "vscsi-bridge")) / "demo"
+# VSCSI_QEMU, VSCSI_KERNEL and VSCSI_INITRD replace the built QEMU and guest (harness.guest).
+CACHE = cache_dir() / "demo"
 
 GUEST_SCRIPT = r"""
 vscsi_wait_disks 1 || exit 1
@@ -45,7 +46,7 @@ async def main() -> int:
     ready.unlink(missing_ok=True)
     print(f"[demo] starting vscsi-bridge (default configuration, cache {CACHE})", flush=True)
     bridge = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", "serve", "--cache-dir", str(CACHE), "--ready-file", str(ready)],
+        [sys.executable, "-m", "bridge.cli", "serve", "--demo", "--cache-dir", str(CACHE), "--ready-file", str(ready)],
         cwd=REPO,
     )
     try:

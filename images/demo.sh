@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export VSCSI_CACHE="${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}"
 VENV=$(bash images/setup-venv.sh)
-bash images/build-qemu.sh
-bash images/build-guest.sh
+# VSCSI_QEMU / VSCSI_KERNEL + VSCSI_INITRD: use those instead of building (harness/guest.py).
+[ -n "${VSCSI_QEMU:-}" ] || bash images/build-qemu.sh
+[ -n "${VSCSI_KERNEL:-}" ] && [ -n "${VSCSI_INITRD:-}" ] || bash images/build-guest.sh
 exec "$VENV/bin/python" images/demo.py "$@"

@@ -2,7 +2,7 @@
 # Every build script keys its cache directory by input_hash over its own text,
 # this file's text and its package list, so it rebuilds only when those change.
 
-VSCSI_CACHE="${VSCSI_CACHE:-/root/.cache/vscsi-bridge}"
+VSCSI_CACHE="${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}"
 IMAGES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 _APT_UPDATED=0
 
@@ -110,4 +110,77 @@ prune_other_entries() {
         echo "[images] removing old cache entry $d" >&2
         rm -rf "$d"
     done
+}
+
+# ---- copying programs and modules into an initramfs (build-guest.sh, xen/build.sh) ----------
+
+# _ldd FROM FILE: ldd of FILE as the system rooted at FROM sees it ("/" is the host).
+_ldd() {
+    if [[ "$1" == / ]]; then ldd "$2" 2>/dev/null; else chroot "$1" ldd "$2" 2>/dev/null; fi
+}
+
+# copy_with_libs FROM TO FILE...: FILE (an absolute path in the system rooted at FROM, "/"
+# for the host) and every library its ldd lists (the loader included), copied to the same
+# paths under TO. Libraries TO already has are not copied again.
+copy_with_libs() {
+    local from=${1%/} to=$2; shift 2
+    local f lib
+    for f in "$@"; do
+        install -D -m 755 "$from$f" "$to$f"
+        while read -r lib; do
+            [[ -e "$to$lib" ]] || install -D -m 755 "$(readlink -f "$from$lib")" "$to$lib"
+        done < <(_ldd "${from:-/}" "$f" | grep -Eo '/[^ ]+\.so[^ ]*' | sort -u)
+    done
+}
+
+# extra_layer BASE OUT FROM FILE...: an uncompressed cpio at OUT holding FILE (from the system
+# rooted at FROM) and the libraries it needs that the initramfs tree BASE lacks: appended to
+# BASE's archive only by runs that need FILE (the kernel unpacks concatenated archives).
+extra_layer() {
+    local base=$1 out=$2 from=$3; shift 3
+    local tmp
+    tmp=$(mktemp -d)
+    cp -a "$base" "$tmp/all"
+    copy_with_libs "$from" "$tmp/all" "$@"
+    (cd "$tmp/all" && find . -mindepth 1 -print) | LC_ALL=C sort >"$tmp/all.lst"
+    (cd "$base" && find . -mindepth 1 -print) | LC_ALL=C sort >"$tmp/base.lst"
+    comm -23 "$tmp/all.lst" "$tmp/base.lst" >"$tmp/extra.lst"
+    (cd "$tmp/all" && cpio -o -H newc --quiet --owner=0:0 <"$tmp/extra.lst") >"$out"
+    rm -rf "$tmp"
+}
+
+# module_closure MODDIR NAME...: the .ko files of the modules NAME... and of everything they
+# need (modinfo depends, and softdep "pre:" modules or aliases where they exist), each once,
+# dependencies first: an insmod order (what `modprobe --show-depends` lists). Modules built into the kernel (modules.builtin) are skipped; a
+# module that is neither there nor built in is fatal.
+module_closure() {
+    local moddir=$1; shift
+    local -A _mc_seen=()
+    local m
+    for m in "$@"; do _module_visit "$moddir" "$m" required; done
+}
+
+_module_visit() {
+    local moddir=$1 m=${2//-/_} need=$3 f dep
+    [[ -n "${_mc_seen[$m]:-}" ]] && return 0
+    _mc_seen[$m]=1
+    f=$(find "$moddir/kernel" \( -name "$m.ko" -o -name "${m//_/-}.ko" \) -print -quit)
+    if [[ -z "$f" ]]; then
+        grep -qE "/(${m}|${m//_/-})\.ko$" "$moddir/modules.builtin" && return 0
+        # A name no module file has may be an alias (softdep "pre: crct10dif" names the
+        # implementations of an algorithm): every module the alias stands for, as modprobe does.
+        local targets
+        targets=$(awk -v a="$2" '$1 == "alias" && $2 == a {print $3}' "$moddir/modules.alias" 2>/dev/null)
+        if [[ -n "$targets" ]]; then
+            for dep in $targets; do _module_visit "$moddir" "$dep" soft; done
+            return 0
+        fi
+        [[ "$need" == required ]] && die "module $m not found in $moddir"
+        return 0  # a soft dependency this kernel does not have
+    fi
+    for dep in $(modinfo -F depends "$f" | tr , ' '); do _module_visit "$moddir" "$dep" required; done
+    for dep in $(modinfo -F softdep "$f" | sed -n 's/.*pre: *\([^:]*\)\( post:.*\)\{0,1\}$/\1/p'); do
+        _module_visit "$moddir" "$dep" soft
+    done
+    echo "$f"
 }

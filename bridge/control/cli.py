@@ -333,9 +333,12 @@ def run(args: argparse.Namespace) -> int:
         client = BlockingControlClient(path)
     except OSError as e:
         if args.command == "status" and args.config and _file_status is not None:
-            print(f"{PROG}: no bridge answers on {path} ({e.strerror or e}); "
-                  f"state from {args.config}:", file=sys.stderr)
-            return _file_status(args.config)
+            rc = _file_status(args.config)
+            if rc == 0:  # a failure is its one line alone
+                print(f"{PROG}: no bridge answers on {path} ({e.strerror or e}); "
+                      f"the state above is from {args.config} and the files next to its images",
+                      file=sys.stderr)
+            return rc
         _error(args, f"no bridge answers on {path}: {e.strerror or e}")
         return 1
     try:

@@ -13,10 +13,8 @@ bridge keeps serving everyone else.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import socket as stdsocket
 import stat
 from functools import partial
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import trio
 
 from bridge.scsi.target import Target
+from bridge.unix_socket import SocketAccess, bind_unix_listener
 
 from . import methods
 from .host import AttachmentHost
@@ -65,7 +64,9 @@ class ControlServer:
     async def serve(self, path: str, *, mode: int = 0o600, owner: int | None = None,
                     group: int | None = None,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = await _bind(path, mode, owner, group)
+        # Never takes over a live socket or replaces a non-socket; bound under a umask
+        # that keeps it unreachable until its mode and owner are set.
+        listener = bind_unix_listener(path, SocketAccess(mode, owner, group), backlog=128)
         self.control.socket_path = path
         try:
             log.info("control socket %s (mode %04o)", path, mode)
@@ -159,54 +160,6 @@ class ControlServer:
         except (TypeError, ValueError) as e:
             log.exception("control method %s returned a value JSON cannot hold", req.method)
             return encode_error(req.id, INTERNAL_ERROR, f"internal error in {req.method}: {e}")
-
-
-async def _bind(path: str, mode: int, owner: int | None, group: int | None
-                ) -> trio.socket.SocketType:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, "not a socket, refusing to replace it", path)
-        if await _answers(path):
-            raise FileExistsError(errno.EADDRINUSE, "another bridge answers on this control socket", path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-    try:
-        await listener.bind(tmp)
-        try:
-            os.chmod(tmp, mode)
-            if owner is not None or group is not None:
-                os.chown(tmp, -1 if owner is None else owner, -1 if group is None else group)
-            os.rename(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        listener.listen(128)
-    except BaseException:
-        listener.close()
-        raise
-    return listener
-
-
-async def _answers(path: str) -> bool:
-    """Whether something accepts connections on ``path`` (a stale socket does not)."""
-    s = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-    try:
-        with trio.move_on_after(1):
-            await s.connect(path)
-            return True
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 async def serve_control(target: Target, host: AttachmentHost, *, state_dir: str,

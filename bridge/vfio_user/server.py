@@ -22,12 +22,12 @@ import errno
 import logging
 import os
 import socket as stdsocket
-import stat
 from collections.abc import Callable
 
 import trio
 
 from bridge.ratelimit import RateLimitedLog
+from bridge.unix_socket import SocketAccess, bind_unix_listener
 from bridge.vfio_user import protocol as p
 from bridge.vfio_user.budget import ConnectionBudget, connection_budget
 from bridge.vfio_user.device import DmaError, VfioUserDevice
@@ -216,22 +216,13 @@ class Connection:
         self.sock.close()
 
 
-def _prepare_socket_path(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "not a socket, refusing to remove", path)
-    os.unlink(path)  # stale socket from an earlier run
-
-
 async def serve(
     socket_path: str,
     device: VfioUserDevice,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     trace: TraceFn | None = None,
+    access: SocketAccess | None = None,
 ) -> None:
     """Serve ``device`` over vfio-user on ``socket_path`` until cancelled.
 
@@ -239,13 +230,11 @@ async def serve(
     drops its DMA maps, and the next client finds the device state as it was.
     """
     global _sockets_served
-    _prepare_socket_path(socket_path)
-    listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    # Refuses a live socket or a non-socket; mode/owner/group from ``access`` (default 0600).
+    listener = bind_unix_listener(socket_path, access or SocketAccess())
     _sockets_served += 1
     logs = ClientLogs()  # what this socket's clients make us log, rate-limited
     try:
-        await listener.bind(socket_path)
-        listener.listen(1)
         log.info("vfio-user server listening on %s", socket_path)
         task_status.started()
         while True:

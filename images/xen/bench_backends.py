@@ -3,7 +3,7 @@ xen-scsiback + LIO fileio, in one Xen-in-QEMU boot, same domU kernel, same image
 
     python3 images/xen/bench_backends.py [--strategies map,copy] [--runtime 5]
 
-One phase per bridge grant strategy (dom0-bridge.py, the checkout's code) serving /tmp/disk.img
+One phase per bridge grant strategy (`vscsi-bridge serve` from the checkout, lib.sh bridge_start) serving /tmp/disk.img
 (dom0 tmpfs), then one with xen-scsiback + LIO on the same file. Each phase boots a PV domU with
 fio and runs the same rows (IOPS, bandwidth, completion-latency p50/p99). Under TCG the guest CPU
 is slow and other load on the host moves every number: the ratio bridge/kernel of one run is the
@@ -23,8 +23,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.kvm_bench import BENCH_DIR, pip_install  # noqa: E402
-from tests.integration.xen_harness import run_xen  # noqa: E402
+from harness.bench import BENCH_DIR, pip_install  # noqa: E402
+from harness.xen import run_xen  # noqa: E402
 
 ROWS = [
     ("randread-4k-qd1", "randread", "4k", 1),

@@ -7,15 +7,17 @@
 #   OUT/domu-fio.cpio.gz   fio layer, appended to the base for guests that run fio
 #   OUT/rootfs ->          debootstrapped bookworm dom0 root (xen-utils-4.17, python3-trio, ...), a cache
 #                          stage of its own: CACHE/xen-rootfs-<hash of its recipe>/rootfs
-# OUT = ${VSCSI_CACHE:-/root/.cache/vscsi-bridge}/xen-<hash of the inputs>. Idempotent: a finished OUT
+# OUT = ${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}/xen-<hash of the inputs>. Idempotent: a finished OUT
 # (OUT/.complete) is reused. Progress lines go to stderr; the last stdout line is OUT.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CACHE=${VSCSI_CACHE:-/root/.cache/vscsi-bridge}
+# shellcheck source=../lib.sh
+source "$HERE/../lib.sh"
+CACHE=${VSCSI_CACHE:-$HOME/.cache/vscsi-bridge}
 MIRROR=${VSCSI_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${VSCSI_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
-INPUTS=("$HERE/build.sh" "$HERE/dom0-initramfs-init.sh" "$HERE/domu-init.sh")
+INPUTS=("$HERE/build.sh" "$HERE/../lib.sh" "$HERE/dom0-initramfs-init.sh" "$HERE/domu-init.sh")
 ROOTFS_PKGS="xen-utils-4.17 xenstore-utils python3 python3-trio python3-pyroute2 kmod busybox sg3-utils
       fio procps iproute2 util-linux cpio gzip xz-utils"
 ROOTFS_REV=1   # bump when the rootfs recipe below changes
@@ -128,20 +130,21 @@ KVER=$(sed -n 's/^kernel=//p' "$ROOT/opt/vscsi/versions")
 mkdir -p "$WORK/out"
 
 # ---- 2. dom0 initramfs: mounts the 9p root ---------------------------------------------------
-mods_for() { # print the .ko paths (dependency order) for module names, resolved in the rootfs
-    in_root modprobe -a --show-depends -S "$KVER" "$@" | awk '$1 == "insmod" {print $2}' | awk '!seen[$0]++'
-}
-stage_initramfs() { # DIR INIT MODULES...
+# Modules and programs are copied with images/lib.sh (module_closure, copy_with_libs,
+# extra_layer), the same code build-guest.sh uses, resolved in the dom0 rootfs.
+MODDIR=$ROOT/lib/modules/$KVER
+stage_initramfs() { # DIR INIT MODULES...: busybox, the modules in insmod order (lib/modules/order), /init
     local dir=$1 init=$2; shift 2
     mkdir -p "$dir"/{bin,sbin,dev,proc,sys,tmp,mnt,newroot,lib/modules}
     cp /bin/busybox "$dir/bin/busybox"
     for app in $(/bin/busybox --list); do [ "$app" = busybox ] || ln -sf busybox "$dir/bin/$app"; done
-    : >"$dir/modules.order"
-    for ko in $(mods_for "$@"); do
-        cp "$ROOT$ko" "$dir/lib/modules/"
-        basename "$ko" >>"$dir/modules.order"
+    local mods ko
+    mods=$(module_closure "$MODDIR" "$@") || die "modules $* for $dir"
+    : >"$dir/lib/modules/order"
+    for ko in $mods; do
+        cp "$ko" "$dir/lib/modules/"
+        basename "$ko" >>"$dir/lib/modules/order"
     done
-    mv "$dir/modules.order" "$dir/lib/modules/order"
     install -m 0755 "$init" "$dir/init"
 }
 pack() { (cd "$1" && find . | cpio -o -H newc --quiet) | gzip -6 >"$2"; }
@@ -154,38 +157,21 @@ pack "$WORK/dom0-initrd" "$WORK/dom0-initrd.gz"
 # Two archives: the base (busybox, modules, sg3-utils: about 3 MB, unpacks fast under TCG) and a
 # fio layer (fio and its ~80 MB of libraries) appended only for guests that run fio: the kernel
 # unpacks concatenated cpio archives in order.
-add_bins() { # DIR SEEN_LIST BINARY...: copy binaries and the libraries ldd lists, minus SEEN_LIST
-    local dir=$1 seen=$2; shift 2
-    mkdir -p "$dir/usr/bin"
-    : >"$WORK/libs.new"
-    for b in "$@"; do
-        cp "$ROOT/usr/bin/$b" "$dir/usr/bin/"
-        # the libraries, resolved by the rootfs' own loader (the loader itself included)
-        in_root ldd "/usr/bin/$b" | awk '/=> \//{print $3} /^\t\/lib/{print $1}' >>"$WORK/libs.new"
-    done
-    sort -u "$WORK/libs.new" | comm -23 - "$seen" | while read -r lib; do
-        mkdir -p "$dir$(dirname "$lib")"
-        cp -L "$ROOT$lib" "$dir$lib"
-        echo "$lib"
-    done >>"$seen"
-    sort -u -o "$seen" "$seen"
-}
 say "domU initramfs (xen-scsifront, sd_mod, sg, sg3-utils) + fio layer"
 D=$WORK/domu-initrd
 stage_initramfs "$D" "$HERE/domu-init.sh" xen-scsifront sd_mod sg
-: >"$WORK/libs.seen"
-# shellcheck disable=SC2046
-add_bins "$D" "$WORK/libs.seen" $(cd "$ROOT/usr/bin" && ls sg_* sginfo)
+mapfile -t SG_TOOLS < <(cd "$ROOT/usr/bin" && ls sg_* sginfo | sed 's#^#/usr/bin/#')
+copy_with_libs "$ROOT" "$D" "${SG_TOOLS[@]}"
 pack "$D" "$WORK/out/domu-initrd.gz"
-add_bins "$WORK/domu-fio" "$WORK/libs.seen" fio
-pack "$WORK/domu-fio" "$WORK/out/domu-fio.cpio.gz"
+extra_layer "$D" "$WORK/domu-fio.cpio" "$ROOT" /usr/bin/fio
+gzip -6 <"$WORK/domu-fio.cpio" >"$WORK/out/domu-fio.cpio.gz"
 
 # ---- 4. Python libraries for the bridge in dom0 (bookworm's python3-trio 0.22 is older than
 # pyproject's trio>=0.24): pure-Python wheels, PYTHONPATH=/vscsi/img/pylib in dom0.
 TRIO_VERSION=0.35.0
 say "pylib: trio==$TRIO_VERSION (pip --target)"
 PIP_PY=
-for py in "${VSCSI_PYTHON:-}" "$CACHE/venv/bin/python" /root/.cache/vscsi-venv/bin/python python3; do
+for py in "${VSCSI_PYTHON:-}" python3; do
     [ -n "$py" ] && "$py" -m pip --version >/dev/null 2>&1 && { PIP_PY=$py; break; }
 done
 PIP_EXTRA=

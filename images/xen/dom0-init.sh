@@ -1,6 +1,6 @@
 #!/bin/sh
 # dom0 PID 1 (after the initramfs switch_root). Copied into the run directory by
-# tests/integration/xen_harness.py at every run, so editing it never rebuilds the image.
+# harness/xen.py at every run, so editing it never rebuilds the image.
 # Brings up the Xen toolstack daemons, runs /vscsi/run/test.sh (with lib.sh sourced) and reports
 # its exit status on the console between markers, then powers the machine off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin

@@ -1,5 +1,5 @@
 # Shell helpers for dom0 test scripts (sourced before /vscsi/run/test.sh). POSIX sh.
-# Copied into the run directory by tests/integration/xen_harness.py at every run.
+# Copied into the run directory by harness/xen.py at every run.
 #   /vscsi/img   the built image (vmlinuz, domu-initrd.gz), read-only
 #   /vscsi/src   the checkout under test, read-only (python3 -m bridge... from there)
 #   /vscsi/run   this run's directory, shared with the host (results go here)
@@ -131,26 +131,57 @@ lio_fileio_pvscsi() {
     [ -n "$(cat "$_tpg/nexus" 2>/dev/null)" ] || echo "${_wwn%?}f" >"$_tpg/nexus" || return 1
 }
 
-# ---- the bridge (from the checkout /vscsi/src), through dom0-bridge.py ----------------------
-# bridge_attach DOMID DEVID LUN[:h:c:t:l]...: the bridge's own toolstack code writes the nodes.
+# ---- the bridge (from the checkout /vscsi/src), through its own command line --------------
+# `python3 -m bridge.cli` run in /vscsi/src: the same serve path as `vscsi-bridge serve`
+# (SIGUSR1 dumps Python stacks, SIGUSR2 each backend's ring state into the log).
+bridge_cli() {
+    (cd "${VSCSI_SRC:-/vscsi/src}" && exec python3 -m bridge.cli "$@")
+}
+
+# bridge_attach DOMID DEVID LUN...: the bridge's own toolstack code writes the nodes
+# (`vscsi-bridge xen attach`; the guest sees LUN L as v-dev 0:0:L/256:L%256).
 bridge_attach() {
     _dom=$1 _dev=$2; shift 2
     _a=""
     for _l in "$@"; do _a="$_a --lun $_l"; done
     # shellcheck disable=SC2086
-    python3 "$VSCSI_RUN/dom0-bridge.py" attach --domid "$_dom" --devid "$_dev" $_a
+    bridge_cli xen attach --domid "$_dom" --devid "$_dev" $_a
 }
 
-# bridge_start LOG DOMAIN_NAME IMAGE SIZE [more serve options]: start the backend in the
-# background (its pid in BRIDGE_PID), wait until it watches xenstore (30 s at most).
+# bridge_start LOG DOMAIN_NAME IMAGE SIZE [--grant-strategy map|copy] [--lun L]...: write a
+# configuration (one LU "disk0" on IMAGE, its LUNs for DOMAIN_NAME's vscsi device 0, default
+# LUN 0) and start `serve` in the background (its pid in BRIDGE_PID); wait until it watches
+# xenstore (30 s at most). BRIDGE_PYTHON_OPTS: e.g. "-m cProfile -o /vscsi/run/bridge.prof".
 bridge_start() {
     _log=$1 _name=$2 _img=$3 _size=$4; shift 4
+    _strategy=map _luns=""
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --grant-strategy) _strategy=$2; shift 2 ;;
+            --lun) _luns="$_luns${_luns:+, }$2 = \"disk0\""; shift 2 ;;
+            *) echo "vscsi-dom0: bridge_start: unknown option $1"; return 1 ;;
+        esac
+    done
+    _cfg=/tmp/bridge-$_name.toml
+    {
+        echo "[bridge]"
+        echo "state_dir = \"/tmp/bridge-$_name\""
+        echo "log_level = \"${BRIDGE_LOG_LEVEL:-info}\""
+        echo "xen_grant_strategy = \"$_strategy\""
+        echo "[[lu]]"
+        echo "name = \"disk0\""
+        echo "path = \"$_img\""
+        echo "size = $_size"
+        echo "[[xen]]"
+        echo "domain = \"$_name\""
+        echo "devid = 0"
+        echo "luns = { ${_luns:-0 = \"disk0\"} }"
+    } >"$_cfg"
     rm -f /tmp/bridge.ready
-    # BRIDGE_PYTHON_OPTS: e.g. "-m cProfile -o /vscsi/run/bridge.prof" (written on SIGTERM)
+    # A subshell that execs python: $! is the bridge itself, so bridge_stop's SIGTERM reaches it.
     # shellcheck disable=SC2086
-    python3 ${BRIDGE_PYTHON_OPTS:-} "$VSCSI_RUN/dom0-bridge.py" --log-level "${BRIDGE_LOG_LEVEL:-info}" serve \
-        --image "$_img" --size "$_size" --domain "$_name" --ready /tmp/bridge.ready "$@" \
-        >"$_log" 2>&1 &
+    (cd "${VSCSI_SRC:-/vscsi/src}" && exec python3 ${BRIDGE_PYTHON_OPTS:-} -m bridge.cli serve \
+        --config "$_cfg" --ready-file /tmp/bridge.ready) >"$_log" 2>&1 &
     BRIDGE_PID=$!
     _i=0
     while [ ! -f /tmp/bridge.ready ]; do

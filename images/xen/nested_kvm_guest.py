@@ -4,8 +4,8 @@
 
 The Xen issue asks whether one bridge process in dom0 could serve both kinds of guest
 booted for real: a PV domU through vscsiif and a QEMU guest over vfio-user, the latter
-then a TCG guest inside the TCG-emulated PV dom0. This boots Xen (tests/integration/
-xen_harness.py), shares the host's image cache into dom0 (QEMU 11 from the trixie tree
+then a TCG guest inside the TCG-emulated PV dom0. This boots Xen (harness/
+xen.py), shares the host's image cache into dom0 (QEMU 11 from the trixie tree
 runs there through its own loader, the guest kernel and initramfs come with it), starts
 the bridge's vfio-user server on one LU in dom0 and the usual test guest attached to it,
 which writes and reads back a block. It prints how long the nested guest took.
@@ -28,8 +28,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.integration import guest as g  # noqa: E402
-from tests.integration.xen_harness import run_xen  # noqa: E402
+from harness import guest as g  # noqa: E402
+from harness.xen import run_xen  # noqa: E402
 
 SOCKET = "/tmp/nested.sock"
 GUEST = r"""

@@ -60,9 +60,9 @@ if str(REPO) not in sys.path:
 
 import trio  # noqa: E402
 
-from tests.integration.guest import CACHE, GuestSession, guest_session, load_args  # noqa: E402
+from harness.bench import BENCH_DIR, pip_install  # noqa: E402
+from harness.guest import GuestSession, guest_session, load_args  # noqa: E402
 
-BENCH_DIR = CACHE / "bench"
 IMAGE_SIZE = 256 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 VCPU_THREAD = re.compile(r"^CPU \d+/(TCG|KVM)$")
@@ -194,25 +194,6 @@ def qemu_threads(pid: int) -> dict[str, float]:
 
 
 # --- installs -----------------------------------------------------------------------
-
-
-def pip_install(module: str, package: str) -> bool:
-    """Import ``module`` or pip-install ``package`` into this interpreter's venv; True if usable."""
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        pass
-    log(f"installing {package} into {sys.prefix} (bench-only dependency)")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", package], check=False)
-    if r.returncode != 0:
-        log(f"pip install {package} failed (exit {r.returncode})")
-        return False
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
 
 
 def py_spy_binary() -> str | None:
@@ -837,7 +818,7 @@ def load_avg() -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    from tests.integration.guest import detect_accel, ensure_images
+    from harness.guest import detect_accel, ensure_images
 
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

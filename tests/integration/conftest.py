@@ -1,4 +1,4 @@
-"""Fixtures shared by the booted-guest tests (harness: tests/integration/guest.py)."""
+"""Fixtures shared by the booted-guest tests (harness: harness/guest.py)."""
 
 from __future__ import annotations
 

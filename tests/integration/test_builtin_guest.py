@@ -13,7 +13,7 @@ import re
 import pytest
 import trio
 
-from tests.integration.guest import (
+from harness.guest import (
     CONFIG_DIR,
     disk_check_script,
     ensure_images,
@@ -162,7 +162,7 @@ async def test_qemu_accepts_vfio_user_config(tmp_path) -> None:
 def test_detect_accel(monkeypatch) -> None:
     from pathlib import Path
 
-    from tests.integration import guest
+    from harness import guest
 
     guest.detect_accel.cache_clear()
     monkeypatch.setenv("VSCSI_ACCEL", "kvm")
@@ -176,7 +176,7 @@ def test_detect_accel(monkeypatch) -> None:
 
 
 def test_fio_layer_only_for_scripts_that_use_fio() -> None:
-    from tests.integration.guest import _wants_fio
+    from harness.guest import _wants_fio
 
     assert _wants_fio("fio --name=x")
     assert _wants_fio("vscsi_wait_disks 1 && fio --rw=read")
@@ -187,7 +187,7 @@ def test_fio_layer_only_for_scripts_that_use_fio() -> None:
 @pytest.mark.booted
 async def test_timeout_kills_the_guest() -> None:
     """A guest past its timeout is killed at once (not left to finish a 10-minute sleep)."""
-    from tests.integration.guest import GuestTimeout
+    from harness.guest import GuestTimeout
 
     await ensure_images()
     start = trio.current_time()

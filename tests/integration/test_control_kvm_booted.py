@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from bridge.control.pytest_plugin import RunningBridge, start_bridge
-from tests.integration.guest import REPO, guest_session
+from harness.guest import REPO, guest_session
 
 VM1 = "iqn.2026-11.org.vscsi-bridge:vfio-user.vm1"
 MiB = 1 << 20

@@ -32,7 +32,7 @@ from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from tests.integration.guest import GuestResult, run_guest
+from harness.guest import GuestResult, run_guest
 from tests.integration.test_pr_iscsi_test_cu import PR_SUITES, CuReport, parse_cunit
 
 INITIATOR_A = "iqn.2026-11.org.vscsi-bridge:cu-path-a"

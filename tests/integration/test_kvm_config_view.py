@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.integration.guest import REPO, run_guest
+from harness.guest import REPO, run_guest
 
 WWN = "naa.6001405c0ffee0000000000000000001"
 SERIAL = "CFGVIEW0"

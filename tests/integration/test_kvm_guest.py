@@ -22,7 +22,7 @@ from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from tests.integration.guest import disk_check_script, run_guest
+from harness.guest import disk_check_script, run_guest
 
 INITIATOR = "iqn.2026-11.org.vscsi-bridge:kvm-guest"
 DISK_SIZE = 64 << 20
@@ -95,7 +95,7 @@ async def _guest_wait(guest, condition: str, what: str, seconds: int = 60) -> st
 
 @pytest.mark.booted
 async def test_hotplug_and_resize_seen_by_guest(run_dir: Path) -> None:
-    from tests.integration.guest import guest_session
+    from harness.guest import guest_session
 
     target, device = _bridge(run_dir, {0: "lu0"}, extra=("lu1",))
     sock = str(run_dir / "bridge.sock")
@@ -160,7 +160,7 @@ async def test_fio_verify_uses_all_request_queues(run_dir: Path) -> None:
 
 @pytest.mark.booted
 async def test_guest_reboot_and_qemu_restart_keep_data(run_dir: Path) -> None:
-    from tests.integration.guest import guest_session
+    from harness.guest import guest_session
 
     target, device = _bridge(run_dir, {0: "lu0"})
     sock = str(run_dir / "bridge.sock")
@@ -380,7 +380,7 @@ async def test_hostile_client_beside_a_booted_guest(run_dir: Path) -> None:
     """A second device of the same bridge process gets malformed vfio-user messages and
     descriptor chains; each is answered with an error or virtio FAILURE, and the booted
     guest on the first device goes on reading and writing correctly meanwhile."""
-    from tests.integration.guest import guest_session
+    from harness.guest import guest_session
 
     hostile_ini = "iqn.2026-11.org.vscsi-bridge:hostile"
     target = Target([LogicalUnitSpec(name="lu0", path=str(run_dir / "lu0.img"), size=DISK_SIZE),

@@ -5,7 +5,7 @@ initiator ports:
 
 - a booted Linux guest under QEMU 11 (TCG) attached over vfio-user to the bridge's
   virtio-scsi PCI device model (bridge.vfio_user.server.serve), driven step by step
-  over its command port (tests/integration/guest.py guest_session);
+  over its command port (harness/guest.py guest_session);
 - a PV-SCSI (vscsiif) frontend on the simulated Xen platform (SimXen grants and
   event channels, SimXenstored) served by the real backend runner
   (bridge.xen.runner.run_xen_backend) against the SAME Target object. Its
@@ -59,7 +59,7 @@ from bridge.xen.sim_platform import SimXen
 from bridge.xen.sim_xenstored import SimXenstored
 from bridge.xen.toolstack import attach
 from bridge.xen.xenstore import open_xenstore
-from tests.integration.guest import guest_session, run_ok, run_shown
+from harness.guest import guest_session, run_ok, run_shown
 from tests.unit.xen.frontend import Result, SimFrontend
 
 KVM_INITIATOR = "iqn.2026-11.org.vscsi-bridge:kvm-shared"

@@ -40,7 +40,7 @@ from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from tests.integration.guest import (
+from harness.guest import (
     REPO,
     GuestSession,
     guest_session,

@@ -23,7 +23,7 @@ from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from tests.integration.guest import run_guest
+from harness.guest import run_guest
 
 INITIATOR = "iqn.2026-11.org.vscsi-bridge:iscsi-test-cu"
 # `iscsi-test-cu -l` in the guest (libiscsi 1.19, Debian 12): every suite about

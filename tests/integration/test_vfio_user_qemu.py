@@ -21,10 +21,12 @@ import trio
 from bridge.vfio_user import protocol as p
 from bridge.vfio_user.dma import DmaSpaceImpl
 from bridge.vfio_user.server import serve
+from harness import cache_dir
 from tests.integration.dummy_pci import DEVICE_ID, VENDOR_ID, DummyPci
 
-QEMU = os.environ.get("VSCSI_QEMU",
-                      "/root/.cache/vscsi-bridge/bin/qemu-system-x86_64")
+# $VSCSI_QEMU or the build of images/build-qemu.sh in $VSCSI_CACHE (harness.guest).
+QEMU = str(Path(os.environ["VSCSI_QEMU"]) if os.environ.get("VSCSI_QEMU")
+           else cache_dir() / "bin" / "qemu-system-x86_64")
 log = logging.getLogger(__name__)
 
 

@@ -32,7 +32,7 @@ import re
 
 import pytest
 
-from tests.integration.xen_harness import XenResult, run_xen
+from harness.xen import XenResult, run_xen
 
 pytestmark = pytest.mark.booted
 

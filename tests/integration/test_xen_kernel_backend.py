@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.integration.xen_harness import run_xen
+from harness.xen import run_xen
 
 pytestmark = pytest.mark.booted
 

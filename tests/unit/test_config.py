@@ -1,7 +1,9 @@
 """Configuration: valid files load; every error is one line naming the field, exit code 2."""
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,7 +90,8 @@ BASE_LU = {"name": "d", "path": "/tmp/x.img", "size": 4096}
         ({"lu": [{**BASE_LU, "block_size": 1024}]}, "lu[0].block_size"),
         ({"lu": [{**BASE_LU, "block_size": "512"}]}, "lu[0].block_size"),
         ({"lu": [{**BASE_LU, "size": 1000}]}, "lu[0].size"),
-        ({"lu": [{"name": "d", "path": "/nonexistent/x.img"}]}, "lu[0].size"),
+        ({"lu": [{"name": "d", "path": "/nonexistent/x.img"}]}, "lu[0].path"),
+        ({"lu": [{"name": "d", "path": "/tmp/vscsi-does-not-exist.img"}]}, "lu[0].size"),
         ({"lu": [{**BASE_LU, "wwn": "naa.5001"}]}, "lu[0].wwn"),
         ({"lu": [{**BASE_LU, "serial": "has space"}]}, "lu[0].serial"),
         ({"lu": [{**BASE_LU, "read_only": "yes"}]}, "lu[0].read_only"),
@@ -104,7 +107,7 @@ BASE_LU = {"name": "d", "path": "/tmp/x.img", "size": 4096}
         ({"lu": [BASE_LU], "xen": [{"luns": {}}]}, "xen[0].domain"),
         ({"lu": [BASE_LU], "xen": [{"domain": 1, "devid": -1, "luns": {}}]}, "xen[0].devid"),
         ({"lu": [BASE_LU], "bridge": {"log_level": "loud"}}, "bridge.log_level"),
-        ({"lu": [BASE_LU], "extra": 1}, "extra"),
+        ({"lu": [BASE_LU], "vfio_user": [{"socket": "/s", "luns": {}}], "extra": 1}, "extra"),
     ],
 )
 def test_errors_name_the_field(doc: dict, field: str, tmp_path: Path) -> None:
@@ -118,7 +121,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_bad_config_one_line_exit_2(tmp_path: Path) -> None:
-    p = write(tmp_path, '[[lu]]\nname = "d"\npath = "x.img"\nsize = "12 furlongs"\n')
+    p = write(tmp_path, '[[lu]]\nname = "d"\npath = "x.img"\nsize = "12 furlongs"\n'
+                        '[[vfio_user]]\nsocket = "/tmp/v.sock"\nluns = { 0 = "d" }\n')
     r = run_cli("serve", "--config", str(p))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -139,7 +143,8 @@ def test_cli_help() -> None:
 
 
 def test_cli_check_config_describes(tmp_path: Path) -> None:
-    r = run_cli("check-config", str(write(tmp_path, GOOD)))
+    no_xen = GOOD[: GOOD.index("[[xen]]")]
+    r = run_cli("check-config", str(write(tmp_path, no_xen)))
     assert r.returncode == 0, r.stderr
     assert "LU disk0" in r.stdout and "iqn.2026-11.org.example:vm1" in r.stdout
 
@@ -147,7 +152,10 @@ def test_cli_check_config_describes(tmp_path: Path) -> None:
 def test_cli_damaged_reservation_state_one_line(tmp_path: Path) -> None:
     img = tmp_path / "d.img"
     (tmp_path / "d.img.pr.json").write_text('{"generation": 3, "registr')
-    p = write(tmp_path, f'[[lu]]\nname = "d"\npath = "{img}"\nsize = 1048576\n')
+    run = tempfile.mkdtemp(prefix="vscsi-", dir="/tmp")
+    p = write(tmp_path, f'[bridge]\nstate_dir = "{run}"\n[[lu]]\nname = "d"\npath = "{img}"\nsize = 1048576\n'
+                        '[[vfio_user]]\nsocket = "v.sock"\nluns = { 0 = "d" }\n')
     r = run_cli("serve", "--config", str(p))
+    shutil.rmtree(run)
     assert r.returncode == 1
     assert "d.img.pr.json" in r.stderr and "refused" in r.stderr and "Traceback" not in r.stderr

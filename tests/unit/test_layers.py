@@ -20,6 +20,8 @@ LAYER_OF = {
     "vfio_user": "kvm",
     "xen": "xen",
     "control": "control",
+    # The service's host side (locks, sd_notify, log setup): used by the composition root.
+    "daemon": "daemon",
 }
 # What each layer may import besides itself and neutral top-level modules.
 ALLOWED = {
@@ -27,6 +29,7 @@ ALLOWED = {
     "kvm": {"core"},
     "xen": {"core"},
     "control": {"core"},
+    "daemon": set(),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 
 import trio
@@ -11,6 +12,7 @@ import trio
 from bridge.control import jsonrpc as j
 from bridge.control.client import ControlClient, ControlError
 from bridge.control.server import ControlServer
+from bridge.startup import StartupError
 
 
 async def start(nursery, ctl, run_dir, **limits):
@@ -103,10 +105,16 @@ async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(nursery, ctl, 
     second = ControlServer(ctl)
     try:
         await second.serve(path)
-    except FileExistsError as e:
-        assert "another bridge answers" in str(e)
+    except StartupError as e:
+        assert "another process is listening" in str(e)
     else:
         raise AssertionError("took over a live socket")
+    stale = str(run_dir / "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(stale)
+    s.close()  # the file stays, nobody listens: a bridge that died
+    await nursery.start(lambda task_status: ControlServer(ctl).serve(stale, task_status=task_status))
+    assert stat.S_ISSOCK(os.stat(stale).st_mode)
 
 
 async def test_owner_group_and_mode_are_parameters(nursery, ctl, run_dir):

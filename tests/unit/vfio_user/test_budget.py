@@ -185,11 +185,11 @@ async def test_accept_errors_are_survived(tmp_path: Path, monkeypatch,  # noqa: 
                                           caplog: pytest.LogCaptureFixture) -> None:
     """EMFILE on accept() (another guest took the fd table) must not end serve()."""
     failures = [errno.EMFILE, errno.ENFILE, errno.ECONNABORTED]
-    real_socket = trio.socket.socket
+    real_bind = server_mod.bind_unix_listener
 
     class Listener:
-        def __init__(self, *args: object) -> None:
-            self._sock = real_socket(*args)
+        def __init__(self, sock: object) -> None:
+            self._sock = sock
 
         def __getattr__(self, name: str) -> object:
             return getattr(self._sock, name)
@@ -201,10 +201,10 @@ async def test_accept_errors_are_survived(tmp_path: Path, monkeypatch,  # noqa: 
                 raise OSError(err, os.strerror(err))
             return await self._sock.accept()
 
-    monkeypatch.setattr(server_mod.trio.socket, "socket", Listener)
+    monkeypatch.setattr(server_mod, "bind_unix_listener",
+                        lambda *args, **kwargs: Listener(real_bind(*args, **kwargs)))
     dev = DummyDevice()
     async with running(tmp_path, dev) as path:
-        monkeypatch.setattr(server_mod.trio.socket, "socket", real_socket)
         c = await connect(path)
         with trio.fail_after(10):
             caps = await c.handshake()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from bridge.startup import StartupError
 from bridge.vfio_user import protocol as p
 from bridge.vfio_user.device import (
     IRQ_INFO_EVENTFD,
@@ -555,7 +556,7 @@ async def test_stale_socket_is_replaced_but_a_regular_file_is_not(tmp_path: Path
         await c.handshake()
     other = tmp_path / "file"
     other.write_text("x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(StartupError, match="exists and is not a socket"):
         await serve(str(other), DummyDevice())
     assert other.read_text() == "x"
 

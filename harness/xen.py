@@ -16,7 +16,9 @@ Typical use (see test_xen_kernel_backend.py)::
     assert result.rc == 0, result.describe()
     assert "VSCSI-DOMU-RC=0" in result.domu_output
 
-Environment: VSCSI_CACHE (build cache), VSCSI_XEN_QEMU (qemu-system-x86_64 to use, default Debian's),
+Environment: VSCSI_CACHE (build cache), VSCSI_QEMU or VSCSI_XEN_QEMU (qemu-system-x86_64 to use,
+default Debian's; VSCSI_KERNEL/VSCSI_INITRD do not apply: dom0 and domU initramfs carry the modules
+of the one Debian kernel images/xen/build.sh unpacks),
 VSCSI_XEN_ACCEL (default "tcg,thread=multi": the KVM on these machines cannot run Xen),
 VSCSI_XEN_KEEP=1 keeps run directories.
 """
@@ -34,13 +36,14 @@ from pathlib import Path
 
 import trio
 
-REPO = Path(__file__).resolve().parents[2]
+from harness import REPO
+
 IMAGES = REPO / "images" / "xen"
 BEGIN = "VSCSI-XEN-DOM0-SCRIPT-BEGIN"
 END = "VSCSI-XEN-DOM0-SCRIPT-END"
 RC_RE = re.compile(r"VSCSI-XEN-DOM0-RC=(\d+)")
 # Copied into every run directory (so editing them never rebuilds the image).
-DOM0_HELPERS = ("dom0-init.sh", "lib.sh", "dom0-bridge.py")
+DOM0_HELPERS = ("dom0-init.sh", "lib.sh")
 
 
 class XenEnvironmentError(RuntimeError):
@@ -107,10 +110,13 @@ async def build_xen_env() -> Path:
 
 
 def qemu_binary() -> str:
-    qemu = os.environ.get("VSCSI_XEN_QEMU") or shutil.which("qemu-system-x86_64")
+    """The QEMU that boots Xen: $VSCSI_QEMU (as for every booted test), $VSCSI_XEN_QEMU (for
+    Xen only), else Debian's qemu-system-x86_64."""
+    qemu = (os.environ.get("VSCSI_QEMU") or os.environ.get("VSCSI_XEN_QEMU")
+            or shutil.which("qemu-system-x86_64"))
     if not qemu:
         raise XenEnvironmentError(
-            "qemu-system-x86_64 not found: apt-get install qemu-system-x86 or set VSCSI_XEN_QEMU"
+            "qemu-system-x86_64 not found: apt-get install qemu-system-x86 or set VSCSI_QEMU"
         )
     return qemu
 

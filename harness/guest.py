@@ -34,10 +34,11 @@ from typing import Literal
 
 import trio
 
-REPO = Path(__file__).resolve().parents[2]
+from harness import REPO, cache_dir
+
 IMAGES_DIR = REPO / "images"
 CONFIG_DIR = REPO / "qemu-configs"
-CACHE = Path(os.environ.get("VSCSI_CACHE", "/root/.cache/vscsi-bridge"))
+CACHE = cache_dir()
 
 Attach = Literal["vfio-user", "builtin", "none"]
 ATTACH_CONFIGS: dict[str, str | None] = {
@@ -130,16 +131,40 @@ def _guest_image_cached() -> GuestImage:
     )
 
 
+def _override(name: str) -> Path | None:
+    """The file an environment variable names instead of a built one; it must exist."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise GuestError(f"{name}={value}: no such file")
+    return path
+
+
 def qemu_binary() -> Path:
-    """Path of QEMU 11 (vfio-user-pci), building it on first use. Blocking."""
+    """QEMU >= 10.1 (vfio-user-pci): $VSCSI_QEMU, else the one images/build-qemu.sh builds
+    (on first use). Blocking."""
+    override = _override("VSCSI_QEMU")
+    if override is not None:
+        return override
     with _build_lock:
         return _qemu_binary_cached()
 
 
 def guest_image() -> GuestImage:
-    """Kernel and initramfs of the test guest, building them on first use. Blocking."""
+    """Kernel and initramfs of the test guest: $VSCSI_KERNEL and $VSCSI_INITRD where set,
+    else what images/build-guest.sh builds (on first use; not built when both are set).
+    Scripts that run fio need the fio layer, $VSCSI_FIO_LAYER or the built one. Blocking."""
+    kernel, initrd = _override("VSCSI_KERNEL"), _override("VSCSI_INITRD")
+    fio = _override("VSCSI_FIO_LAYER")
+    if kernel is not None and initrd is not None:
+        return GuestImage(directory=initrd.parent, kernel=kernel, initramfs=initrd,
+                          fio_layer=fio or Path("/nonexistent/VSCSI_FIO_LAYER-not-set"))
     with _build_lock:
-        return _guest_image_cached()
+        built = _guest_image_cached()
+    return GuestImage(directory=built.directory, kernel=kernel or built.kernel,
+                      initramfs=initrd or built.initramfs, fio_layer=fio or built.fio_layer)
 
 
 async def ensure_images() -> tuple[Path, GuestImage]:
@@ -269,6 +294,9 @@ def _prepare(
     workdir = Path(tempfile.mkdtemp(prefix="vscsi-guest-"))
     layers = [image.initramfs.read_bytes()]
     if fio if fio is not None else (script is not None and _wants_fio(script)):
+        if not image.fio_layer.is_file():
+            raise GuestError("this script runs fio: set VSCSI_FIO_LAYER to a cpio with fio "
+                             "(images/build-guest.sh makes fio.cpio) along with VSCSI_KERNEL/VSCSI_INITRD")
         layers.append(image.fio_layer.read_bytes())
     if script is not None:
         layers.append(newc_archive({"script.sh": script.encode()}))
