@@ -11,17 +11,14 @@ wake-up re-reads both states and does what is still missing):
 LUN hotplug initiated here (target LunAdded/LunRemoved for this initiator):
 write dev-N state 1 / state 5, then Reconfiguring, as a toolstack does.
 
-Ring: requests are copied out of the shared page, checked, mapped and run
-as their own tasks; responses are pushed with the notify-only-when-asked rule.
-A broken ring disconnects this device alone (Closing, with a log line).
+The ring of a connected frontend is served by ring_service.RingService; a
+broken ring disconnects this device alone (Closing, with a log line).
 """
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
-from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,26 +26,16 @@ import trio
 
 from bridge.scsi.events import LunAdded, LunRemoved
 from bridge.scsi.interface import ScsiTarget
-from bridge.scsi.request import (
-    InitiatorPort,
-    ScsiRequest,
-    ScsiResponse,
-    ServiceResponse,
-    TaskManagementFunction,
-    TmfRequest,
-)
-from bridge.xen import translate, vscsiif
-from bridge.xen.datapath import DataPath, RequestBuffers, make_datapath
+from bridge.scsi.request import InitiatorPort
+from bridge.xen.datapath import DataPath, make_datapath
 from bridge.xen.devices import VDev, initiator_name, parse_pdev, vdev_for_lun
-from bridge.xen.platform import EventChannel, GrantError, GrantMapping, XenPlatform
-from bridge.xen.ring import BackRing, RingBroken
-from bridge.xen.translate import RequestError
-from bridge.xen.vscsiif import RsltHost, VscsiifRequest, VscsiifResponse
+from bridge.xen.platform import GrantError, XenPlatform
+from bridge.xen.ring import BackRing
+from bridge.xen.ring_service import RingService
 from bridge.xen.xenbus import XenbusState as S
 from bridge.xen.xenstore import XenStore
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -57,31 +44,6 @@ class BackendConfig:
     sg_grant: int = 128
     grant_strategy: str = "map"  # "map" (batch map per request) or "copy" (GRANT_COPY)
     initiator: str | None = None  # overrides the name derived from the domain name
-
-
-class _Connection:
-    """The ring of one connected frontend and its in-flight requests."""
-
-    def __init__(self, ring: BackRing, mapping: GrantMapping, evtchn: EventChannel) -> None:
-        self.ring = ring
-        self.mapping = mapping
-        self.evtchn = evtchn
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-        self.slot_freed = trio.Event()
-        self.inflight: dict[int, int | None] = {}  # rqid -> tag (None for TMFs)
-        self.broken: str | None = None
-        self.idle_wait: trio.CancelScope | None = None  # the ring loop's wait for an event
-
-    def kick(self) -> None:
-        """Make the ring loop look at the ring again, whatever it waits for."""
-        if self.idle_wait is not None:
-            self.idle_wait.cancel()
-        self.slot_freed.set()
-
-
-# How often a connected ring is checked for a lost wake-up either way (see _watch_ring).
-WATCH_INTERVAL = 10.0
 
 
 class VscsiBackend:
@@ -99,7 +61,7 @@ class VscsiBackend:
         self.fe = ""
         self.initiator = InitiatorPort("")
         self.luns: dict[tuple[int, int, int], int] = {}  # (channel, id, lun) -> target LUN
-        self.conn: _Connection | None = None
+        self.conn: RingService | None = None
         self._pending: dict[int, str] = {}  # target LUN -> "add" | "remove"
         self._latched_close = False
         self._tags = itertools.count(1)
@@ -265,11 +227,14 @@ class VscsiBackend:
             log.error("%s: cannot bind event-channel %d: %s", self.be, port, exc)
             mapping.close()
             return False
-        conn = _Connection(BackRing(mapping.pages[0]), mapping, evtchn)
+        conn = RingService(BackRing(mapping.pages[0]), mapping, evtchn, target=self.target,
+                           datapath=self.datapath, initiator=self.initiator, domid=self.domid,
+                           luns=self.luns, sg_grant=self.config.sg_grant, tags=self._tags,
+                           stats=self.stats, name=self.be, on_broken=self._ring_broken)
         self.conn = conn
         self.stats["connects"] += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._serve_ring, conn)
+        self._nursery.start_soon(conn.serve)
         log.info("%s: connected ring-ref %d event-channel %d (local port %d)", self.be,
                  ring_ref, port, evtchn.port)
         return True
@@ -278,229 +243,16 @@ class VscsiBackend:
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        conn.scope.cancel()
-        await conn.done.wait()
-        conn.evtchn.close()
-        _close_mapping(conn.mapping, f"{self.be} ring")
+        await conn.close()
         # SAM-5 6.3.4: the transport connection is gone, an I_T nexus loss.
         try:
             self.target.nexus_loss(self.initiator.name)
         except Exception:
             log.exception("%s: nexus loss", self.be)
 
-    # ---- the ring -------------------------------------------------------------
-    async def _serve_ring(self, conn: _Connection) -> None:
-        try:
-            with conn.scope:
-                async with trio.open_nursery() as requests:
-                    requests.start_soon(self._watch_ring, conn)
-                    await self._ring_loop(conn, requests)
-        finally:
-            conn.done.set()
-
-    async def _ring_loop(self, conn: _Connection, requests: trio.Nursery) -> None:
-        ring = conn.ring
-        while True:
-            try:
-                raws = ring.take_requests()
-            except RingBroken as exc:
-                conn.broken = f"broken ring: {exc}"
-                requests.cancel_scope.cancel()
-                if self._watch is not None:
-                    self._watch.poke("broken")
-                return
-            for raw in raws:
-                self._dispatch(conn, raw, requests)
-            if raws:
-                await trio.sleep(0)
-                continue
-            if ring.full() and ring.unconsumed():
-                # Every slot holds a request still being answered: wait for a response.
-                # (Not just "unconsumed": the frontend may have published since
-                # take_requests read req_prod, with nothing in flight to free a slot.)
-                conn.slot_freed = trio.Event()
-                await conn.slot_freed.wait()
-                continue
-            if ring.final_check_for_requests():
-                continue
-            with trio.CancelScope() as conn.idle_wait:
-                await conn.evtchn.wait()
-            conn.idle_wait = None
-            if _debug():
-                log.debug("%s: event on port %d", self.be, conn.evtchn.port)
-
-    async def _watch_ring(self, conn: _Connection) -> None:
-        """Every WATCH_INTERVAL: recover (and log) a lost wake-up in either direction, and
-        name requests in flight across two checks. ring.h's protocol never loses one when
-        both ends follow it; this turns a lost one into a pause and a log line instead of a
-        guest whose I/O hangs. A condition counts only when seen at two checks in a row
-        with the indexes unchanged (the other end may simply not have run yet)."""
-        previous: set[int] = set()
-        seen_requests = seen_responses = None
-        while True:
-            await trio.sleep(WATCH_INTERVAL)
-            ring = conn.ring
-            idx = ring.indexes()
-            # requests published and not taken, with no progress since the last check
-            requests = (idx["req_prod"], idx["req_cons"], idx["rsp_prod_pvt"]) \
-                if ring.unconsumed() and not ring.full() else None
-            if requests is not None and requests == seen_requests:
-                self.stats["lost_wakeups"] += 1
-                log.warning("%s: requests published but not taken (%s, waiting for %s): "
-                            "taking them", self.be, idx,
-                            "an event" if conn.idle_wait is not None else "a free slot")
-                conn.kick()
-                requests = None
-            seen_requests = requests
-            responses = (idx["rsp_prod"], idx["rsp_event"]) \
-                if ring.frontend_waits_for_published() else None
-            if responses is not None and responses == seen_responses:
-                self.stats["lost_wakeups"] += 1
-                log.warning("%s: frontend waits for responses already published (%s): "
-                            "notifying", self.be, idx)
-                conn.evtchn.notify()
-                responses = None
-            seen_responses = responses
-            stuck = previous & conn.inflight.keys()
-            if stuck:
-                log.warning("%s: rqid %s in flight for more than %.0f s (%s)", self.be,
-                            sorted(stuck), WATCH_INTERVAL, idx)
-            previous = set(conn.inflight)
-
-    def _respond(self, conn: _Connection, rsp: VscsiifResponse) -> None:
-        if self.conn is not conn:
-            return
-        conn.ring.put_response(vscsiif.encode_response(rsp))
-        notify = conn.ring.push_responses_and_check_notify()
-        if notify:
-            conn.evtchn.notify()
-            self.stats["notifies"] += 1
-        if _debug():
-            log.debug("%s: rqid %d answered rslt %#x residual %d notify %s", self.be, rsp.rqid,
-                      rsp.rslt, rsp.residual_len, notify)
-        conn.slot_freed.set()
-
-    def _fail(self, conn: _Connection, rqid: int, host: RsltHost, why: str) -> None:
-        self.stats["errors"] += 1
-        log.warning("%s: dom%d rqid %d: %s", self.be, self.domid, rqid, why)
-        self._respond(conn, translate.error_response(rqid, host))
-
-    def _dispatch(self, conn: _Connection, raw: bytes, requests: trio.Nursery) -> None:
-        req = vscsiif.decode_request(raw)
-        self.stats["requests"] += 1
-        if _debug():
-            log.debug("%s: rqid %d act %d %d:%d:%d cdb %s dir %d nr_segments %#x", self.be,
-                      req.rqid, req.act, req.channel, req.id, req.lun, req.cdb.hex(),
-                      req.sc_data_direction, req.nr_segments)
-        if req.act not in (vscsiif.VSCSIIF_ACT_SCSI_CDB, vscsiif.VSCSIIF_ACT_SCSI_ABORT,
-                           vscsiif.VSCSIIF_ACT_SCSI_RESET):
-            self._fail(conn, req.rqid, RsltHost.ERROR, f"unknown act {req.act}")
-            return
-        if req.rqid in conn.inflight:
-            self._fail(conn, req.rqid, RsltHost.ERROR, "rqid already in flight")
-            return
-        lun = self.luns.get((req.channel, req.id, req.lun))
-        if req.act != vscsiif.VSCSIIF_ACT_SCSI_CDB:
-            conn.inflight[req.rqid] = None
-            requests.start_soon(self._run_tmf, conn, req, lun)
-            return
-        if lun is None:
-            self._fail(conn, req.rqid, RsltHost.NO_CONNECT,
-                       f"no device {req.channel}:{req.id}:{req.lun}")
-            return
-        try:
-            translate.check_cdb_request(req, self.config.sg_grant)
-            bufs = self._acquire(req)
-        except RequestError as exc:
-            self._fail(conn, req.rqid, exc.host, str(exc))
-            return
-        except GrantError as exc:
-            self._fail(conn, req.rqid, RsltHost.ERROR, f"grant: {exc}")
-            return
-        tag = next(self._tags)
-        views = bufs.views if bufs is not None else []
-        to_device = req.sc_data_direction == vscsiif.DMA_TO_DEVICE
-        sreq = ScsiRequest(lun=lun, tag=tag, cdb=req.cdb, initiator=self.initiator,
-                           data_out=list(views) if to_device else [],
-                           data_in=[] if to_device else list(views))
-        data_len = sum(map(len, views))
-        # What the target answers at once (page-cache reads and writes, errors) goes out
-        # now, without a task; anything else runs as a task.
-        try:
-            started = self.target.submit(sreq)
-        except Exception:
-            log.exception("%s: target failed on rqid %d", self.be, req.rqid)
-            started = ScsiResponse(response=ServiceResponse.TARGET_FAILURE)
-        if isinstance(started, ScsiResponse):
-            self._respond(conn, self._cdb_done(req, sreq, bufs, data_len, started))
-            return
-        conn.inflight[req.rqid] = tag
-        requests.start_soon(self._run_cdb, conn, req, sreq, bufs, data_len, started)
-
-    def _acquire(self, req: VscsiifRequest) -> RequestBuffers | None:
-        entries = req.seg[: req.seg_count]
-        if not entries:
-            return None
-        segs: Sequence[vscsiif.Segment] = entries
-        if req.sg_grant:
-            segs = translate.indirect_segments(self.datapath.read_pages(self.domid, entries))
-            if not segs:
-                return None
-        return self.datapath.acquire(self.domid, segs,
-                                     req.sc_data_direction == vscsiif.DMA_FROM_DEVICE)
-
-    async def _run_cdb(self, conn: _Connection, req: VscsiifRequest, sreq: ScsiRequest,
-                       bufs: RequestBuffers | None, data_len: int,
-                       pending: Awaitable[ScsiResponse]) -> None:
-        try:
-            result = await pending
-        except Exception:
-            log.exception("%s: target failed on rqid %d", self.be, req.rqid)
-            result = ScsiResponse(response=ServiceResponse.TARGET_FAILURE)
-        except BaseException:  # cancelled: release the guest's pages all the same
-            self._cdb_done(req, sreq, bufs, data_len, None)
-            raise
-        conn.inflight.pop(req.rqid, None)
-        self._respond(conn, self._cdb_done(req, sreq, bufs, data_len, result))
-
-    def _cdb_done(self, req: VscsiifRequest, sreq: ScsiRequest, bufs: RequestBuffers | None,
-                  data_len: int, result: ScsiResponse | None) -> VscsiifResponse:
-        """Release the request's guest pages (unmap, or copy back) and build its response."""
-        sreq.data_out = []
-        sreq.data_in = []
-        if bufs is not None:
-            try:
-                _finish(bufs, self.be)
-            except GrantError as exc:
-                log.warning("%s: rqid %d: copy back failed: %s", self.be, req.rqid, exc)
-                return translate.error_response(req.rqid, RsltHost.ERROR)
-        if result is None:
-            return translate.error_response(req.rqid, RsltHost.ERROR)
-        return translate.response_for(req.rqid, result, data_len)
-
-    async def _run_tmf(self, conn: _Connection, req: VscsiifRequest, lun: int | None) -> None:
-        ok = False
-        if lun is not None:
-            if req.act == vscsiif.VSCSIIF_ACT_SCSI_ABORT:
-                tag = conn.inflight.get(req.ref_rqid)
-                tmf = None if tag is None else TmfRequest(
-                    TaskManagementFunction.ABORT_TASK, lun, tag, self.initiator)
-            else:
-                tmf = TmfRequest(TaskManagementFunction.LOGICAL_UNIT_RESET, lun, 0,
-                                 self.initiator)
-            if tmf is None:
-                ok = True  # SAM-5 7.2: no such task, FUNCTION COMPLETE
-            else:
-                try:
-                    ok = translate.tmf_succeeded((await self.target.task_management(tmf)).response)
-                except trio.Cancelled:
-                    raise
-                except Exception:
-                    log.exception("%s: task management failed", self.be)
-        conn.inflight.pop(req.rqid, None)
-        self._respond(conn, VscsiifResponse(
-            req.rqid, vscsiif.XEN_VSCSIIF_RSLT_RESET_SUCCESS if ok
-            else vscsiif.XEN_VSCSIIF_RSLT_RESET_FAILED))
+    def _ring_broken(self) -> None:
+        if self._watch is not None:
+            self._watch.poke("broken")
 
     # ---- LUN hotplug ----------------------------------------------------------
     async def _devs(self) -> list[tuple[str, int | None, VDev | None, int | None]]:
@@ -586,28 +338,3 @@ class VscsiBackend:
             log.info("%s: reconfiguring for %s", self.be,
                      ", ".join(f"{op} LUN {lun}" for lun, op in sorted(pending.items())))
 
-
-def _debug() -> bool:
-    return log.isEnabledFor(logging.DEBUG)
-
-
-def _finish(bufs: RequestBuffers, where: str) -> None:
-    try:
-        bufs.finish()
-    except BufferError:
-        gc.collect()  # a view still referenced from a cycle: collect and retry once
-        try:
-            bufs.finish()
-        except BufferError:
-            log.error("%s: guest pages still referenced after the command; left mapped", where)
-
-
-def _close_mapping(mapping: GrantMapping, where: str) -> None:
-    try:
-        mapping.close()
-    except BufferError:
-        gc.collect()
-        try:
-            mapping.close()
-        except BufferError:
-            log.error("%s: mapping still referenced; left mapped", where)
