@@ -88,7 +88,7 @@ class RingService:
         self.scope.cancel()
         await self.done.wait()
         self.evtchn.close()
-        _close_mapping(self.mapping, f"{self.name} ring")
+        _release(self.mapping.close, f"{self.name}: ring mapping")
 
     async def _ring_loop(self, requests: trio.Nursery) -> None:
         ring = self.ring
@@ -261,7 +261,7 @@ class RingService:
         sreq.data_in = []
         if bufs is not None:
             try:
-                _finish(bufs, self.name)
+                _release(bufs.finish, f"{self.name}: rqid {req.rqid} guest pages")
             except GrantError as exc:
                 log.warning("%s: rqid %d: copy back failed: %s", self.name, req.rqid, exc)
                 return translate.error_response(req.rqid, RsltHost.ERROR)
@@ -298,23 +298,14 @@ def _debug() -> bool:
     return log.isEnabledFor(logging.DEBUG)
 
 
-def _finish(bufs: RequestBuffers, where: str) -> None:
+def _release(release: Callable[[], None], what: str) -> None:
+    """Unmap (or copy back and free) guest pages; a memoryview still referenced from a
+    cycle makes mmap.close raise BufferError: collect, retry once, else leave it mapped."""
     try:
-        bufs.finish()
-    except BufferError:
-        gc.collect()  # a view still referenced from a cycle: collect and retry once
-        try:
-            bufs.finish()
-        except BufferError:
-            log.error("%s: guest pages still referenced after the command; left mapped", where)
-
-
-def _close_mapping(mapping: GrantMapping, where: str) -> None:
-    try:
-        mapping.close()
+        release()
     except BufferError:
         gc.collect()
         try:
-            mapping.close()
+            release()
         except BufferError:
-            log.error("%s: mapping still referenced; left mapped", where)
+            log.error("%s still referenced; left mapped", what)
