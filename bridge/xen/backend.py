@@ -1,15 +1,11 @@
 """One vscsi backend device (one frontend vhost of one domain), as xen-scsiback runs it.
 
-Xenbus (xen-scsiback.c scsiback_frontend_changed, level-triggered here: each
-wake-up re-reads both states and does what is still missing):
-  start                     feature-sg-grant, InitWait
-  frontend Initialised      map ring-ref, bind event-channel, devs 1->3, Connected
-  frontend Connected        devs 3->4; after a reconfiguration, back to Connected
-  frontend Reconfiguring    devs 1->3 (add) and 5->6 (remove), Reconfigured
-  frontend Closing/Closed   drain and unmap, mirror the state
-  frontend Initialising     (after Closed: a rebooted/reloaded frontend) InitWait again
-LUN hotplug initiated here (target LunAdded/LunRemoved for this initiator):
-write dev-N state 1 / state 5, then Reconfiguring, as a toolstack does.
+Xenbus: level-triggered; each wake-up (a watch on both state nodes, or a
+target event) reads both states and the facts, and performs the transition
+that bridge/xen/xenbus_state.py's table gives (the decisions live there; this
+module only performs them). LUN hotplug initiated here (target
+LunAdded/LunRemoved for this initiator): write dev-N state 1 / state 5, then
+Reconfiguring, as a toolstack does.
 
 The ring of a connected frontend is served by ring_service.RingService; a
 broken ring disconnects this device alone (Closing, with a log line).
@@ -19,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +24,14 @@ import trio
 from bridge.scsi.events import LunAdded, LunRemoved
 from bridge.scsi.interface import ScsiTarget
 from bridge.scsi.request import InitiatorPort
+from bridge.xen import xenbus_state
 from bridge.xen.datapath import DataPath, make_datapath
 from bridge.xen.devices import VDev, initiator_name, parse_pdev, vdev_for_lun
 from bridge.xen.platform import GrantError, XenPlatform
 from bridge.xen.ring import BackRing
 from bridge.xen.ring_service import RingService
 from bridge.xen.xenbus import XenbusState as S
+from bridge.xen.xenbus_state import Action
 from bridge.xen.xenstore import XenStore
 
 log = logging.getLogger(__name__)
@@ -118,96 +117,61 @@ class VscsiBackend:
         if self._watch is not None:
             self._watch.poke("target-event")
 
-    async def _switch(self, state: S) -> None:
-        await self.xs.write(f"{self.be}/state", str(int(state)))
-
     async def _probe(self) -> None:
         be_state = await self.xs.read_int(f"{self.be}/state", 0)
         fe_state = await self.xs.read_int(f"{self.fe}/state", 0)
-        if be_state == S.INIT_WAIT:
-            return
-        if be_state in (S.UNKNOWN, S.INITIALISING) or fe_state in (
-                S.UNKNOWN, S.INITIALISING, S.INIT_WAIT, S.INITIALISED, S.CLOSED):
-            await self._init_wait()
-        elif fe_state == S.CONNECTED:
-            # We have no ring for a frontend that believes it is connected (bridge restart).
-            log.warning("%s: frontend connected to a previous backend instance; closing", self.be)
-            self._latched_close = True
-            await self._switch(S.CLOSING)
-
-    async def _init_wait(self) -> None:
-        await self.xs.write(f"{self.be}/feature-sg-grant", str(self.config.sg_grant))
-        await self._switch(S.INIT_WAIT)
+        assert be_state is not None and fe_state is not None
+        await self._apply(xenbus_state.start(be_state, fe_state), be_state)
 
     async def _step(self) -> bool:
-        """One reconciliation; False when the backend directory is gone."""
+        """One reconciliation; False when the backend directory is gone or detached."""
         be_state = await self.xs.read_int(f"{self.be}/state")
         if be_state is None:
             return False
         fe_state = await self.xs.read_int(f"{self.fe}/state", 0)
+        assert fe_state is not None
         log.debug("%s: step: frontend %s backend %s", self.be, fe_state, be_state)
-        if self.conn is not None and self.conn.broken:
+        facts = xenbus_state.Facts(
+            online=await self.xs.read_int(f"{self.be}/online", 1) != 0,
+            connected=self.conn is not None,
+            broken=self.conn is not None and self.conn.broken is not None,
+            latched_close=self._latched_close,
+            hotplug_pending=bool(self._pending))
+        if facts.broken:
+            assert self.conn is not None
             log.error("%s: dom%d: %s; disconnecting this device", self.be, self.domid,
                       self.conn.broken)
-            await self._disconnect()
-            self._latched_close = True
-            await self._switch(S.CLOSING)
-            return True
-        if await self.xs.read_int(f"{self.be}/online", 1) == 0:
-            # The toolstack is detaching us (online=0, Closing): follow the frontend down.
-            if fe_state in (S.CLOSING, S.CLOSED, S.UNKNOWN):
-                await self._disconnect()
-                if be_state != S.CLOSED and fe_state != S.CLOSING:
-                    await self._switch(S.CLOSED)
-                    return False
-                if fe_state == S.CLOSING and be_state != S.CLOSING:
-                    await self._switch(S.CLOSING)
-            elif be_state not in (S.CLOSING, S.CLOSED):
-                await self._switch(S.CLOSING)
-            return True
-        if fe_state == S.INITIALISING:
-            if be_state in (S.CLOSING, S.CLOSED):
-                await self._disconnect()
-                self._latched_close = False
-                log.info("%s: frontend re-initialising, InitWait for a reconnect", self.be)
-                await self._reset_devs()
-                await self._init_wait()
-        elif fe_state == S.INITIALISED:
-            if self.conn is None and not self._latched_close:
-                if await self._connect():
-                    await self._hotplug_apply()
-                    await self._switch(S.CONNECTED)
-                else:
-                    self._latched_close = True
-                    await self._switch(S.CLOSING)
-        elif fe_state == S.CONNECTED:
-            if self.conn is None:
-                if not self._latched_close:
-                    self._latched_close = True
-                    await self._switch(S.CLOSING)
-            elif be_state == S.RECONFIGURING:
-                pass  # waiting for the frontend to take the removals
-            else:
-                await self._update_dev_states()
-                if be_state != S.CONNECTED:
-                    await self._remove_closed_devs()
-                    await self._switch(S.CONNECTED)
-                elif self._pending:
-                    await self._start_reconfiguration()
-        elif fe_state == S.RECONFIGURING:
-            if be_state == S.RECONFIGURING and self.conn is not None:
-                await self._hotplug_apply()
-                await self._switch(S.RECONFIGURED)
-        elif fe_state in (S.CLOSING, S.CLOSED):
-            await self._disconnect()
-            want = S.CLOSING if fe_state == S.CLOSING else S.CLOSED
-            if be_state != want:
-                await self._switch(want)
-            if fe_state == S.CLOSED and await self.xs.read_int(f"{self.be}/online", 1) == 0:
-                return False
-        elif fe_state == S.UNKNOWN:
-            await self._disconnect()  # frontend gone; wait for the toolstack to remove us
-        return True
+        return await self._apply(xenbus_state.step(be_state, fe_state, facts), be_state)
+
+    async def _apply(self, t: xenbus_state.Transition, be_state: int) -> bool:
+        """Perform a transition of xenbus_state; False when it stops the backend."""
+        if t.note:
+            log.log(t.level, "%s: %s", self.be, t.note)
+        for action in t.actions:
+            if not await self._perform(action):
+                return await self._apply(xenbus_state.CONNECT_FAILED, be_state)
+        if t.latch is not None:
+            self._latched_close = t.latch
+        if t.state is not None and t.state != be_state:
+            await self.xs.write(f"{self.be}/state", str(int(t.state)))
+        return not t.stop
+
+    async def _perform(self, action: Action) -> bool:
+        """One action; False only when CONNECT failed."""
+        perform: dict[Action, Callable[[], Awaitable[bool | None]]] = {
+            Action.CONNECT: self._connect,
+            Action.DISCONNECT: self._disconnect,
+            Action.OFFER_FEATURES: self._offer_features,
+            Action.REOFFER_DEVS: self._reset_devs,
+            Action.ADD_OR_DEL_LUNS: self._hotplug_apply,
+            Action.UPDATE_DEV_STATES: self._update_dev_states,
+            Action.REMOVE_CLOSED_DEVS: self._remove_closed_devs,
+            Action.START_RECONFIGURATION: self._start_reconfiguration,
+        }
+        return await perform[action]() is not False
+
+    async def _offer_features(self) -> None:
+        await self.xs.write(f"{self.be}/feature-sg-grant", str(self.config.sg_grant))
 
     # ---- connection -----------------------------------------------------------
     async def _connect(self) -> bool:
