@@ -24,9 +24,9 @@ import trio
 from bridge.scsi.events import LunAdded, LunRemoved
 from bridge.scsi.interface import ScsiTarget
 from bridge.scsi.request import InitiatorPort
-from bridge.xen import xenbus_state
+from bridge.xen import toolstack, xenbus_state
 from bridge.xen.datapath import DataPath, make_datapath
-from bridge.xen.devices import VDev, initiator_name, parse_pdev, vdev_for_lun
+from bridge.xen.devices import initiator_name
 from bridge.xen.platform import GrantError, XenPlatform
 from bridge.xen.ring import BackRing
 from bridge.xen.ring_service import RingService
@@ -61,7 +61,7 @@ class VscsiBackend:
         self.initiator = InitiatorPort("")
         self.luns: dict[tuple[int, int, int], int] = {}  # (channel, id, lun) -> target LUN
         self.conn: RingService | None = None
-        self._pending: dict[int, str] = {}  # target LUN -> "add" | "remove"
+        self._pending: dict[int, bool] = {}  # target LUN -> added (else removed)
         self._latched_close = False
         self._tags = itertools.count(1)
         self._watch: Any = None
@@ -104,16 +104,16 @@ class VscsiBackend:
             return
         if event.initiator != self.initiator.name:
             return
-        op = "add" if isinstance(event, LunAdded) else "remove"
+        add = isinstance(event, LunAdded)
         try:
             trio.lowlevel.current_task()
         except RuntimeError:  # emitted from another thread: hand it to the trio loop
-            self._token.run_sync_soon(self._queue_hotplug, event.lun, op)
+            self._token.run_sync_soon(self._queue_hotplug, event.lun, add)
             return
-        self._queue_hotplug(event.lun, op)
+        self._queue_hotplug(event.lun, add)
 
-    def _queue_hotplug(self, lun: int, op: str) -> None:
-        self._pending[lun] = op
+    def _queue_hotplug(self, lun: int, add: bool) -> None:
+        self._pending[lun] = add
         if self._watch is not None:
             self._watch.poke("target-event")
 
@@ -218,87 +218,48 @@ class VscsiBackend:
         if self._watch is not None:
             self._watch.poke("broken")
 
-    # ---- LUN hotplug ----------------------------------------------------------
-    async def _devs(self) -> list[tuple[str, int | None, VDev | None, int | None]]:
-        out = []
-        for name in await self.xs.directory(f"{self.be}/vscsi-devs", missing_ok=True):
-            base = f"{self.be}/vscsi-devs/{name}"
-            state = await self.xs.read_int(f"{base}/state")
-            vdev = VDev.parse(await self.xs.read_str(f"{base}/v-dev", "") or "")
-            pdev = parse_pdev(await self.xs.read_str(f"{base}/p-dev", "") or "")
-            out.append((name, state, vdev, pdev))
-        return out
-
+    # ---- LUN hotplug (the vscsi-devs nodes are written by toolstack.py) ------
     async def _hotplug_apply(self) -> None:
         """VSCSIBACK_OP_ADD_OR_DEL_LUN: devs 1 -> 3 (or 6 if refused), 5 -> 6."""
         allowed = set(self.target.luns_for(self.initiator.name))
-        for name, state, vdev, pdev in await self._devs():
-            node = f"{self.be}/vscsi-devs/{name}/state"
-            if state == S.INITIALISING:
+        for dev in await toolstack.read_devs(self.xs, self.be):
+            vdev, pdev = dev.vdev, dev.lun
+            if dev.state == S.INITIALISING:
                 if vdev is None or pdev is None or pdev not in allowed or \
                         self.luns.get(vdev.nexus, pdev) != pdev:
                     log.warning("%s: %s refused (v-dev %s, LUN %s not mapped for %s)", self.be,
-                                name, vdev, pdev, self.initiator.name)
-                    await self.xs.write(node, str(int(S.CLOSED)))
+                                dev.name, vdev, pdev, self.initiator.name)
+                    await toolstack.set_dev_state(self.xs, self.be, dev.name, S.CLOSED)
                     continue
                 self.luns[vdev.nexus] = pdev
-                await self.xs.write(node, str(int(S.INITIALISED)))
-            elif state == S.CLOSING:
+                await toolstack.set_dev_state(self.xs, self.be, dev.name, S.INITIALISED)
+            elif dev.state == S.CLOSING:
                 if vdev is not None:
                     self.luns.pop(vdev.nexus, None)
-                await self.xs.write(node, str(int(S.CLOSED)))
+                await toolstack.set_dev_state(self.xs, self.be, dev.name, S.CLOSED)
 
     async def _reset_devs(self) -> None:
         """Before a reconnect: every live device is offered again (3/4 -> 1), as at attach."""
         self.luns.clear()
-        for name, state, _, _ in await self._devs():
-            if state in (S.INITIALISED, S.CONNECTED):
-                await self.xs.write(f"{self.be}/vscsi-devs/{name}/state",
-                                    str(int(S.INITIALISING)))
+        for dev in await toolstack.read_devs(self.xs, self.be):
+            if dev.state in (S.INITIALISED, S.CONNECTED):
+                await toolstack.set_dev_state(self.xs, self.be, dev.name, S.INITIALISING)
 
     async def _update_dev_states(self) -> None:
         """VSCSIBACK_OP_UPDATEDEV_STATE: devs 3 -> 4."""
-        for name, state, vdev, _ in await self._devs():
-            if state == S.INITIALISED and vdev is not None and vdev.nexus in self.luns:
-                await self.xs.write(f"{self.be}/vscsi-devs/{name}/state", str(int(S.CONNECTED)))
+        for dev in await toolstack.read_devs(self.xs, self.be):
+            if dev.state == S.INITIALISED and dev.vdev is not None and \
+                    dev.vdev.nexus in self.luns:
+                await toolstack.set_dev_state(self.xs, self.be, dev.name, S.CONNECTED)
 
     async def _remove_closed_devs(self) -> None:
-        for name, state, _, _ in await self._devs():
-            if state == S.CLOSED:
-                await self.xs.rm(f"{self.be}/vscsi-devs/{name}")
+        for dev in await toolstack.read_devs(self.xs, self.be):
+            if dev.state == S.CLOSED:
+                await toolstack.remove_dev(self.xs, self.be, dev.name)
 
     async def _start_reconfiguration(self) -> None:
         pending, self._pending = self._pending, {}
-        devs = await self._devs()
-        used = {int(n[4:]) for n, *_ in devs if n.startswith("dev-") and n[4:].isdigit()}
-        host = next((v.host for _, _, v, _ in devs if v is not None), 0)
-        changed = False
-
-        async def body(tx: int) -> bool:
-            touched = False
-            next_idx = max(used, default=-1) + 1
-            for lun, op in sorted(pending.items()):
-                live = [(n, s) for n, s, _, p in devs if p == lun
-                        and s in (S.INITIALISING, S.INITIALISED, S.CONNECTED)]
-                if op == "add" and not live:
-                    base = f"{self.be}/vscsi-devs/dev-{next_idx}"
-                    next_idx += 1
-                    await self.xs.write(f"{base}/p-dev", str(lun), tx)
-                    await self.xs.write(f"{base}/p-devname", f"vscsi-bridge-lun{lun}", tx)
-                    await self.xs.write(f"{base}/v-dev", str(vdev_for_lun(lun, host)), tx)
-                    await self.xs.write(f"{base}/state", str(int(S.INITIALISING)), tx)
-                    touched = True
-                elif op == "remove":
-                    for n, _ in live:
-                        await self.xs.write(f"{self.be}/vscsi-devs/{n}/state",
-                                            str(int(S.CLOSING)), tx)
-                        touched = True
-            if touched:
-                await self.xs.write(f"{self.be}/state", str(int(S.RECONFIGURING)), tx)
-            return touched
-
-        changed = await self.xs.transact(body)
-        if changed:
-            log.info("%s: reconfiguring for %s", self.be,
-                     ", ".join(f"{op} LUN {lun}" for lun, op in sorted(pending.items())))
-
+        changes = [(toolstack.VDevSpec(lun), add) for lun, add in sorted(pending.items())]
+        if await toolstack.reconfigure(self.xs, self.be, changes):
+            log.info("%s: reconfiguring for %s", self.be, ", ".join(
+                f"{'add' if add else 'remove'} LUN {lun}" for lun, add in sorted(pending.items())))
