@@ -19,7 +19,7 @@ from bridge.scsi.interface import ScsiTarget
 from bridge.xen.backend import BackendConfig, VscsiBackend
 from bridge.xen.platform import XenPlatform
 from bridge.xen.toolstack import attach, reap_destroyed_domains, reap_once
-from bridge.xen.xenstore import XenStore, connect_xenstored, open_xenstore
+from bridge.xen.xenstore import XenStore, open_dom0_xenstore
 from bridge.xen.xs_wire import XenStoreError
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ async def run_xen_backend(target: ScsiTarget, platform: XenPlatform | None = Non
 
         platform = linux_platform(config.backend_domid)
     if xs is None:
-        async with open_xenstore(await connect_xenstored(config.xenstore_path)) as own:
+        async with open_dom0_xenstore(config.xenstore_path) as own:
             await XenBackendRunner(own, target, platform, config).run(task_status=task_status)
     else:
         await XenBackendRunner(xs, target, platform, config).run(task_status=task_status)
