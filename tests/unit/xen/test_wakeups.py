@@ -23,7 +23,7 @@ import trio
 from bridge.xen import ring_service as ring_service_module
 from bridge.xen import vscsiif
 from bridge.xen.ring import FrontRing
-from bridge.xen.sim_platform import SimEventChannel
+from tests.xen_sim.platform import SimEventChannel
 
 from .conftest import running_backend
 
