@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from bridge.xen.devices import VDev, parse_pdev, vdev_for_lun
+from bridge.xen.devices import VDev, is_ascii_decimal, parse_pdev, vdev_for_lun
 from bridge.xen.xenbus import XenbusState as S
 from bridge.xen.xenstore import XenStore
 from bridge.xen.xs_wire import Permission, XenStoreError
@@ -52,10 +52,7 @@ class VDevSpec:
     def resolved(self, host: int = 0) -> VDev:
         if self.vdev is None:
             return vdev_for_lun(self.lun, host)
-        v = VDev.parse(self.vdev)
-        if v is None:
-            raise ValueError(f"v-dev {self.vdev!r} is not h:c:t:l")
-        return v
+        return VDev.from_text(self.vdev)
 
 
 def _specs(vdevs: Sequence[int | VDevSpec | tuple[int, str]]) -> list[VDevSpec]:
@@ -199,7 +196,7 @@ async def reconfigure(xs: XenStore, be: str, changes: Sequence[tuple[VDevSpec, b
 
     async def body(tx: int) -> bool:
         devs = await read_devs(xs, be, tx)
-        used = [int(d.name[4:]) for d in devs if d.name.startswith("dev-") and d.name[4:].isdigit()]
+        used = [int(d.name[4:]) for d in devs if d.name.startswith("dev-") and is_ascii_decimal(d.name[4:])]
         next_index = max(used, default=-1) + 1
         host = next((d.vdev.host for d in devs if d.vdev is not None), 0)
         touched = False
@@ -236,7 +233,7 @@ async def reap_destroyed_domains(xs: XenStore, backend_domid: int = 0) -> None:
 async def reap_once(xs: XenStore, root: str) -> list[int]:
     gone = []
     for d in await xs.directory(root, missing_ok=True):
-        if not d.isdigit():
+        if not is_ascii_decimal(d):
             continue
         if not await xs.exists(f"/local/domain/{d}"):
             try:
