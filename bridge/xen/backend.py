@@ -27,6 +27,7 @@ from bridge.scsi.request import InitiatorPort
 from bridge.xen import toolstack, xenbus_state
 from bridge.xen.datapath import DataPath, make_datapath
 from bridge.xen.devices import initiator_name
+from bridge.xen.guest_log import GuestLog
 from bridge.xen.platform import GrantError, XenPlatform
 from bridge.xen.ring import BackRing
 from bridge.xen.ring_service import RingService
@@ -66,6 +67,7 @@ class VscsiBackend:
         self._tags = itertools.count(1)
         self._watch: Any = None
         self._nursery: trio.Nursery | None = None
+        self.guest_log = GuestLog(log)  # this device's frontend's errors, rate-limited
         self.stats = {"requests": 0, "errors": 0, "notifies": 0, "connects": 0,
                       "lost_wakeups": 0}
 
@@ -139,8 +141,8 @@ class VscsiBackend:
             hotplug_pending=bool(self._pending))
         if facts.broken:
             assert self.conn is not None
-            log.error("%s: dom%d: %s; disconnecting this device", self.be, self.domid,
-                      self.conn.broken)
+            self.guest_log.error("%s: dom%d: %s; disconnecting this device", self.be,
+                                 self.domid, self.conn.broken)
         return await self._apply(xenbus_state.step(be_state, fe_state, facts), be_state)
 
     async def _apply(self, t: xenbus_state.Transition, be_state: int) -> bool:
@@ -178,23 +180,25 @@ class VscsiBackend:
         ring_ref = await self.xs.read_int(f"{self.fe}/ring-ref")
         port = await self.xs.read_int(f"{self.fe}/event-channel")
         if ring_ref is None or port is None:
-            log.error("%s: frontend Initialised without ring-ref/event-channel", self.be)
+            self.guest_log.error("%s: frontend Initialised without ring-ref/event-channel",
+                                 self.be)
             return False
         try:
             mapping = self.platform.grants.map(self.domid, [ring_ref], True)
         except GrantError as exc:
-            log.error("%s: cannot map ring-ref %d: %s", self.be, ring_ref, exc)
+            self.guest_log.error("%s: cannot map ring-ref %d: %s", self.be, ring_ref, exc)
             return False
         try:
             evtchn = self.platform.evtchn.bind_interdomain(self.domid, port)
         except OSError as exc:
-            log.error("%s: cannot bind event-channel %d: %s", self.be, port, exc)
+            self.guest_log.error("%s: cannot bind event-channel %d: %s", self.be, port, exc)
             mapping.close()
             return False
         conn = RingService(BackRing(mapping.pages[0]), mapping, evtchn, target=self.target,
                            datapath=self.datapath, initiator=self.initiator, domid=self.domid,
                            luns=self.luns, sg_grant=self.config.sg_grant, tags=self._tags,
-                           stats=self.stats, name=self.be, on_broken=self._ring_broken)
+                           stats=self.stats, name=self.be, on_broken=self._ring_broken,
+                           guest_log=self.guest_log)
         self.conn = conn
         self.stats["connects"] += 1
         assert self._nursery is not None

@@ -28,6 +28,7 @@ from bridge.scsi.request import (
 )
 from bridge.xen import translate, vscsiif
 from bridge.xen.datapath import DataPath, RequestBuffers
+from bridge.xen.guest_log import GuestLog
 from bridge.xen.platform import EventChannel, GrantError, GrantMapping
 from bridge.xen.ring import BackRing, RingBroken
 from bridge.xen.translate import RequestError
@@ -45,7 +46,8 @@ class RingService:
     def __init__(self, ring: BackRing, mapping: GrantMapping, evtchn: EventChannel, *,
                  target: ScsiTarget, datapath: DataPath, initiator: InitiatorPort, domid: int,
                  luns: dict[tuple[int, int, int], int], sg_grant: int, tags: Iterator[int],
-                 stats: dict[str, int], name: str, on_broken: Callable[[], None]) -> None:
+                 stats: dict[str, int], name: str, on_broken: Callable[[], None],
+                 guest_log: GuestLog) -> None:
         self.ring = ring
         self.mapping = mapping
         self.evtchn = evtchn
@@ -59,6 +61,7 @@ class RingService:
         self.name = name
         self._tags = tags
         self._on_broken = on_broken
+        self.guest_log = guest_log  # what the frontend causes is logged through this
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.slot_freed = trio.Event()
@@ -173,7 +176,7 @@ class RingService:
 
     def _fail(self, rqid: int, host: RsltHost, why: str) -> None:
         self.stats["errors"] += 1
-        log.warning("%s: dom%d rqid %d: %s", self.name, self.domid, rqid, why)
+        self.guest_log.warning("%s: dom%d rqid %d: %s", self.name, self.domid, rqid, why)
         self._respond(translate.error_response(rqid, host))
 
     def _dispatch(self, raw: bytes, requests: trio.Nursery) -> None:
@@ -263,7 +266,8 @@ class RingService:
             try:
                 _release(bufs.finish, f"{self.name}: rqid {req.rqid} guest pages")
             except GrantError as exc:
-                log.warning("%s: rqid %d: copy back failed: %s", self.name, req.rqid, exc)
+                self.guest_log.warning("%s: rqid %d: copy back failed: %s", self.name, req.rqid,
+                                       exc)
                 return translate.error_response(req.rqid, RsltHost.ERROR)
         if result is None:
             return translate.error_response(req.rqid, RsltHost.ERROR)

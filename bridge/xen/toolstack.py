@@ -196,7 +196,8 @@ async def reconfigure(xs: XenStore, be: str, changes: Sequence[tuple[VDevSpec, b
 
     async def body(tx: int) -> bool:
         devs = await read_devs(xs, be, tx)
-        used = [int(d.name[4:]) for d in devs if d.name.startswith("dev-") and is_ascii_decimal(d.name[4:])]
+        used = [int(d.name[4:]) for d in devs
+                if d.name.startswith("dev-") and is_ascii_decimal(d.name[4:])]
         next_index = max(used, default=-1) + 1
         host = next((d.vdev.host for d in devs if d.vdev is not None), 0)
         touched = False
