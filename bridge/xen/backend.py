@@ -3,9 +3,9 @@
 Xenbus: level-triggered; each wake-up (a watch on both state nodes, or a
 target event) reads both states and the facts, and performs the transition
 that bridge/xen/xenbus_state.py's table gives (the decisions live there; this
-module only performs them). LUN hotplug initiated here (target
-LunAdded/LunRemoved for this initiator): write dev-N state 1 / state 5, then
-Reconfiguring, as a toolstack does.
+module only performs them). LUN hot-plug from the target (LunAdded/LunRemoved
+for this initiator) goes through toolstack.reconfigure, as an operator's
+hot-plug does: dev-N state 1 / state 5, then Reconfiguring.
 
 The ring of a connected frontend is served by ring_service.RingService; a
 broken ring disconnects this device alone (Closing, with a log line).
@@ -160,7 +160,7 @@ class VscsiBackend:
 
     async def _perform(self, action: Action) -> bool:
         """One action; False only when CONNECT failed."""
-        perform: dict[Action, Callable[[], Awaitable[bool | None]]] = {
+        perform: dict[Action, Callable[[], Awaitable[bool | None]]] = {  # one per Action
             Action.CONNECT: self._connect,
             Action.DISCONNECT: self._disconnect,
             Action.OFFER_FEATURES: self._offer_features,
