@@ -9,7 +9,8 @@ from bridge.xen.runner import xen_config_from
 from bridge.xen.toolstack import VDevSpec, _specs
 from bridge.xen.xs_wire import XsProtocolError, parse_perms
 
-UNICODE_DIGITS = ["\u00b2", "\u0663", "\uff11", "1\u0660"]  # superscript 2, Arabic-Indic 3, fullwidth 1
+# superscript 2, Arabic-Indic 3, fullwidth 1, and one after an ASCII digit
+UNICODE_DIGITS = ["\u00b2", "\u0663", "\uff11", "1\u0660"]
 
 
 def test_vdev_and_pdev_accept_ascii_decimal():
