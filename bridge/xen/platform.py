@@ -1,7 +1,7 @@
 """What the backend needs from the machine: grant mapping/copy and event channels.
 
 Two implementations: ``linux_platform`` (/dev/xen/gntdev, /dev/xen/evtchn in a
-dom0) and ``sim_platform`` (in-process grant table and event channels for
+dom0) and ``tests/xen_sim/platform.py`` (in-process grant table and event channels for
 tests). The backend only sees these protocols.
 """
 

@@ -17,9 +17,10 @@ import trio
 
 from bridge.scsi.interface import ScsiTarget
 from bridge.xen.backend import BackendConfig, VscsiBackend
+from bridge.xen.devices import is_ascii_decimal
 from bridge.xen.platform import XenPlatform
 from bridge.xen.toolstack import attach, reap_destroyed_domains, reap_once
-from bridge.xen.xenstore import XenStore, connect_xenstored, open_xenstore
+from bridge.xen.xenstore import XenStore, open_dom0_xenstore
 from bridge.xen.xs_wire import XenStoreError
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,11 @@ class XenBackendRunner:
     async def scan(self, nursery: trio.Nursery) -> None:
         present: set[tuple[int, int]] = set()
         for dom in await self.xs.directory(self.root, missing_ok=True):
-            if not dom.isdigit():
+            if not is_ascii_decimal(dom):
                 continue
             devs = await self.xs.directory(f"{self.root}/{dom}", missing_ok=True)
             for dev in devs:
-                if dev.isdigit():
+                if is_ascii_decimal(dev):
                     present.add((int(dom), int(dev)))
         self.ended &= present
         for key in sorted(present - set(self.running) - self.ended):
@@ -114,7 +115,7 @@ class XenBackendRunner:
         """Attach configured domains (by name or domid, with ``luns``) that lack their nodes."""
         done = []
         for dom in await self.xs.directory("/local/domain", missing_ok=True):
-            if not dom.isdigit() or int(dom) == self.config.backend_domid:
+            if not is_ascii_decimal(dom) or int(dom) == self.config.backend_domid:
                 continue
             domid = int(dom)
             name = await self.xs.read_str(f"/local/domain/{domid}/name")
@@ -163,8 +164,8 @@ def xen_config_from(bridge_config: Any) -> XenConfig:
     domains = []
     for att in getattr(bridge_config, "xen", []):
         dom = str(att.domain)
-        domains.append(XenDomainConfig(name=None if dom.isdigit() else dom,
-                                       domid=int(dom) if dom.isdigit() else None,
+        domains.append(XenDomainConfig(name=None if is_ascii_decimal(dom) else dom,
+                                       domid=int(dom) if is_ascii_decimal(dom) else None,
                                        initiator=att.initiator, devid=att.devid,
                                        luns=tuple(sorted(getattr(att, "luns", {})))))
     return XenConfig(domains=domains)
@@ -186,7 +187,7 @@ async def run_xen_backend(target: ScsiTarget, platform: XenPlatform | None = Non
 
         platform = linux_platform(config.backend_domid)
     if xs is None:
-        async with open_xenstore(await connect_xenstored(config.xenstore_path)) as own:
+        async with open_dom0_xenstore(config.xenstore_path) as own:
             await XenBackendRunner(own, target, platform, config).run(task_status=task_status)
     else:
         await XenBackendRunner(xs, target, platform, config).run(task_status=task_status)

@@ -10,6 +10,10 @@ libxl_vscsi.c writes them for vscsi):
 Removal: online=0 and backend state Closing, wait for Closed, remove both.
 LUN hotplug: dev-N state 1 (add) or 5 (remove), then backend state 7.
 
+This module is the one writer of vscsi-devs nodes: the toolstack's entries and
+the state steps the backend takes on them (xen-scsiback's scsiback_do_1lun_hotplug
+writes dev-N/state too; bridge/xen/backend.py decides, calls set_dev_state).
+
 Usage around xl:  xl create -p guest.cfg; vscsi-bridge xen attach --domid N ...;
 xl unpause N.
 """
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from bridge.xen.devices import VDev, parse_pdev, vdev_for_lun
+from bridge.xen.devices import VDev, is_ascii_decimal, parse_pdev, vdev_for_lun
 from bridge.xen.xenbus import XenbusState as S
 from bridge.xen.xenstore import XenStore
 from bridge.xen.xs_wire import Permission, XenStoreError
@@ -45,13 +49,10 @@ class VDevSpec:
     lun: int
     vdev: str | None = None
 
-    def resolved(self) -> VDev:
+    def resolved(self, host: int = 0) -> VDev:
         if self.vdev is None:
-            return vdev_for_lun(self.lun)
-        v = VDev.parse(self.vdev)
-        if v is None:
-            raise ValueError(f"v-dev {self.vdev!r} is not h:c:t:l")
-        return v
+            return vdev_for_lun(self.lun, host)
+        return VDev.from_text(self.vdev)
 
 
 def _specs(vdevs: Sequence[int | VDevSpec | tuple[int, str]]) -> list[VDevSpec]:
@@ -69,12 +70,45 @@ def _specs(vdevs: Sequence[int | VDevSpec | tuple[int, str]]) -> list[VDevSpec]:
     return out
 
 
-async def _write_dev(xs: XenStore, be: str, index: int, spec: VDevSpec, tx: int) -> None:
+@dataclass(frozen=True)
+class DevEntry:
+    """One vscsi-devs/dev-N entry as read (None: missing or not parseable)."""
+
+    name: str
+    state: int | None
+    vdev: VDev | None
+    lun: int | None  # target LUN from p-dev
+
+
+# A dev entry in one of these states is offered or in use (not being removed).
+LIVE_DEV_STATES = (S.INITIALISING, S.INITIALISED, S.CONNECTED)
+
+
+async def read_devs(xs: XenStore, be: str, tx: int = 0) -> list[DevEntry]:
+    out = []
+    for name in await xs.directory(f"{be}/vscsi-devs", tx, missing_ok=True):
+        base = f"{be}/vscsi-devs/{name}"
+        out.append(DevEntry(name, await xs.read_int(f"{base}/state", None, tx),
+                            VDev.parse(await xs.read_str(f"{base}/v-dev", "", tx) or ""),
+                            parse_pdev(await xs.read_str(f"{base}/p-dev", "", tx) or "")))
+    return out
+
+
+async def set_dev_state(xs: XenStore, be: str, name: str, state: S, tx: int = 0) -> None:
+    await xs.write(f"{be}/vscsi-devs/{name}/state", str(int(state)), tx)
+
+
+async def remove_dev(xs: XenStore, be: str, name: str) -> None:
+    await xs.rm(f"{be}/vscsi-devs/{name}")
+
+
+async def _write_dev(xs: XenStore, be: str, index: int, spec: VDevSpec, host: int,
+                     tx: int) -> None:
     base = f"{be}/vscsi-devs/dev-{index}"
     await xs.write(f"{base}/p-dev", str(spec.lun), tx)
     await xs.write(f"{base}/p-devname", f"vscsi-bridge-lun{spec.lun}", tx)
-    await xs.write(f"{base}/v-dev", str(spec.resolved()), tx)
-    await xs.write(f"{base}/state", str(int(S.INITIALISING)), tx)
+    await xs.write(f"{base}/v-dev", str(spec.resolved(host)), tx)
+    await set_dev_state(xs, be, f"dev-{index}", S.INITIALISING, tx)
 
 
 async def attach(xs: XenStore, domid: int, devid: int,
@@ -105,7 +139,7 @@ async def attach(xs: XenStore, domid: int, devid: int,
         await xs.write(f"{be}/online", "1", tx)
         await xs.write(f"{be}/feature-host", "0", tx)
         for i, spec in enumerate(specs):
-            await _write_dev(xs, be, i, spec, tx)
+            await _write_dev(xs, be, i, spec, 0, tx)
         await xs.write(f"{be}/state", str(int(S.INITIALISING)), tx)
 
     await xs.transact(body)
@@ -146,28 +180,42 @@ async def detach(xs: XenStore, domid: int, devid: int, backend_domid: int = 0,
 
 
 async def hotplug_lun(xs: XenStore, domid: int, devid: int, spec: int | VDevSpec,
-                      add: bool, backend_domid: int = 0) -> None:
-    """Add (dev state 1) or remove (dev state 5) one LUN of a running device, then state 7."""
+                      add: bool, backend_domid: int = 0) -> bool:
+    """Add (dev state 1) or remove (dev state 5) one LUN of a running device, then state 7.
+
+    False when there was nothing to do (already offered, or not there to remove)."""
     (s,) = _specs([spec])
-    be = backend_path(domid, devid, backend_domid)
+    return await reconfigure(xs, backend_path(domid, devid, backend_domid), [(s, add)])
 
-    async def body(tx: int) -> None:
-        names = await xs.directory(f"{be}/vscsi-devs", tx, missing_ok=True)
-        found = False
-        for name in names:
-            base = f"{be}/vscsi-devs/{name}"
-            if parse_pdev(await xs.read_str(f"{base}/p-dev", "", tx) or "") == s.lun and \
-                    await xs.read_int(f"{base}/state", 0, tx) in (S.INITIALISED, S.CONNECTED,
-                                                                   S.INITIALISING):
-                found = True
-                if not add:
-                    await xs.write(f"{base}/state", str(int(S.CLOSING)), tx)
-        if add and not found:
-            used = [int(n[4:]) for n in names if n.startswith("dev-") and n[4:].isdigit()]
-            await _write_dev(xs, be, max(used, default=-1) + 1, s, tx)
-        await xs.write(f"{be}/state", str(int(S.RECONFIGURING)), tx)
 
-    await xs.transact(body)
+async def reconfigure(xs: XenStore, be: str, changes: Sequence[tuple[VDevSpec, bool]]) -> bool:
+    """LUN hot-plug of a connected device in one transaction: a new dev-N at state 1 for
+    each LUN added that has no live entry, state 5 on the live entries of each LUN removed,
+    and backend state Reconfiguring if anything was written (returned). A v-dev not given
+    takes the host number of the existing entries (xen-scsiback ignores it)."""
+
+    async def body(tx: int) -> bool:
+        devs = await read_devs(xs, be, tx)
+        used = [int(d.name[4:]) for d in devs
+                if d.name.startswith("dev-") and is_ascii_decimal(d.name[4:])]
+        next_index = max(used, default=-1) + 1
+        host = next((d.vdev.host for d in devs if d.vdev is not None), 0)
+        touched = False
+        for spec, add in changes:
+            live = [d.name for d in devs if d.lun == spec.lun and d.state in LIVE_DEV_STATES]
+            if add and not live:
+                await _write_dev(xs, be, next_index, spec, host, tx)
+                next_index += 1
+                touched = True
+            elif not add:
+                for name in live:
+                    await set_dev_state(xs, be, name, S.CLOSING, tx)
+                    touched = True
+        if touched:
+            await xs.write(f"{be}/state", str(int(S.RECONFIGURING)), tx)
+        return touched
+
+    return await xs.transact(body)
 
 
 async def reap_destroyed_domains(xs: XenStore, backend_domid: int = 0) -> None:
@@ -186,7 +234,7 @@ async def reap_destroyed_domains(xs: XenStore, backend_domid: int = 0) -> None:
 async def reap_once(xs: XenStore, root: str) -> list[int]:
     gone = []
     for d in await xs.directory(root, missing_ok=True):
-        if not d.isdigit():
+        if not is_ascii_decimal(d):
             continue
         if not await xs.exists(f"/local/domain/{d}"):
             try:

@@ -271,6 +271,7 @@ async def connect_xenstored(path: str | None = None) -> trio.abc.Stream:
 
 @asynccontextmanager
 async def open_dom0_xenstore(path: str | None = None) -> AsyncIterator[XenStore]:
-    """A client on the real xenstore (for `vscsi-bridge xen attach|detach`)."""
+    """A client on the real xenstore (``path``: a xenstored socket); the one way the
+    bridge, its CLI and the dom0 scripts open it."""
     async with open_xenstore(await connect_xenstored(path)) as xs:
         yield xs

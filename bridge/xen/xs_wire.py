@@ -154,7 +154,8 @@ def split_strings(payload: bytes) -> list[str]:
 def parse_perms(payload: bytes) -> list[Permission]:
     out = []
     for item in split_strings(payload):
-        if len(item) < 2 or item[0] not in "nrwb" or not item[1:].isdigit():
+        domid = item[1:]
+        if len(item) < 2 or item[0] not in "nrwb" or not (domid.isascii() and domid.isdigit()):
             raise XsProtocolError(f"bad permission {item!r}")
         out.append(Permission(int(item[1:]), item[0]))
     return out

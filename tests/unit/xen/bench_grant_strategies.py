@@ -25,9 +25,9 @@ from pathlib import Path
 import trio
 
 from bridge.xen.backend import BackendConfig
-from bridge.xen.sim_platform import SimXen
-from bridge.xen.sim_xenstored import SimXenstored
 from bridge.xen.xenstore import open_xenstore
+from tests.xen_sim.platform import SimXen
+from tests.xen_sim.xenstored import SimXenstored
 
 from .conftest import Env, make_target, running_backend
 from .test_backend_io import clear_ua

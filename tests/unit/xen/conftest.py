@@ -11,10 +11,10 @@ import trio
 from bridge.scsi.logical_unit import LogicalUnitSpec
 from bridge.scsi.target import Target
 from bridge.xen.backend import BackendConfig, VscsiBackend
-from bridge.xen.sim_platform import SimXen
-from bridge.xen.sim_xenstored import SimXenstored
 from bridge.xen.toolstack import attach, backend_path
 from bridge.xen.xenstore import XenStore, open_xenstore
+from tests.xen_sim.platform import SimXen
+from tests.xen_sim.xenstored import SimXenstored
 
 from .frontend import SimFrontend
 

@@ -17,10 +17,10 @@ import trio
 
 from bridge.xen import vscsiif
 from bridge.xen.ring import VSCSIIF_RING_SIZE, FrontRing, init_shared_ring
-from bridge.xen.sim_platform import SimEventChannel, SimXen
 from bridge.xen.vscsiif import Segment, VscsiifRequest, VscsiifResponse
 from bridge.xen.xenbus import XenbusState as S
 from bridge.xen.xenstore import XenStore
+from tests.xen_sim.platform import SimEventChannel, SimXen
 
 PAGE = 4096
 

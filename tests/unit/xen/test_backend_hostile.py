@@ -211,9 +211,9 @@ slot = st.builds(
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=st.lists(slot, min_size=1, max_size=16))
 def test_fuzzed_slots_each_get_one_response(tmp_path_factory, batch):
-    from bridge.xen.sim_platform import SimXen
-    from bridge.xen.sim_xenstored import SimXenstored
     from bridge.xen.xenstore import open_xenstore
+    from tests.xen_sim.platform import SimXen
+    from tests.xen_sim.xenstored import SimXenstored
 
     from .conftest import Env, make_target
 

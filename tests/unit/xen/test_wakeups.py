@@ -20,10 +20,10 @@ from functools import partial
 
 import trio
 
-from bridge.xen import backend as backend_module
+from bridge.xen import ring_service as ring_service_module
 from bridge.xen import vscsiif
 from bridge.xen.ring import FrontRing
-from bridge.xen.sim_platform import SimEventChannel
+from tests.xen_sim.platform import SimEventChannel
 
 from .conftest import running_backend
 
@@ -150,7 +150,7 @@ async def test_bind_marks_the_backend_port_pending_like_xen(env):
 async def test_lost_request_notification_is_recovered_by_the_ring_watch(env, monkeypatch):
     """A frontend notification that never arrives: the ring watch finds the published
     request after two checks, logs it and serves it (the guest pauses instead of hanging)."""
-    monkeypatch.setattr(backend_module, "WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr(ring_service_module, "WATCH_INTERVAL", 0.05)
     spurious: list[int] = []
     async with _connected(env, spurious) as (backend, fe):
         await _clear_ua(fe)
@@ -167,7 +167,7 @@ async def test_lost_request_notification_is_recovered_by_the_ring_watch(env, mon
 async def test_lost_response_notification_is_recovered_by_the_ring_watch(env, monkeypatch):
     """The backend's notification is lost: the frontend asked for it (rsp_event <= rsp_prod)
     and still waits at the next two checks, so the watch notifies once more."""
-    monkeypatch.setattr(backend_module, "WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr(ring_service_module, "WATCH_INTERVAL", 0.05)
     spurious: list[int] = []
     async with _connected(env, spurious) as (backend, fe):
         await _clear_ua(fe)

@@ -4,9 +4,9 @@ import pytest
 import trio
 
 from bridge.xen import xs_wire
-from bridge.xen.sim_xenstored import SimXenstored
 from bridge.xen.xenstore import open_xenstore
 from bridge.xen.xs_wire import Permission, XenStoreError, XsType
+from tests.xen_sim.xenstored import SimXenstored
 
 
 def test_codec_roundtrip_and_split_messages():
