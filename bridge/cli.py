@@ -177,11 +177,11 @@ def _qemu_args(config: BridgeConfig, args: argparse.Namespace) -> int:
 
 async def _xen_toolstack(args: argparse.Namespace) -> int:
     from bridge.xen import toolstack
-    from bridge.xen.xenstore import connect_xenstored, open_xenstore
+    from bridge.xen.xenstore import open_dom0_xenstore
     from bridge.xen.xs_wire import XenStoreError
 
     try:
-        async with open_xenstore(await connect_xenstored()) as xs:
+        async with open_dom0_xenstore() as xs:
             domid = args.domid if args.domid is not None else await _resolve_domain(xs, args.domain)
             if args.xen_command == "attach":
                 await toolstack.attach(xs, domid, args.devid, args.lun)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from bridge.scsi.identity import IQN_PREFIX
+
 SCSIFRONT_MAX_LUN = 255
 SCSIFRONT_MAX_TARGET = 64
 NEXUS_NAME_RE = re.compile(r"[^a-z0-9.\-]")
@@ -88,5 +90,5 @@ def initiator_name(domain_name: str | None, domid: int, devid: int) -> str:
     """iSCSI-format initiator port name, stable across reboots when the domain has a name."""
     if domain_name:
         clean = NEXUS_NAME_RE.sub("-", domain_name.lower())[:200]
-        return f"iqn.2026-11.org.vscsi-bridge:xen.{clean}.{devid}"
-    return f"iqn.2026-11.org.vscsi-bridge:xen-dom{domid}-{devid}"
+        return f"{IQN_PREFIX}:xen.{clean}.{devid}"
+    return f"{IQN_PREFIX}:xen-dom{domid}-{devid}"

@@ -55,12 +55,12 @@ from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from bridge.xen.runner import XenConfig, XenDomainConfig, run_xen_backend
-from bridge.xen.sim_platform import SimXen
-from bridge.xen.sim_xenstored import SimXenstored
 from bridge.xen.toolstack import attach
 from bridge.xen.xenstore import open_xenstore
 from harness.guest import guest_session, run_ok, run_shown
 from tests.unit.xen.frontend import Result, SimFrontend
+from tests.xen_sim.platform import SimXen
+from tests.xen_sim.xenstored import SimXenstored
 
 KVM_INITIATOR = "iqn.2026-11.org.vscsi-bridge:kvm-shared"
 XEN_DOMAIN, XEN_DOMID, XEN_DEVID = "xen-domu", 7, 0

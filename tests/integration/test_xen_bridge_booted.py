@@ -76,7 +76,7 @@ from bridge.scsi.target import Target
 from bridge.scsi.request import InitiatorPort, ScsiRequest
 from bridge.xen.runner import XenConfig, XenDomainConfig, run_xen_backend
 from bridge.xen.toolstack import attach
-from bridge.xen.xenstore import connect_xenstored, open_xenstore
+from bridge.xen.xenstore import open_dom0_xenstore
 
 log = logging.getLogger("bridge-test")
 
@@ -188,7 +188,7 @@ async def main(ctl):
                        domains=[XenDomainConfig(name="domu", initiator="{INITIATOR}")])
     started = time.monotonic()
     try:
-        async with open_xenstore(await connect_xenstored()) as xs, trio.open_nursery() as nursery:
+        async with open_dom0_xenstore() as xs, trio.open_nursery() as nursery:
             await nursery.start(run_xen_backend, target, None, config)
             nursery.start_soon(control, ctl, target, xs)
             with open(os.path.join(ctl, "ready"), "w") as f:

@@ -95,8 +95,8 @@ def test_shipped_systemd_unit_verifies(tmp_path) -> None:  # type: ignore[no-unt
 
 async def test_xen_attach_resolves_a_domain_name(nursery) -> None:  # type: ignore[no-untyped-def]
     from bridge.cli import _resolve_domain
-    from bridge.xen.sim_xenstored import SimXenstored
     from bridge.xen.xenstore import open_xenstore
+    from tests.xen_sim.xenstored import SimXenstored
 
     xsd = SimXenstored(nursery)
     async with open_xenstore(await xsd.connect(0)) as xs:
