@@ -85,6 +85,16 @@ class RateLimitedLog:
     def info(self, msg: str, *args: object) -> bool:
         return self._log(logging.INFO, msg, args, False, 3)
 
+    def error(self, msg: str, *args: object) -> bool:
+        return self._log(logging.ERROR, msg, args, False, 3)
+
     def exception(self, msg: str, *args: object) -> bool:
         """Like ``Logger.exception``: ERROR with the current traceback."""
         return self._log(logging.ERROR, msg, args, True, 3)
+
+
+def guest_error_log(logger: logging.Logger) -> RateLimitedLog:
+    """One guest device's protocol errors: the first 20 in full, then every 1000th
+    (``calls`` is the device's error count). One per device, so that one guest's flood
+    does not hide another's first lines."""
+    return RateLimitedLog(logger, burst=20, period=math.inf, every=1000)

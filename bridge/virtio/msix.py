@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+from bridge.ratelimit import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 
@@ -21,6 +23,8 @@ class MsixVectors:
         self._masked = [False] * count
         self._pending = [False] * count
         self.fired = 0  # interrupts written to eventfds (for tests and benchmarks)
+        # A client can fill its eventfd's counter: one line per completion would flood.
+        self._write_errors = RateLimitedLog(log, burst=5, period=10.0)
 
     def set_fds(self, start: int, fds: list[int | None]) -> None:
         """Assign or de-assign eventfds; takes ownership of the given fds."""
@@ -61,7 +65,7 @@ class MsixVectors:
             os.eventfd_write(fd, 1)
             self.fired += 1
         except OSError as e:  # a closed or bogus fd from the client must not kill us
-            log.warning("MSI-X vector %d: eventfd write failed: %s", vector, e)
+            self._write_errors.warning("MSI-X vector %d: eventfd write failed: %s", vector, e)
 
     def pba(self) -> bytes:
         """The Pending Bit Array, one bit per vector, in 64-bit words."""

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from bridge.ratelimit import guest_error_log
 from bridge.scsi.interface import ScsiTarget
 from bridge.scsi.request import MAX_LUN, InitiatorPort
 from bridge.vfio_user.device import PCI_MSIX_IRQ_INDEX, DmaSpace, IrqInfo, RegionInfo
@@ -65,7 +66,6 @@ _SENSE_SIZE_OFF = 20
 _CDB_SIZE_OFF = 24
 MAX_SENSE_OR_CDB_SIZE = 4096  # bound what a driver may make us gather or write
 
-_GUEST_WARNINGS_IN_FULL = 20
 
 
 @dataclass
@@ -130,7 +130,7 @@ class VirtioScsiPciDevice:
         # are in flight and look at the ring on completions and every interval.
         self.suppress_notify_while_busy = True
         self.busy_poll_interval = 0.001
-        self.guest_errors = 0  # malformed chains and requests seen
+        self._guest_log = guest_error_log(log)  # this guest's protocol errors
         self.doorbells = 0  # trapped notify writes (queue kicks) received
         # chains taken from each virtqueue since creation (tests, benchmarks)
         self.requests_per_queue = [0] * self.pci.num_queues
@@ -270,10 +270,12 @@ class VirtioScsiPciDevice:
 
     def _warn_guest(self, fmt: str, *args: object) -> None:
         """Log a guest's protocol error without letting a hostile guest flood the log."""
-        self.guest_errors += 1
-        n = self.guest_errors
-        if n <= _GUEST_WARNINGS_IN_FULL or n % 1000 == 0:
-            log.warning(fmt + " [guest error %d]", *args, n)
+        self._guest_log.warning(fmt, *args)
+
+    @property
+    def guest_errors(self) -> int:
+        """Malformed chains and requests seen (logged or not)."""
+        return self._guest_log.calls
 
     # ---- activation --------------------------------------------------
     def _activate(self) -> None:

@@ -21,13 +21,13 @@ from typing import Any
 
 import trio
 
+from bridge.ratelimit import guest_error_log
 from bridge.scsi.events import LunAdded, LunRemoved
 from bridge.scsi.interface import ScsiTarget
 from bridge.scsi.request import InitiatorPort
 from bridge.xen import toolstack, xenbus_state
 from bridge.xen.datapath import DataPath, make_datapath
 from bridge.xen.devices import initiator_name
-from bridge.xen.guest_log import GuestLog
 from bridge.xen.platform import GrantError, XenPlatform
 from bridge.xen.ring import BackRing
 from bridge.xen.ring_service import RingService
@@ -67,7 +67,7 @@ class VscsiBackend:
         self._tags = itertools.count(1)
         self._watch: Any = None
         self._nursery: trio.Nursery | None = None
-        self.guest_log = GuestLog(log)  # this device's frontend's errors, rate-limited
+        self.guest_log = guest_error_log(log)  # this device's frontend's errors, rate-limited
         self.stats = {"requests": 0, "errors": 0, "notifies": 0, "connects": 0,
                       "lost_wakeups": 0}
 

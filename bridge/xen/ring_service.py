@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
 
+from bridge.ratelimit import RateLimitedLog
 from bridge.scsi.interface import ScsiTarget
 from bridge.scsi.request import (
     InitiatorPort,
@@ -28,7 +29,6 @@ from bridge.scsi.request import (
 )
 from bridge.xen import translate, vscsiif
 from bridge.xen.datapath import DataPath, RequestBuffers
-from bridge.xen.guest_log import GuestLog
 from bridge.xen.platform import EventChannel, GrantError, GrantMapping
 from bridge.xen.ring import BackRing, RingBroken
 from bridge.xen.translate import RequestError
@@ -47,7 +47,7 @@ class RingService:
                  target: ScsiTarget, datapath: DataPath, initiator: InitiatorPort, domid: int,
                  luns: dict[tuple[int, int, int], int], sg_grant: int, tags: Iterator[int],
                  stats: dict[str, int], name: str, on_broken: Callable[[], None],
-                 guest_log: GuestLog) -> None:
+                 guest_log: RateLimitedLog) -> None:
         self.ring = ring
         self.mapping = mapping
         self.evtchn = evtchn
