@@ -58,6 +58,10 @@ class ServiceResponse(enum.Enum):
     SERVICE_DELIVERY_FAILURE = enum.auto()
     # An internal error of the target (SAM-5: SERVICE DELIVERY OR TARGET FAILURE).
     TARGET_FAILURE = enum.auto()
+    # The target port is down (ports.py, the control plane's port.down): the command
+    # never reached the device server, as over a failed link. Each transport answers
+    # its link-loss code (virtio TRANSPORT_FAILURE, vscsiif DID_NO_CONNECT).
+    PORT_DOWN = enum.auto()
 
 
 class TaskManagementFunction(enum.Enum):

@@ -50,6 +50,9 @@ RESPONSE_CODE: dict[ServiceResponse, int] = {
     ServiceResponse.TASK_ABORTED: VirtioScsiResponse.ABORTED,
     ServiceResponse.SERVICE_DELIVERY_FAILURE: VirtioScsiResponse.FAILURE,
     ServiceResponse.TARGET_FAILURE: VirtioScsiResponse.TARGET_FAILURE,
+    # A failed link (the control plane's port.down): Linux makes it DID_TRANSPORT_DISRUPTED,
+    # which fails the path at once for dm-multipath's fail-fast requests.
+    ServiceResponse.PORT_DOWN: VirtioScsiResponse.TRANSPORT_FAILURE,
 }
 
 # virtio 1.2 5.6.6.2: TMF subtypes -> SAM-5 task management functions.

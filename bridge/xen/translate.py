@@ -72,6 +72,7 @@ HOST_FOR_RESPONSE = {
     ServiceResponse.TASK_ABORTED: RsltHost.ABORT,
     ServiceResponse.SERVICE_DELIVERY_FAILURE: RsltHost.ERROR,
     ServiceResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE,
+    ServiceResponse.PORT_DOWN: RsltHost.NO_CONNECT,  # a failed link (port.down)
 }
 
 

@@ -18,7 +18,8 @@ def test_transport_failures_map_to_host_bytes():
     cases = {ServiceResponse.TASK_ABORTED: RsltHost.ABORT,
              ServiceResponse.DATA_OVERRUN: RsltHost.ERROR,
              ServiceResponse.SERVICE_DELIVERY_FAILURE: RsltHost.ERROR,
-             ServiceResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE}
+             ServiceResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE,
+             ServiceResponse.PORT_DOWN: RsltHost.NO_CONNECT}
     assert set(cases) | {ServiceResponse.COMMAND_COMPLETE} == set(ServiceResponse)
     for code, host in cases.items():
         r = translate.response_for(0, ScsiResponse(code), 4096)
