@@ -20,6 +20,7 @@ from .sense import FieldPointer, SenseError, SenseKey, invalid_field_in_cdb, inv
 
 if TYPE_CHECKING:
     from .logical_unit import LogicalUnit
+    from .ports import Port
     from .target import Target
 
 
@@ -35,7 +36,7 @@ class Command:
     """
 
     __slots__ = ("target", "req", "cdb", "lu", "lun", "initiator", "in_done", "out_done",
-                 "in_len", "out_len", "info")
+                 "in_len", "out_len", "info", "port")
 
     def __init__(self, target: Target, req: ScsiRequest, cdb: bytes, lu: LogicalUnit | None,
                  lun: int, in_len: int, out_len: int) -> None:
@@ -50,6 +51,7 @@ class Command:
         self.in_done = 0
         self.out_done = 0
         self.info: CommandInfo | None = None
+        self.port: Port = target.ports.default  # the target port it came in on (ports.py)
 
     def send(self, data: bytes | bytearray, alloc_len: int) -> None:
         """SPC-4 4.2.5.6 allocation length: transfer min(data, allocation length, buffer)."""

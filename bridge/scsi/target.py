@@ -25,12 +25,14 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .alua import refusal
 from .cdb import lu_not_supported
 from .command import Command, CommandInfo, CommandTable, Overrun, check_cdb
 from .command_families import COMMAND_TABLE
 from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
 from .identity import TARGET_PORT_NAME
 from .logical_unit import LogicalUnit, LogicalUnitSpec
+from .ports import PortMap
 from .request import (
     MAX_LUN,
     REPORT_LUNS_WLUN,
@@ -66,8 +68,11 @@ class Target:
         lus: list[LogicalUnitSpec],
         lun_maps: dict[str, dict[int, str]],
         target_port_name: str = TARGET_PORT_NAME,
+        ports: PortMap | None = None,
     ) -> None:
         self.target_port_name = target_port_name
+        # Target ports and groups (ports.py, ALUA alua.py); one port by default.
+        self.ports = ports if ports is not None else PortMap.single(target_port_name)
         self.commands: CommandTable = COMMAND_TABLE
         self.unit_attentions = UnitAttentions()
         self._lus: dict[str, LogicalUnit] = {}
@@ -249,6 +254,9 @@ class Target:
             resp = await rest
         except Exception:
             resp = self._internal_error(req)
+        if not self.ports.port_for(req).up:
+            # The port went down meanwhile: the status is lost with the link (ports.py).
+            resp = ScsiResponse(ServiceResponse.PORT_DOWN)
         stats = self.statistics
         if stats is not None:
             stats.record(req, resp, time.perf_counter_ns() - t0)
@@ -267,9 +275,13 @@ class Target:
         if in_len and out_len:
             # The core has no bidirectional commands (virtio: VIRTIO_SCSI_F_INOUT not offered).
             return ScsiResponse(ServiceResponse.SERVICE_DELIVERY_FAILURE)
+        port = self.ports.port_for(req)
+        if not port.up:
+            return ScsiResponse(ServiceResponse.PORT_DOWN)  # ports.py: a failed link
         lun = req.lun
         lu = None if lun == REPORT_LUNS_WLUN else self._lu_at(req.initiator.name, lun)
         cmd = Command(self, req, bytes(req.cdb), lu, lun, in_len, out_len)
+        cmd.port = port
         if lu is None:
             return self._run_without_lu(cmd)
         return self._run(cmd, lu)
@@ -321,6 +333,11 @@ class Target:
         except SenseError as e:
             return self._check_condition(cmd, e.sense, lu)
         cmd.info = info
+        state = cmd.port.group.state
+        if state:  # SPC-4 5.15.2: not active/optimized; alua.py's table decides
+            refused = refusal(state, cmd.cdb)
+            if refused is not None:
+                return self._check_condition(cmd, refused, lu)
         if lu.stopped and info.medium:
             # SBC-3 5.25: stopped by START STOP UNIT until a START UNIT.
             return self._check_condition(cmd, SenseData(SenseKey.NOT_READY, 0x04, 0x02), lu)
@@ -384,6 +401,8 @@ class Target:
         initiator = tmf.initiator.name
         log.info("TMF %s from %s on LUN %d tag %#x", tmf.function.name, initiator, tmf.lun,
                  tmf.tag)
+        if not self.ports.port_of_nexus(initiator).up:
+            return TmfServiceResponse.SERVICE_DELIVERY_OR_TARGET_FAILURE  # ports.py
         info = TASK_MANAGEMENT_FUNCTIONS.get(tmf.function)
         if info is None:
             return TmfServiceResponse.FUNCTION_REJECTED
