@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import mode, rsoc, sbc, sbc_provisioning, sbc_verify, spc, unit_state
+from . import mode, rsoc, sbc, sbc_provisioning, sbc_verify, spc, target_port_groups, unit_state
 from .command import CommandTable
 from .reservations import commands as reservation_commands
 
@@ -22,6 +22,7 @@ FAMILIES: tuple[ModuleType, ...] = (
     sbc_provisioning,  # WRITE SAME, UNMAP, GET LBA STATUS (SBC-3 4.7)
     rsoc,  # REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS (SPC-4)
     reservation_commands,  # PERSISTENT RESERVE IN/OUT, RESERVE/RELEASE(6/10)
+    target_port_groups,  # REPORT/SET TARGET PORT GROUPS (SPC-4 6.37, 6.45; ALUA 5.15)
 )
 
 
