@@ -10,7 +10,7 @@ from .cdb import lu_not_supported, u16, u32
 from .command import Command, CommandRows
 from .sense import SenseData, SenseKey, invalid_field_in_cdb
 from .unit_attention import REPORTED_LUNS_DATA_HAS_CHANGED
-from .vpd import VPD_PAGES
+from .vpd import VPD_PAGES, device_identification_for
 
 ROWS = CommandRows()
 
@@ -46,6 +46,8 @@ def standard_inquiry(cmd: Command) -> bytes:
     data[2] = 0x06  # VERSION: SPC-4
     data[3] = 0x12  # HISUP=1, RESPONSE DATA FORMAT=2
     data[4] = len(data) - 5
+    if lu is not None:
+        data[5] = 0x30  # TPGS 11b: implicit and explicit ALUA (SPC-4 6.6.2, 5.15)
     data[7] = 0x02  # CMDQUE
     data[8:16] = vendor.encode("ascii").ljust(8)
     data[16:32] = product.encode("ascii").ljust(16)
@@ -75,7 +77,10 @@ async def inquiry(cmd: Command) -> None:
         pdt = PDT_WELL_KNOWN_LU if cmd.lun == REPORT_LUNS_WLUN else PQ_NOT_CAPABLE | PDT_UNKNOWN
         cmd.send(bytes((pdt, 0x00, 0x00, 0x01, 0x00)), alloc)
         return
-    body = build(cmd.lu, cmd.target)
+    if page == 0x83:  # the designators of the port the command came in on (SPC-4 7.8.6)
+        body = device_identification_for(cmd.lu, cmd.target, cmd.port)
+    else:
+        body = build(cmd.lu, cmd.target)
     cmd.send(bytes((PDT_DIRECT_ACCESS, page)) + struct.pack(">H", len(body)) + body, alloc)
 
 

@@ -13,13 +13,14 @@ from . import block_limits as bl
 
 if TYPE_CHECKING:
     from .logical_unit import LogicalUnit
+    from .ports import Port
     from .target import Target
 
 PROTOCOL_ISCSI = 0x5  # SPC-4 7.6.1: initiator/target port names are iSCSI-format names
 CODE_SET_BINARY, CODE_SET_ASCII, CODE_SET_UTF8 = 1, 2, 3
 ASSOC_LU, ASSOC_TARGET_PORT, ASSOC_TARGET_DEVICE = 0, 1, 2
 TYPE_T10, TYPE_NAA, TYPE_RELATIVE_TARGET_PORT, TYPE_SCSI_NAME = 1, 3, 4, 8
-RELATIVE_TARGET_PORT_ID = 1
+TYPE_TARGET_PORT_GROUP = 5  # SPC-4 7.8.6.6
 
 
 def designator(code_set: int, assoc: int, dtype: int, value: bytes, piv: bool = False) -> bytes:
@@ -45,15 +46,23 @@ def unit_serial_number(lu: LogicalUnit, target: Target) -> bytes:
 
 
 def device_identification(lu: LogicalUnit, target: Target) -> bytes:
-    """SPC-4 7.8.6: NAA (LU), T10 vendor id (LU), relative target port, SCSI names."""
+    """SPC-4 7.8.6 through the target's first port (device_identification_for)."""
+    return device_identification_for(lu, target, target.ports.default)
+
+
+def device_identification_for(lu: LogicalUnit, target: Target, port: Port) -> bytes:
+    """SPC-4 7.8.6: NAA (LU), T10 vendor id (LU), and for the port the command came in
+    on: relative target port (7.8.6.5), target port group (7.8.6.6), SCSI names."""
     t10 = lu.spec.vendor.encode("ascii").ljust(8) + lu.identity.serial.encode("ascii")
     return b"".join((
         designator(CODE_SET_BINARY, ASSOC_LU, TYPE_NAA, lu.identity.wwn),
         designator(CODE_SET_ASCII, ASSOC_LU, TYPE_T10, t10),
         designator(CODE_SET_BINARY, ASSOC_TARGET_PORT, TYPE_RELATIVE_TARGET_PORT,
-                   struct.pack(">HH", 0, RELATIVE_TARGET_PORT_ID), piv=True),
+                   struct.pack(">HH", 0, port.relative_id), piv=True),
+        designator(CODE_SET_BINARY, ASSOC_TARGET_PORT, TYPE_TARGET_PORT_GROUP,
+                   struct.pack(">HH", 0, port.group.id), piv=True),
         designator(CODE_SET_UTF8, ASSOC_TARGET_PORT, TYPE_SCSI_NAME,
-                   scsi_name(target.target_port_name + ",t,0x0001"), piv=True),
+                   scsi_name(port.name), piv=True),
         designator(CODE_SET_UTF8, ASSOC_TARGET_DEVICE, TYPE_SCSI_NAME,
                    scsi_name(target.target_port_name), piv=True),
     ))
