@@ -36,7 +36,7 @@ import trio
 
 from bridge.ratelimit import guest_error_log
 from bridge.scsi.interface import ScsiTarget
-from bridge.scsi.request import MAX_LUN, InitiatorPort
+from bridge.scsi.request import MAX_LUN, InitiatorPort, TargetPort
 from bridge.vfio_user.device import PCI_MSIX_IRQ_INDEX, DmaSpace, IrqInfo, RegionInfo
 from bridge.virtio.control_queue import ControlQueue
 from bridge.virtio.event_queue import EVENTQ, EventQueue
@@ -92,6 +92,7 @@ class VirtioScsiPciDevice:
         max_sectors: int = 2048,
         cmd_per_lun: int | None = None,
         doorbell: str = "trap",
+        target_port: TargetPort | None = None,
     ) -> None:
         if num_queues < 1:
             raise ValueError("virtio-scsi needs at least one request queue")
@@ -99,6 +100,7 @@ class VirtioScsiPciDevice:
             raise ValueError("doorbell must be 'trap' (notify writes reach us) or 'poll'")
         self.target = target
         self.initiator = initiator
+        self.target_port = target_port  # this device is one target port (bridge/scsi/ports.py)
         self.num_request_queues = num_queues
         self.doorbell = doorbell
         self.pci = VirtioPciTransport(

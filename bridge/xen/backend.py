@@ -24,7 +24,7 @@ import trio
 from bridge.ratelimit import guest_error_log
 from bridge.scsi.events import LunAdded, LunRemoved
 from bridge.scsi.interface import ScsiTarget
-from bridge.scsi.request import InitiatorPort
+from bridge.scsi.request import InitiatorPort, TargetPort
 from bridge.xen import toolstack, xenbus_state
 from bridge.xen.datapath import DataPath, make_datapath
 from bridge.xen.devices import initiator_name
@@ -44,6 +44,7 @@ class BackendConfig:
     sg_grant: int = 128
     grant_strategy: str = "map"  # "map" (batch map per request) or "copy" (GRANT_COPY)
     initiator: str | None = None  # overrides the name derived from the domain name
+    relative_port: int | None = None  # this device's target port (bridge/scsi/ports.py)
 
 
 class VscsiBackend:
@@ -198,6 +199,8 @@ class VscsiBackend:
                            datapath=self.datapath, initiator=self.initiator, domid=self.domid,
                            luns=self.luns, sg_grant=self.config.sg_grant, tags=self._tags,
                            stats=self.stats, name=self.be, on_broken=self._ring_broken,
+                           target_port=None if self.config.relative_port is None else
+                           TargetPort(self.be, self.config.relative_port),
                            guest_log=self.guest_log)
         self.conn = conn
         self.stats["connects"] += 1

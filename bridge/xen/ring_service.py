@@ -24,6 +24,7 @@ from bridge.scsi.request import (
     ScsiRequest,
     ScsiResponse,
     ServiceResponse,
+    TargetPort,
     TaskManagementFunction,
     TmfRequest,
 )
@@ -47,13 +48,14 @@ class RingService:
                  target: ScsiTarget, datapath: DataPath, initiator: InitiatorPort, domid: int,
                  luns: dict[tuple[int, int, int], int], sg_grant: int, tags: Iterator[int],
                  stats: dict[str, int], name: str, on_broken: Callable[[], None],
-                 guest_log: RateLimitedLog) -> None:
+                 guest_log: RateLimitedLog, target_port: TargetPort | None = None) -> None:
         self.ring = ring
         self.mapping = mapping
         self.evtchn = evtchn
         self.target = target
         self.datapath = datapath
         self.initiator = initiator
+        self.target_port = target_port  # this vscsi device is one target port (scsi/ports.py)
         self.domid = domid
         self.luns = luns  # (channel, id, lun) -> target LUN; the backend's, kept current
         self.sg_grant = sg_grant
@@ -215,6 +217,7 @@ class RingService:
         views = bufs.views if bufs is not None else []
         to_device = req.sc_data_direction == vscsiif.DMA_TO_DEVICE
         sreq = ScsiRequest(lun=lun, tag=tag, cdb=req.cdb, initiator=self.initiator,
+                           target_port=self.target_port,
                            data_out=list(views) if to_device else [],
                            data_in=[] if to_device else list(views))
         data_len = sum(map(len, views))

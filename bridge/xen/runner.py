@@ -35,6 +35,7 @@ class XenDomainConfig:
     initiator: str | None = None  # default: iqn.2026-11.org.vscsi-bridge:xen.<name>.<devid>
     devid: int | None = None  # None: every vscsi device of the domain
     luns: tuple[int, ...] = ()  # what auto-attach gives the guest (v-dev 0:0:L//256:L%256)
+    relative_port: int | None = None  # the device's target port (bridge/scsi/ports.py)
 
     def matches(self, domid: int, name: str | None, devid: int) -> bool:
         if self.devid is not None and self.devid != devid:
@@ -95,7 +96,7 @@ class XenBackendRunner:
                 continue
             cfg = BackendConfig(sg_grant=self.config.sg_grant,
                                 grant_strategy=self.config.grant_strategy,
-                                initiator=dconf.initiator)
+                                initiator=dconf.initiator, relative_port=dconf.relative_port)
             backend = VscsiBackend(self.xs, self.platform, self.target,
                                    f"{self.root}/{key[0]}/{key[1]}", cfg)
             self.running[key] = backend
@@ -167,7 +168,8 @@ def xen_config_from(bridge_config: Any) -> XenConfig:
         domains.append(XenDomainConfig(name=None if is_ascii_decimal(dom) else dom,
                                        domid=int(dom) if is_ascii_decimal(dom) else None,
                                        initiator=att.initiator, devid=att.devid,
-                                       luns=tuple(sorted(getattr(att, "luns", {})))))
+                                       luns=tuple(sorted(getattr(att, "luns", {}))),
+                                       relative_port=getattr(att, "relative_port", None) or None))
     return XenConfig(domains=domains)
 
 
