@@ -22,7 +22,7 @@ import trio
 from bridge.config import BridgeConfig, ConfigError, VfioUserAttachment, parse_config
 from bridge.daemon import logs
 from bridge.scsi.logical_unit import LogicalUnitSpec
-from bridge.scsi.request import InitiatorPort
+from bridge.scsi.request import InitiatorPort, TargetPort
 from bridge.scsi.target import Target
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,11 @@ class Attachments:
         from bridge.vfio_user.server import serve as serve_vfio_user
         from bridge.virtio.scsi_device import VirtioScsiPciDevice
 
+        # Its target port: configured (serve) or a new one with a group of its own (attach.add).
+        port = self._target.ports.add_attachment(att.label, att.initiator)
         device = VirtioScsiPciDevice(self._target, InitiatorPort(att.initiator),
-                                     num_queues=att.num_queues, queue_size=att.queue_size)
+                                     num_queues=att.num_queues, queue_size=att.queue_size,
+                                     target_port=TargetPort(port.name, port.relative_id))
         running = _Running(att, device, trio.CancelScope(), trio.Event())
 
         trace = self._tracer() if self._tracer is not None else None

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge.scsi.alua import AccessState, parse_state
 from bridge.scsi.identity import IQN_PREFIX, parse_wwn
 from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.ports import GroupSpec, PortMap, PortSpec, initiator_port_name
 from bridge.scsi.request import MAX_LUN
 from bridge.unix_socket import SocketAccess
 
@@ -63,7 +65,14 @@ class ConfigErrors(ConfigError):
 
 @dataclass
 class VfioUserAttachment:
-    """One virtio-scsi PCI device exported over a vfio-user socket: one I_T nexus."""
+    """One virtio-scsi PCI device exported over a vfio-user socket: one target port and
+    one initiator port, so one I_T nexus.
+
+    ``initiator`` is the initiator port name the core keys the nexus by: the configured
+    iSCSI name, or ``name,i,0x<ISID>`` when that name is on several attachments (one
+    guest's paths, bridge/scsi/ports.py). ``relative_port`` and ``port_group`` are the
+    target port's (SPC-4 5.15), filled in by parse_config when not configured.
+    """
 
     socket: str
     initiator: str
@@ -71,6 +80,12 @@ class VfioUserAttachment:
     num_queues: int = 2
     queue_size: int = 256
     access: SocketAccess = field(default_factory=SocketAccess)
+    relative_port: int = 0
+    port_group: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"vfio-user.{Path(self.socket).stem}"
 
 
 @dataclass
@@ -84,6 +99,22 @@ class XenAttachment:
     devid: int
     initiator: str
     luns: dict[int, str]
+    relative_port: int = 0  # as VfioUserAttachment's
+    port_group: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"xen.{self.domain}.{self.devid}"
+
+
+@dataclass(frozen=True)
+class PortGroupConfig:
+    """A ``[[port_group]]``: a target port group (SPC-4 5.15.2.2) and its initial state."""
+
+    name: str
+    id: int
+    state: AccessState = AccessState.ACTIVE_OPTIMIZED
+    preferred: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +154,7 @@ class BridgeConfig:
     xen_grant_strategy: str = "map"
     # [bridge] socket_mode/owner/group: the control socket's, and every socket's default.
     socket_access: SocketAccess = field(default_factory=SocketAccess)
+    port_groups: list[PortGroupConfig] = field(default_factory=list)  # every group, by id
 
     def lun_maps(self) -> dict[str, dict[int, str]]:
         """Initiator port name -> {LUN: LU name}, the form the target core takes."""
@@ -130,6 +162,13 @@ class BridgeConfig:
         for att in [*self.vfio_user, *self.xen]:
             maps.setdefault(att.initiator, {}).update(att.luns)
         return maps
+
+    def port_map(self) -> PortMap:
+        """The target's ports and groups (bridge/scsi/ports.py): one port per attachment."""
+        groups = [GroupSpec(g.name, g.id, g.state, g.preferred) for g in self.port_groups]
+        ports = [PortSpec(a.relative_port, a.port_group, a.label, a.initiator)
+                 for a in [*self.vfio_user, *self.xen]]
+        return PortMap(groups, ports)
 
 
 def parse_size(value: Any, where: str) -> int:
@@ -429,7 +468,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         r.get("name") for r in raw_lus if isinstance(r, dict) and isinstance(r.get("name"), str)}
 
     vfio: list[VfioUserAttachment] = []
-    owners: dict[str, str] = {}  # initiator name -> the attachment that has it
+    # initiator name -> (the attachments that have it, (transport, domain) of the first)
+    owners: dict[str, tuple[list[str], tuple[str, str]]] = {}
+    wheres: list[str] = []  # the table of each attachment, vfio_user then xen
     raw_vfio: list[Any] = []
     with errors.field():
         raw_vfio = top.get("vfio_user", list, [])
@@ -466,11 +507,14 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         with errors.field():
             access = _socket_access(t, default_access)
         luns = _lun_map(t, lu_names, errors)
+        rel, group = _port_fields(t, errors)
         t.reject_unknown(errors)
         if initiator is not None:
-            _claim_initiator(owners, initiator, where, errors)
+            _claim_initiator(owners, initiator, where, errors, ("vfio_user", ""))
         if sock is not None and initiator is not None:
-            vfio.append(VfioUserAttachment(sock, initiator, luns, num_queues, queue_size, access))
+            vfio.append(VfioUserAttachment(sock, initiator, luns, num_queues, queue_size, access,
+                                           rel, group))
+            wheres.append(where)
 
     xen: list[XenAttachment] = []
     devices: dict[tuple[str, int], str] = {}
@@ -496,6 +540,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         with errors.field():
             initiator = _initiator(t, f"{IQN_PREFIX}:xen.{domain}.{devid}")
         luns = _lun_map(t, lu_names, errors)
+        rel, group = _port_fields(t, errors)
         t.reject_unknown(errors)
         if domain is None:
             continue
@@ -504,23 +549,124 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
                                         f"{devices[(domain, devid)]}")
         devices[(domain, devid)] = where
         if initiator is not None:
-            _claim_initiator(owners, initiator, where, errors)
-            xen.append(XenAttachment(domain, devid, initiator, luns))
+            _claim_initiator(owners, initiator, where, errors, ("xen", domain))
+            xen.append(XenAttachment(domain, devid, initiator, luns, rel, group))
+            wheres.append(where)
     if require_attachments and raw_lus and not raw_vfio and not raw_xen:
         errors.add("vfio_user", "nothing to serve: add a [[vfio_user]] or [[xen]] attachment")
+    port_groups = _port_groups(top, [*vfio, *xen], wheres, errors)
     top.reject_unknown(errors)
     if errors.errors:
         raise ConfigErrors(errors.errors)
     return BridgeConfig(lus, vfio, xen, state_dir, log_level, log_format, locking, images, warnings,
-                        xen_grant_strategy=grant_strategy, socket_access=default_access)
+                        xen_grant_strategy=grant_strategy, socket_access=default_access,
+                        port_groups=port_groups)
 
 
-def _claim_initiator(owners: dict[str, str], name: str, where: str, errors: _Errors) -> None:
-    if name in owners:
-        errors.add(f"{where}.initiator", f"{name} is also the initiator of {owners[name]}; "
-                                         "each attachment needs its own name")
-    else:
-        owners[name] = where
+def _claim_initiator(owners: dict[str, tuple[list[str], tuple[str, str]]], name: str, where: str,
+                     errors: _Errors, guest: tuple[str, str]) -> None:
+    """One initiator name on several attachments is one guest with several paths: all
+    vfio-user (one KVM guest's devices) or all one Xen domain's vscsi devices."""
+    if name not in owners:
+        owners[name] = ([where], guest)
+        return
+    wheres, first = owners[name]
+    if guest != first:
+        errors.add(f"{where}.initiator", f"{name} is also the initiator of {wheres[0]}; one "
+                                         "initiator name on several attachments must be one "
+                                         "guest's paths (all vfio_user, or one Xen domain's devices)")
+        return
+    wheres.append(where)
+
+
+def _port_fields(t: _Table, errors: _Errors) -> tuple[int, str]:
+    rel, group = 0, ""
+    with errors.field():
+        rel = t.get("relative_port", int, 0)
+        if "relative_port" in t.data and not 1 <= rel <= 0xFFFF:
+            raise ConfigError(t.path("relative_port"), "must be between 1 and 65535")
+    with errors.field():
+        group = t.get("port_group", str, "")
+        if "port_group" in t.data and not _NAME_RE.match(group):
+            raise ConfigError(t.path("port_group"), "must be 1-64 characters of letters, digits and _ . : -")
+    return rel, group
+
+
+def _port_groups(top: _Table, atts: list[VfioUserAttachment | XenAttachment], wheres: list[str],
+                 errors: _Errors) -> list[PortGroupConfig]:
+    """``[[port_group]]`` tables; each attachment's relative port, group and initiator port.
+
+    Defaults (bridge/scsi/ports.py): relative ports 1, 2, ... in file order (vfio_user,
+    then xen) skipping configured ones; a group of its own per attachment, named after
+    it (``vfio-user.<socket stem>``, ``xen.<domain>.<devid>``), active/optimized.
+    """
+    declared: list[PortGroupConfig] = []
+    raw_groups: list[Any] = []
+    with errors.field():
+        raw_groups = top.get("port_group", list, [])
+    for i, raw in enumerate(raw_groups):
+        where = f"port_group[{i}]"
+        try:
+            t = _Table(raw, where)
+        except ConfigError as e:
+            errors.errors.append(e)
+            continue
+        name, gid, state, preferred = None, 0, AccessState.ACTIVE_OPTIMIZED, False
+        with errors.field():
+            name = t.get("name", str, required=True)
+            if not _NAME_RE.match(name):
+                raise ConfigError(t.path("name"), "must be 1-64 characters of letters, digits and _ . : -")
+            if any(g.name == name for g in declared):
+                raise ConfigError(t.path("name"), f"port group {name!r} defined twice")
+        with errors.field():
+            gid = t.get("id", int, 0)
+            if "id" in t.data and not 1 <= gid <= 0xFFFF:
+                raise ConfigError(t.path("id"), "must be between 1 and 65535")
+            if gid and any(g.id == gid for g in declared):
+                raise ConfigError(t.path("id"), f"port group id {gid} is used twice")
+        with errors.field():
+            try:
+                state = parse_state(t.get("state", str, "active/optimized"))
+            except ValueError as e:
+                raise ConfigError(t.path("state"), str(e)) from None
+        with errors.field():
+            preferred = t.get("preferred", bool, False)
+        t.reject_unknown(errors)
+        if name is not None and _NAME_RE.match(name) and not any(g.name == name for g in declared):
+            declared.append(PortGroupConfig(name, gid, state, preferred))
+    # Relative target ports: configured first, then the lowest free numbers in order.
+    taken: dict[int, str] = {}
+    for att, where in zip(atts, wheres, strict=True):
+        if att.relative_port:
+            if att.relative_port in taken:
+                errors.add(f"{where}.relative_port", f"relative port {att.relative_port} is also "
+                                                     f"{taken[att.relative_port]}'s")
+            taken[att.relative_port] = where
+    free = (i for i in range(1, 0x10000) if i not in taken)
+    for att in atts:
+        if not att.relative_port:
+            att.relative_port = next(free)
+    # Groups: named ones that are not declared are created; ids fill the free numbers.
+    groups = {g.name: g for g in declared}
+    for att in atts:
+        att.port_group = att.port_group or att.label
+        if att.port_group not in groups:
+            groups[att.port_group] = PortGroupConfig(att.port_group, 0)
+    used = {g.id for g in groups.values() if g.id}
+    ids = (i for i in range(1, 0x10000) if i not in used)
+    final = [g if g.id else PortGroupConfig(g.name, next(ids), g.state, g.preferred)
+             for g in groups.values()]
+    # One initiator name on k > 1 attachments: k initiator ports, ISID 1..k (SPC-4 7.6.4.6).
+    count: dict[str, int] = {}
+    for att in atts:
+        count[att.initiator] = count.get(att.initiator, 0) + 1
+    seen: dict[str, int] = {}
+    for att in atts:
+        if count[att.initiator] > 1:
+            name = att.initiator
+            seen[name] = seen.get(name, 0) + 1
+            att.initiator = initiator_port_name(name, seen[name])
+    return sorted(final, key=lambda g: g.id)
 
 
 def _check_socket_path(where: str, sock: Path, state_dir: Path) -> None:

@@ -197,7 +197,7 @@ async def serve(config: BridgeConfig, ready_file: str | None = None,
         if problems:
             raise StartupError(problems[0])
         image_locks += _lock_images(config, existing=True)
-        target = Target(config.lus, config.lun_maps())
+        target = Target(config.lus, config.lun_maps(), ports=config.port_map())
         image_locks += _lock_images(config, existing=False)  # the images Target just created
         debug = logging.getLogger("bridge").isEnabledFor(logging.DEBUG)
         async with trio.open_nursery() as nursery:

@@ -214,6 +214,37 @@ class PortMap:
                 return n
         return None
 
+    def add_attachment(self, label: str, initiator_port: str, relative_id: int | None = None,
+                       group: str | None = None) -> Port:
+        """A port for an attachment added at run time: the next free relative id and a
+        group of its own (named ``label``) unless told otherwise."""
+        if initiator_port in self._by_nexus:
+            return self._by_nexus[initiator_port]
+        if relative_id is None:
+            configured = {p.relative_id for p in self.ports.values() if p.nexuses}
+            relative_id = next(i for i in range(1, 0x10000) if i not in configured)
+        port = self.ports.get(relative_id)
+        if port is not None and not port.nexuses and port is self.default and len(self.ports) == 1:
+            # The single-port default of a target started without attachments: take it over.
+            del self.ports[relative_id]
+            port.group.ports.remove(port)
+            port = None
+        if port is None:
+            name = group or label
+            g = self.groups.get(name)
+            if g is None:
+                used = {x.id for x in self.groups.values()}
+                g = PortGroup(name, next(i for i in range(1, 0x10000) if i not in used))
+                self.groups[name] = g
+            base = self.default.name.rsplit(",t,0x", 1)[0]
+            port = Port(relative_id, g, label, target_port_name(relative_id, base))
+            g.ports.append(port)
+            self.ports[relative_id] = port
+            self.default = self.ports[min(self.ports)]
+        port.nexuses.append(initiator_port)
+        self._by_nexus[initiator_port] = port
+        return port
+
     def relative_id_of(self, initiator_port: str) -> int:
         return self.port_of_nexus(initiator_port).relative_id
 

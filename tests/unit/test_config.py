@@ -159,3 +159,57 @@ def test_cli_damaged_reservation_state_one_line(tmp_path: Path) -> None:
     shutil.rmtree(run)
     assert r.returncode == 1
     assert "d.img.pr.json" in r.stderr and "refused" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- target ports, port groups, one guest's paths (bridge/scsi/ports.py) --------------
+
+def _two_paths(tmp_path, **extra):
+    ini = "iqn.2026-11.org.example:vm1"
+    doc = {"lu": [{"name": "a", "path": str(tmp_path / "a.img"), "size": 4096}],
+           "vfio_user": [{"socket": str(tmp_path / "p1.sock"), "initiator": ini, "luns": {"0": "a"}},
+                         {"socket": str(tmp_path / "p2.sock"), "initiator": ini, "luns": {"0": "a"}}],
+           **extra}
+    return ini, doc
+
+
+def test_one_initiator_two_paths_gets_two_initiator_ports(tmp_path):
+    ini, doc = _two_paths(tmp_path)
+    cfg = parse_config(doc, tmp_path)
+    a, b = cfg.vfio_user
+    assert (a.initiator, b.initiator) == (f"{ini},i,0x000000000001", f"{ini},i,0x000000000002")
+    assert (a.relative_port, b.relative_port) == (1, 2)
+    assert (a.port_group, b.port_group) == ("vfio-user.p1", "vfio-user.p2")
+    assert [(g.name, g.id) for g in cfg.port_groups] == [("vfio-user.p1", 1), ("vfio-user.p2", 2)]
+    pm = cfg.port_map()
+    assert pm.port_of_nexus(b.initiator).relative_id == 2
+    assert set(cfg.lun_maps()) == {a.initiator, b.initiator}
+
+
+def test_port_groups_declared_with_states(tmp_path):
+    ini, doc = _two_paths(tmp_path, port_group=[
+        {"name": "left", "id": 10, "state": "active/optimized", "preferred": True},
+        {"name": "right", "state": "standby"}])
+    doc["vfio_user"][0]["port_group"] = "left"
+    doc["vfio_user"][1]["port_group"] = "right"
+    doc["vfio_user"][1]["relative_port"] = 7
+    cfg = parse_config(doc, tmp_path)
+    groups = {g.name: g for g in cfg.port_groups}
+    assert groups["left"].id == 10 and groups["left"].preferred
+    assert groups["right"].id == 1 and groups["right"].state.label == "standby"
+    assert [a.relative_port for a in cfg.vfio_user] == [1, 7]
+
+
+@pytest.mark.parametrize("change,error", [
+    (lambda d: d["vfio_user"][1].update(relative_port=0), "vfio_user[1].relative_port: must be between 1 and 65535"),
+    (lambda d: d["vfio_user"][1].update(relative_port=1) or d["vfio_user"][0].update(relative_port=1),
+     "vfio_user[1].relative_port: relative port 1 is also vfio_user[0]'s"),
+    (lambda d: d.update(port_group=[{"name": "g", "state": "sideways"}]), "port_group[0].state: unknown access state"),
+    (lambda d: d.update(port_group=[{"name": "g", "id": 2}, {"name": "h", "id": 2}]),
+     "port_group[1].id: port group id 2 is used twice"),
+])
+def test_port_configuration_errors(tmp_path, change, error):
+    _ini, doc = _two_paths(tmp_path)
+    change(doc)
+    with pytest.raises(ConfigError) as e:
+        parse_config(doc, tmp_path)
+    assert error in str(e.value)

@@ -157,7 +157,8 @@ def test_duplicate_initiator_names_both_attachments(tmp_path: Path) -> None:
            "vfio_user": [{"socket": "/tmp/s.sock", "initiator": ini, "luns": {"0": "a"}}],
            "xen": [{"domain": "d1", "initiator": ini, "luns": {"0": "a"}}]}
     assert errors_of(doc, tmp_path) == [
-        f"xen[0].initiator: {ini} is also the initiator of vfio_user[0]; each attachment needs its own name"]
+        f"xen[0].initiator: {ini} is also the initiator of vfio_user[0]; one initiator name on "
+        "several attachments must be one guest's paths (all vfio_user, or one Xen domain's devices)"]
 
 
 def test_check_config_lists_every_error_one_per_line() -> None:
