@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
+from . import alua_cli
 from .client import DEFAULT_SOCKET, BlockingControlClient, ControlError
 from .jsonrpc import INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
 
@@ -307,6 +308,7 @@ def register(subparsers: Any, file_status: FileStatus | None = None) -> set[str]
     p.add_argument("lu")
     _common(p, _pr)
 
+    alua_cli.register(group, _common)  # alua show|set, port down|up
     p = group("log-level", "read or set the running bridge's log level")
     p.add_argument("level", nargs="?", choices=("debug", "info", "warning", "error"))
     _common(p, _log_level)

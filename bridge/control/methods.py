@@ -490,3 +490,7 @@ async def call(ctl: Control, name: str, params: dict[str, Any]) -> Any:
     async with ctl.lock:
         return await m.handler(ctl, params)
 
+
+
+# ALUA and path events register their rows in METHODS from their own module.
+from . import alua_methods  # noqa: E402,F401

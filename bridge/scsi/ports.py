@@ -228,6 +228,8 @@ class PortMap:
             # The single-port default of a target started without attachments: take it over.
             del self.ports[relative_id]
             port.group.ports.remove(port)
+            if not port.group.ports:
+                del self.groups[port.group.name]
             port = None
         if port is None:
             name = group or label

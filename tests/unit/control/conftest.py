@@ -31,7 +31,7 @@ async def ctl(nursery, run_dir: Path) -> AsyncIterator[Control]:
                {"name": "disk1", "path": "disk1.img", "size": "1MiB"}],
         "vfio_user": [{"socket": "vm1.sock", "luns": {"0": "disk0"}}],
     }, run_dir)
-    target = Target(config.lus, config.lun_maps())
+    target = Target(config.lus, config.lun_maps(), ports=config.port_map())  # as serve does
     attachments = Attachments(nursery, target, config)
     for att in config.vfio_user:
         await attachments.add_vfio_user(att)
