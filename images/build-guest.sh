@@ -5,8 +5,10 @@
 #   vmlinuz             the packaged bzImage (fallback)
 #   initramfs.cpio.gz   busybox-static, modules, sg3-utils, e2fsprogs, iscsi-test-cu,
 #                       /init from images/guest/init
-#   fio.cpio            fio and the libraries only it needs (about 80 MB), appended
-#                       to the initramfs only by runs that use fio; left uncompressed
+#   fio.cpio            fio and the libraries only it needs (about 80 MB), and the
+#                       multipath tools (multipath, multipathd, udevd, dmsetup, their
+#                       plugins and udev rules), appended to the initramfs only by runs
+#                       that use fio (or ask for the layer); left uncompressed
 #                       because inflating it in the emulated guest cost more boot time
 #                       under TCG than QEMU copying the raw bytes
 #
@@ -19,13 +21,21 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 HOST_TOOLS=(busybox-static cpio kmod xz-utils gzip)
-USER_PACKAGES=(busybox-static sg3-utils e2fsprogs libiscsi-bin fio)
+USER_PACKAGES=(busybox-static sg3-utils e2fsprogs libiscsi-bin fio multipath-tools udev dmsetup)
 # Modules loaded at boot (with their dependencies, resolved by modinfo).
 MODULES=(virtio virtio_ring virtio_pci virtio_scsi scsi_mod scsi_common sd_mod sg
          t10-pi crc-t10dif crct10dif_generic crct10dif-pclmul crc64-rocksoft crc64 crc64_rocksoft_generic
          ext4 jbd2 mbcache crc16 crc32c_generic crc32c-intel libcrc32c)
 # Copied too, loaded only in a Xen domU.
 XEN_MODULES=(xen-scsifront)
+# Copied too, loaded by runs that ask (vscsi.modules=...): dm-multipath and the ALUA
+# device handler for multipath guests (tests/integration/test_alua_multipath_booted.py).
+MPATH_MODULES=(dm-multipath dm-round-robin dm-service-time dm-queue-length scsi_dh_alua)
+# The multipath userland of the extra layer: programs, dlopen'd plugins, udev rules.
+MPATH_FILES=(/sbin/multipath /sbin/multipathd /sbin/mpathpersist /sbin/dmsetup /bin/udevadm
+             /lib/systemd/systemd-udevd /lib/udev/scsi_id /lib/udev/ata_id)
+MPATH_RULES=(50-udev-default 55-dm 56-dm-mpath 60-block 60-persistent-storage
+             60-persistent-storage-dm 60-multipath 95-dm-notify)
 STEPS=7
 
 ensure_host_pkgs "${HOST_TOOLS[@]}" "${USER_PACKAGES[@]}"
@@ -50,7 +60,7 @@ mapfile -t VERSIONS < <(apt-cache policy "$KPKG" "${USER_PACKAGES[@]}" \
 candidate() { printf '%s\n' "${VERSIONS[@]}" | awk -F= -v p="$1" '$1 == p {print $2}'; }
 
 HASH=$(input_hash "${BASH_SOURCE[0]}" "$IMAGES_DIR/lib.sh" "$IMAGES_DIR"/guest/* -- \
-       "${VERSIONS[@]}" "${MODULES[@]}" "${XEN_MODULES[@]}")
+       "${VERSIONS[@]}" "${MODULES[@]}" "${XEN_MODULES[@]}" "${MPATH_MODULES[@]}")
 OUT="$VSCSI_CACHE/guest-$HASH"
 
 # Programs, their libraries and modules are copied with lib.sh's copy_with_libs,
@@ -88,7 +98,7 @@ build() {
     local root="$tmp/root"
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc/vscsi,lib/vscsi,proc,sys,dev,tmp,run,mnt,root}
     local f rel mods
-    mods=$(module_closure "$moddir" "${MODULES[@]}" "${XEN_MODULES[@]}") || die "modules"
+    mods=$(module_closure "$moddir" "${MODULES[@]}" "${XEN_MODULES[@]}" "${MPATH_MODULES[@]}") || die "modules"
     for f in $(sort -u <<<"$mods"); do
         rel=${f#"$tmp/kernel"}
         install -D -m 644 "$f" "$root$rel"
@@ -122,9 +132,12 @@ build() {
     (cd "$root" && find . -print0 | LC_ALL=C sort -z \
         | cpio --null -o -H newc --quiet --owner=0:0 | gzip -6 -n) >"$tmp/initramfs.cpio.gz"
 
-    progress "6/$STEPS" "packing fio.cpio (fio and the libraries the base lacks)"
+    progress "6/$STEPS" "packing fio.cpio (fio, multipath tools and the libraries the base lacks)"
     # Libraries already in the base are left out of the fio layer.
-    extra_layer "$root" "$tmp/fio.cpio" / /usr/bin/fio
+    local mpath=("${MPATH_FILES[@]}") r
+    mpath+=(/lib/multipath/*.so)
+    for r in "${MPATH_RULES[@]}"; do mpath+=("/lib/udev/rules.d/$r.rules"); done
+    extra_layer "$root" "$tmp/fio.cpio" / /usr/bin/fio "${mpath[@]}"
 
     progress "7/$STEPS" "done: $(du -h "$tmp/initramfs.cpio.gz" | cut -f1) initramfs, $(du -h "$tmp/fio.cpio" | cut -f1) fio layer"
     printf '%s\n' "${VERSIONS[@]}" >"$tmp/versions.txt"
