@@ -250,6 +250,9 @@ class PortMap:
     def relative_id_of(self, initiator_port: str) -> int:
         return self.port_of_nexus(initiator_port).relative_id
 
+    def has_port(self, relative_id: int) -> bool:
+        return relative_id in self.ports
+
     # -- snapshot for the control plane ------------------------------------------
 
     def describe(self) -> dict:

@@ -104,6 +104,7 @@ class Target:
         name = spec.name
         self._lus[name] = LogicalUnit(
             spec, lambda ini, asc, ascq: self.unit_attentions.establish(ini, name, (asc, ascq)))
+        self._lus[name].reservations.ports = self.ports  # ALL_TG_PT, relative ports (ports.py)
 
     def logical_unit(self, name: str) -> LogicalUnit:
         return self._lus[name]

@@ -56,9 +56,9 @@ def parse_iscsi_transport_id(buf: bytes, offset: int) -> tuple[str, int]:
     """Parse one TransportID at ``offset`` of a parameter list; returns (name, length).
 
     SPC-4 7.6.4.6: FORMAT CODE 00b carries an iSCSI name; 01b an initiator port
-    name (name + ",i,0x" + ISID). Our initiator ports have no ISID, so 01b is
-    parsed for its shape and then refused. Field pointers are parameter-list
-    byte offsets.
+    name (name + ",i,0x" + 12 hex digits of ISID), returned with the ISID in lower
+    case, the form bridge/scsi/ports.py names initiator ports by. Field pointers
+    are parameter-list byte offsets.
     """
     if len(buf) - offset < 4:
         raise invalid_field_in_parameter_list(offset)
@@ -84,22 +84,27 @@ def parse_iscsi_transport_id(buf: bytes, offset: int) -> tuple[str, int]:
         raise invalid_field_in_parameter_list(offset + 4) from None
     if not text.isprintable() or any(c.isspace() for c in text):
         raise invalid_field_in_parameter_list(offset + 4)
+    sep = text.lower().find(",i,0x")
     if fmt == 1:
-        # ",i,0x" separator then a 12-hex-digit ISID: well-formed or not, an
-        # initiator port with an ISID is not one of ours.
-        raise invalid_field_in_parameter_list(offset, 7)
-    if ",i,0x" in text.lower():
+        # The ",i,0x" separator, then a 12-hex-digit ISID.
+        isid = text[sep + 5:] if sep > 0 else ""
+        if len(isid) != 12 or any(c not in "0123456789abcdefABCDEF" for c in isid):
+            raise invalid_field_in_parameter_list(offset + 4)
+        return f"{text[:sep]},i,0x{isid.lower()}", 4 + additional
+    if sep >= 0:
         raise invalid_field_in_parameter_list(offset + 4)
     return text, 4 + additional
 
 
 def encode_iscsi_transport_id(name: str) -> bytes:
-    """SPC-4 7.6.4.6 FORMAT CODE 00b: NUL-terminated, padded to 4, at least 24 bytes."""
+    """SPC-4 7.6.4.6: FORMAT CODE 00b for an iSCSI name, 01b for an initiator port name
+    with an ISID (",i,0x"); NUL-terminated, padded to 4, at least 24 bytes."""
     raw = name.encode() + b"\0"
     raw += b"\0" * (-len(raw) % 4)
     if len(raw) < 20:
         raw += b"\0" * (20 - len(raw))
-    return struct.pack(">BBH", PROTOCOL_ID_ISCSI, 0, len(raw)) + raw
+    fmt = 0x40 if ",i,0x" in name.lower() else 0
+    return struct.pack(">BBH", fmt | PROTOCOL_ID_ISCSI, 0, len(raw)) + raw
 
 
 def parse_transport_id_list(buf: bytes, start: int, length: int) -> tuple[tuple[str, int], ...]:

@@ -6,9 +6,11 @@ IN/OUT and RESERVE/RELEASE(6/10) to ``handle()``. The service actions
 themselves are sans-I/O functions (pr_out.py, pr_in.py); this class holds the
 current state, commits new states and keeps the SPC-2 reservation.
 
-I_T nexus identity: a single target port (relative target port identifier
-1), so an I_T nexus is named by its initiator port name alone; ALL_TG_PT=1
-is accepted and means that one port.
+I_T nexus identity: every attachment is one initiator port and one target port
+(bridge/scsi/ports.py), so an I_T nexus is named by its initiator port name alone;
+``ports`` (the Target's PortMap) says which target port each is through (READ FULL
+STATUS), which initiator ports are one initiator's (ALL_TG_PT) and resolves REGISTER
+AND MOVE's (TransportID, relative target port).
 
 Call every method from the trio loop. Commands that change state (PERSISTENT
 RESERVE OUT, RESERVE/RELEASE) run one at a time per LU, in arrival order (a FIFO
@@ -50,6 +52,8 @@ from .pr_in import pr_in
 from .pr_out import (
     ASC_RESERVATIONS,
     ASCQ_RESERVATIONS_PREEMPTED,
+    SINGLE_PORT,
+    PortDirectory,
     ReservationConflict,
     apply_pr_out,
 )
@@ -85,6 +89,9 @@ class PersistentReservations:
         self._unit_attention = unit_attention
         self._spc2_holder: str | None = None
         self._state = PrState()
+        # The target's ports (set by the Target): relative ports in READ FULL STATUS,
+        # ALL_TG_PT, REGISTER AND MOVE to another port.
+        self.ports: PortDirectory = SINGLE_PORT
         # Serializes the commands that change state; trio.Lock is fair (FIFO).
         self._changes = trio.Lock()
         if state_path is not None:
@@ -152,7 +159,8 @@ class PersistentReservations:
         op = cdb[0]
         if op == PERSISTENT_RESERVE_IN:
             self._check_no_spc2_reservation()
-            return pr_in(self._state, cdb, alloc_len_in, self.state_path is not None), []
+            return pr_in(self._state, cdb, alloc_len_in, self.state_path is not None,
+                         self.ports), []
         data = bytes(data_out)
         async with self._changes:
             if op == PERSISTENT_RESERVE_OUT:
@@ -168,7 +176,8 @@ class PersistentReservations:
     # --------------------------------------------------------------- PR OUT
 
     async def _pr_out(self, me: str, cdb: bytes, data_out: bytes) -> list[str]:
-        new, fx = apply_pr_out(self._state, me, cdb, data_out, self.state_path is not None)
+        new, fx = apply_pr_out(self._state, me, cdb, data_out, self.state_path is not None,
+                               self.ports)
         await self._commit(new)
         for name, ascq in fx.unit_attentions:
             self._unit_attention(name, ASC_RESERVATIONS, ascq)

@@ -14,7 +14,7 @@ from .codec import (
     encode_read_reservation,
     pr_in_allocation_length,
 )
-from .pr_out import RELATIVE_TARGET_PORT
+from .pr_out import SINGLE_PORT, PortDirectory
 from .state import PrState
 from .table import ReservationType
 
@@ -42,8 +42,9 @@ def capabilities(state: PrState, ptpl_capable: bool) -> Capabilities:
     )
 
 
-def full_status(state: PrState) -> list[FullStatusEntry]:
-    """SPC-4 6.15.5 READ FULL STATUS: one descriptor per registration."""
+def full_status(state: PrState, ports: PortDirectory = SINGLE_PORT) -> list[FullStatusEntry]:
+    """SPC-4 6.15.5 READ FULL STATUS: one descriptor per registered I_T nexus, with the
+    relative target port it is registered through."""
     res = state.reservation
     out = []
     for r in state.registrations.values():
@@ -55,14 +56,15 @@ def full_status(state: PrState) -> list[FullStatusEntry]:
                 holder=holder,
                 scope=res.scope if holder and res else 0,
                 type=int(res.type) if holder and res else 0,
-                relative_target_port=RELATIVE_TARGET_PORT,
+                relative_target_port=ports.relative_id_of(r.initiator),
                 transport_id=encode_iscsi_transport_id(r.initiator),
             )
         )
     return out
 
 
-def pr_in(state: PrState, cdb: bytes, alloc_len_in: int, ptpl_capable: bool) -> bytes:
+def pr_in(state: PrState, cdb: bytes, alloc_len_in: int, ptpl_capable: bool,
+          ports: PortDirectory = SINGLE_PORT) -> bytes:
     """The parameter data of PERSISTENT RESERVE IN ``cdb``, cut to the allocation length."""
     if len(cdb) < 10:
         raise invalid_field_in_cdb(0)
@@ -80,7 +82,7 @@ def pr_in(state: PrState, cdb: bytes, alloc_len_in: int, ptpl_capable: bool) -> 
     elif sa == PrInAction.REPORT_CAPABILITIES:
         data = capabilities(state, ptpl_capable).encode()
     elif sa == PrInAction.READ_FULL_STATUS:
-        data = encode_read_full_status(state.generation, full_status(state))
+        data = encode_read_full_status(state.generation, full_status(state, ports))
     else:
         raise invalid_field_in_cdb(1, 4)
     limit = min(pr_in_allocation_length(cdb), max(alloc_len_in, 0))

@@ -10,6 +10,7 @@ persistent_reservations.py's job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..sense import SenseError, SenseKey, invalid_field_in_cdb, invalid_field_in_parameter_list
 from .codec import (
@@ -31,8 +32,38 @@ ASCQ_RESERVATIONS_RELEASED = 0x04
 ASCQ_REGISTRATIONS_PREEMPTED = 0x05
 
 LU_SCOPE = 0
-RELATIVE_TARGET_PORT = 1  # our only target port
 MAX_REGISTRATIONS = 1024  # bound on guest-created state
+
+
+class PortDirectory(Protocol):
+    """What reservations need to know of the target's ports (bridge/scsi/ports.PortMap)."""
+
+    def relative_id_of(self, initiator_port: str) -> int: ...
+
+    def siblings(self, initiator_port: str) -> list[str]: ...
+
+    def resolve(self, transport_name: str, relative_id: int) -> str | None: ...
+
+    def has_port(self, relative_id: int) -> bool: ...
+
+
+class _SinglePort:
+    """One target port (relative id 1): every I_T nexus is named by its initiator port."""
+
+    def relative_id_of(self, initiator_port: str) -> int:
+        return 1
+
+    def siblings(self, initiator_port: str) -> list[str]:
+        return [initiator_port]
+
+    def resolve(self, transport_name: str, relative_id: int) -> str | None:
+        return transport_name if relative_id == 1 else None
+
+    def has_port(self, relative_id: int) -> bool:
+        return relative_id == 1
+
+
+SINGLE_PORT: PortDirectory = _SinglePort()
 
 
 class ReservationConflict(Exception):
@@ -61,12 +92,13 @@ class Effects:
             self.unit_attentions.append((n, ascq))
 
 
-def apply_pr_out(state: PrState, me: str, cdb: bytes, data_out: bytes, aptpl_capable: bool
-                 ) -> tuple[PrState, Effects]:
+def apply_pr_out(state: PrState, me: str, cdb: bytes, data_out: bytes, aptpl_capable: bool,
+                 ports: PortDirectory = SINGLE_PORT) -> tuple[PrState, Effects]:
     """The state after PERSISTENT RESERVE OUT ``cdb`` from I_T nexus ``me``, and its effects.
 
     Raises ReservationConflict or SenseError (the state is then unchanged).
-    ``aptpl_capable``: the LU has a state file, so APTPL=1 is accepted.
+    ``aptpl_capable``: the LU has a state file, so APTPL=1 is accepted. ``ports``: the
+    target's ports (ALL_TG_PT, SPEC_I_PT and REGISTER AND MOVE name nexuses through them).
     """
     pcdb = parse_pr_out_cdb(cdb)
     sa = pcdb.service_action
@@ -75,13 +107,13 @@ def apply_pr_out(state: PrState, me: str, cdb: bytes, data_out: bytes, aptpl_cap
     if sa == PrOutAction.REGISTER_AND_MOVE:
         rm = parse_register_and_move_parameters(pcdb, data_out)
         _check_aptpl(rm.aptpl, aptpl_capable, 17)
-        _register_and_move(new, me, rm)
+        _register_and_move(new, me, rm, ports)
         new.aptpl = rm.aptpl
     else:
         p = parse_pr_out_parameters(pcdb, data_out)
         if sa in (PrOutAction.REGISTER, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY):
             _check_aptpl(p.aptpl, aptpl_capable, 20)
-            _register(new, me, p, sa == PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, fx)
+            _register(new, me, p, sa == PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, fx, ports)
             new.aptpl = p.aptpl  # SPC-4 6.16.3: APTPL only counts for register actions
         elif sa == PrOutAction.RESERVE:
             _reserve(new, me, pcdb, p)
@@ -117,9 +149,14 @@ def _scope_and_type(pcdb: PrOutCdb) -> ReservationType:
     return ReservationType(pcdb.type)
 
 
-def _register(new: PrState, me: str, p: PrOutParameters, ignore_existing: bool, fx: Effects
-              ) -> None:
-    """SPC-4 5.13.7 and its table of REGISTER behaviours."""
+def _register(new: PrState, me: str, p: PrOutParameters, ignore_existing: bool, fx: Effects,
+              ports: PortDirectory = SINGLE_PORT) -> None:
+    """SPC-4 5.13.7 and its table of REGISTER behaviours.
+
+    ALL_TG_PT=1 (SPC-4 6.16.3) registers the initiator through every target port: here
+    every initiator port of the same initiator name (one guest's paths, ports.py) that is
+    not registered yet gets the key, each as its own I_T nexus; a later REGISTER (new key
+    or unregister) from any of them applies to all its ALL_TG_PT registrations."""
     reg = new.registrations.get(me)
     sakey = p.service_action_key
     if reg is None:
@@ -127,9 +164,16 @@ def _register(new: PrState, me: str, p: PrOutParameters, ignore_existing: bool, 
             raise ReservationConflict(f"{me} unregistered but RESERVATION KEY is not zero")
         if sakey != 0:
             names = [me]
+            if p.all_tg_pt:
+                names += [n for n in ports.siblings(me)[1:] if n not in new.registrations]
             if p.spec_i_pt:
-                # All or nothing: every TransportID must name an unregistered nexus.
-                for name, offset in zip(p.transport_ids, p.transport_id_offsets, strict=True):
+                # All or nothing: every TransportID must name an unregistered nexus
+                # (through this target port, SPC-4 6.16.3).
+                here = ports.relative_id_of(me)
+                for tid, offset in zip(p.transport_ids, p.transport_id_offsets, strict=True):
+                    name = ports.resolve(tid, here)
+                    if name is None:
+                        raise invalid_field_in_parameter_list(offset)
                     if name != me and name in new.registrations:
                         raise invalid_field_in_parameter_list(offset)
                     if name not in names:
@@ -144,10 +188,15 @@ def _register(new: PrState, me: str, p: PrOutParameters, ignore_existing: bool, 
         if p.spec_i_pt:
             # SPC-4 table "REGISTER behaviours": registered I_T nexus with SPEC_I_PT=1.
             raise SenseError(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)
-        if sakey == 0:
-            _unregister(new, me, fx)
-        else:
-            reg.key = sakey
+        group = [me]
+        if reg.all_tg_pt:
+            group += [n for n in ports.siblings(me)[1:]
+                      if n in new.registrations and new.registrations[n].all_tg_pt]
+        for name in group:
+            if sakey == 0:
+                _unregister(new, name, fx)
+            else:
+                new.registrations[name].key = sakey
     new.bump_generation()
 
 
@@ -258,17 +307,21 @@ def _preempt(
     new.bump_generation()
 
 
-def _register_and_move(new: PrState, me: str, rm: RegisterAndMoveParameters) -> None:
-    """SPC-4 5.13.8: moving the reservation to another I_T nexus."""
+def _register_and_move(new: PrState, me: str, rm: RegisterAndMoveParameters,
+                       ports: PortDirectory = SINGLE_PORT) -> None:
+    """SPC-4 5.13.8: moving the reservation to another I_T nexus, named by a TransportID
+    and a RELATIVE TARGET PORT IDENTIFIER (6.16.4)."""
     _registered(new, me, rm.reservation_key)
     res = new.reservation
     if res is None or res.type.all_registrants or res.holder != me:
         raise ReservationConflict("REGISTER AND MOVE needs the caller to hold the reservation")
     if rm.service_action_key == 0:
         raise invalid_field_in_parameter_list(8)
-    if rm.relative_target_port != RELATIVE_TARGET_PORT:
+    if not ports.has_port(rm.relative_target_port):
         raise invalid_field_in_parameter_list(18)
-    dest = rm.transport_id
+    dest = ports.resolve(rm.transport_id, rm.relative_target_port)
+    if dest is None:  # that initiator has no I_T nexus through that target port
+        raise invalid_field_in_parameter_list(24)
     if dest == me:
         raise invalid_field_in_parameter_list(24)
     reg = new.registrations.get(dest)

@@ -507,8 +507,8 @@ def _spec_list(tid_blob: bytes, rkey=0, sakey=KEY_A) -> bytes:
         (b"\x05\x00\x00\x14" + b"i" * 20, (False, 32, None)),
         # empty name
         (b"\x05\x00\x00\x14" + b"\0" * 20, (False, 32, None)),
-        # format code 01b: initiator port name with ISID, not one of ours
-        (b"\x45\x00\x00\x20" + b"iqn.x,i,0x23d000000001\0".ljust(32, b"\0"), (False, 28, 7)),
+        # format code 01b: an initiator port name whose ISID is not 12 hex digits
+        (b"\x45\x00\x00\x20" + b"iqn.x,i,0x23d00001\0".ljust(32, b"\0"), (False, 32, None)),
         # format code 10b reserved
         (b"\x85\x00\x00\x14" + b"iqn.x\0".ljust(20, b"\0"), (False, 28, 7)),
         # non-UTF-8 name
