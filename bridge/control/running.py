@@ -12,6 +12,7 @@ import os
 import re
 from typing import Any
 
+from bridge.scsi.ports import initiator_name_of
 from bridge.scsi.target import Target
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -50,9 +51,19 @@ def document(target: Target, attachments: list[dict[str, Any]], state_dir: str,
             section = {k: att[k] for k in keys if att.get(k) is not None}
             section["luns"] = {str(lun): name for lun, name in
                                sorted(maps.get(att["initiator"], {}).items())}
+            # The target port (bridge/scsi/ports.py); the initiator name without the ISID
+            # parse_config gives each of one guest's paths again, in the same order.
+            port = target.ports.port_of_nexus(att["initiator"])
+            if "initiator" in section:
+                section["initiator"] = initiator_name_of(section["initiator"])
+            section["relative_port"] = port.relative_id
+            section["port_group"] = port.group.name
             sections.append(section)
         if sections:
             doc[kind] = sections
+    groups = sorted(target.ports.groups.values(), key=lambda g: g.id)
+    doc["port_group"] = [{"name": g.name, "id": g.id, "state": g.state.label,
+                          "preferred": g.preferred} for g in groups]
     return doc
 
 

@@ -58,3 +58,29 @@ def test_cli_parsing():
     assert args.control_command(args)[:2] == ("alua.set", {"group": "left", "state": "standby"})
     args = parser.parse_args(["port", "down", "2"])
     assert args.control_command(args)[:2] == ("port.down", {"port": "2"})
+
+
+def test_running_document_keeps_ports_groups_and_paths(tmp_path):
+    from bridge.config import parse_config
+    from bridge.control.running import document
+    from bridge.scsi.target import Target
+
+    ini = "iqn.2026-11.org.example:mp"
+    doc = {"bridge": {"state_dir": str(tmp_path)},
+           "lu": [{"name": "d", "path": "d.img", "size": "1MiB"}],
+           "port_group": [{"name": "left", "id": 4}, {"name": "right", "id": 5, "state": "standby"}],
+           "vfio_user": [{"socket": "a.sock", "initiator": ini, "port_group": "left", "luns": {"0": "d"}},
+                         {"socket": "b.sock", "initiator": ini, "port_group": "right",
+                          "relative_port": 9, "luns": {"0": "d"}}]}
+    cfg = parse_config(doc, tmp_path)
+    target = Target(cfg.lus, cfg.lun_maps(), ports=cfg.port_map())
+    try:
+        atts = [{"kind": "vfio_user", "socket": a.socket, "initiator": a.initiator,
+                 "num_queues": a.num_queues, "queue_size": a.queue_size} for a in cfg.vfio_user]
+        again = parse_config(document(target, atts, str(tmp_path), "info"), tmp_path)
+    finally:
+        target.close()
+    assert [(a.initiator, a.relative_port, a.port_group) for a in again.vfio_user] == \
+        [(a.initiator, a.relative_port, a.port_group) for a in cfg.vfio_user]
+    assert [(g.name, g.id, g.state) for g in again.port_groups] == \
+        [(g.name, g.id, g.state) for g in cfg.port_groups]
