@@ -58,10 +58,15 @@ def describe(config: BridgeConfig) -> str:
         owner = "" if v.access.uid is None else f" owner {v.access.uid}"
         group = "" if v.access.gid is None else f" group {v.access.gid}"
         lines.append(f"vfio-user {v.socket} (mode {v.access.mode:04o}{owner}{group}): "
-                     f"initiator {v.initiator}: {luns}")
+                     f"initiator {v.initiator}: {luns}; target port {v.relative_port} "
+                     f"in group {v.port_group}")
     for x in config.xen:
         luns = ", ".join(f"LUN {n} = {name}" for n, name in sorted(x.luns.items()))
-        lines.append(f"xen domain {x.domain} vscsi {x.devid}: initiator {x.initiator}: {luns}")
+        lines.append(f"xen domain {x.domain} vscsi {x.devid}: initiator {x.initiator}: {luns}; "
+                     f"target port {x.relative_port} in group {x.port_group}")
+    states = ", ".join(f"{g.name} (id {g.id}) {g.state.label}" for g in config.port_groups)
+    if states:
+        lines.append(f"port groups: {states}")
     return "\n".join(lines)
 
 
