@@ -78,3 +78,33 @@ def test_device_with_larger_blocks_refused(vscsi_bridge, loop_device):  # noqa: 
     assert e.value.code == j.REFUSED and "logical block size" in e.value.message
     assert vscsi_bridge.client.lu_add(name="big", path=dev, block_size=4096)["block_size"] == 4096
     vscsi_bridge.client.lu_remove(name="big")
+
+
+async def test_a_removed_backing_device_is_hot_unplugged(tmp_path, loop_device):
+    """A ``remove`` uevent for an LU's device: every LUN it had is unmapped (the guests'
+    hot-unplug event), commands find no LU there, status keeps what it had. The kernel
+    sends that event only once nothing holds the device, so it is given to the watcher
+    as the kernel words it (parse_uevent's own tests read real datagrams)."""
+    from bridge.control.uevents import BlockDeviceWatcher
+    from bridge.scsi.events import LunRemoved
+    from bridge.scsi.logical_unit import LogicalUnitSpec
+    from bridge.scsi.target import Target
+    from tests.unit.scsi.helpers import assert_check, run
+
+    dev, _ = loop_device(8 * MiB)
+    target = Target([LogicalUnitSpec(name="blk", path=dev)], {VM1: {0: "blk"}, "iqn.x:b": {3: "blk"}})
+    events = []
+    target.subscribe(events.append)
+    watcher = BlockDeviceWatcher(target)
+    rdev = os.stat(dev).st_rdev
+    watcher.handle({"SUBSYSTEM": "block", "ACTION": "remove", "DEVNAME": dev.removeprefix("/dev/"),
+                    "MAJOR": str(os.major(rdev)), "MINOR": str(os.minor(rdev))})
+    assert sorted(events, key=str) == sorted([LunRemoved(VM1, 0), LunRemoved("iqn.x:b", 3)], key=str)
+    assert target.luns_for(VM1) == [] and target.nexuses_of("blk") == []
+    r = await run(target, bytes(6), initiator=VM1, clear_ua=False)  # TEST UNIT READY
+    assert_check(r, 0x05, 0x25)  # ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED
+    assert watcher.removed["blk"]["luns"] == [[VM1, 0], ["iqn.x:b", 3]]
+    # an event for another device changes nothing
+    watcher.handle({"SUBSYSTEM": "block", "ACTION": "remove", "MAJOR": "259", "MINOR": "99"})
+    assert len(events) == 2
+    target.close()
