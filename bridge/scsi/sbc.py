@@ -17,9 +17,12 @@ ROWS = CommandRows()
 log = logging.getLogger(__name__)
 
 
-def check_range(lu: LogicalUnit, lba: int, nblocks: int, len_byte: int) -> None:
-    """SBC-3 4.5: transfer length within the block limits, LBA range on the medium."""
-    if nblocks * lu.block_size > bl.MAX_TRANSFER_BYTES:
+def check_range(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
+    """SBC-3 4.5: transfer length within the block limits of the path (the Block
+    Limits VPD page's MAXIMUM TRANSFER LENGTH), LBA range on the medium."""
+    lu = cmd.lu
+    assert lu is not None
+    if nblocks > bl.max_transfer_blocks(cmd.req.target_port, lu.block_size):
         raise invalid_transfer_length(len_byte)
     if lba + nblocks > lu.num_blocks:
         raise lba_out_of_range()
@@ -43,7 +46,7 @@ def medium_error(op: str, e: OSError) -> SenseError:
 async def do_read(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
     lu = cmd.lu
     assert lu is not None
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return
     views = cmd.in_views(nblocks * lu.block_size)
@@ -57,7 +60,7 @@ async def do_write(cmd: Command, lba: int, nblocks: int, len_byte: int, fua: boo
     lu = cmd.lu
     assert lu is not None
     check_writable(lu)
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return
     views = cmd.out_views(nblocks * lu.block_size)
@@ -124,7 +127,7 @@ def read_fast(cmd: Command) -> bool:
     lu = cmd.lu
     assert lu is not None
     lba, nblocks, len_byte = rw_fields(cmd.cdb)
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return True
     views = cmd.in_views(nblocks * lu.block_size)
@@ -138,7 +141,7 @@ def write_fast(cmd: Command) -> bool:
     assert lu is not None
     check_writable(lu)
     lba, nblocks, len_byte = rw_fields(cmd.cdb)
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return True
     if not lu.write_gate.shared_free():

@@ -55,7 +55,7 @@ async def verify(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
         if lba + nblocks > lu.num_blocks:
             raise lba_out_of_range()
         return
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return
     views = cmd.out_views(nblocks * lu.block_size)

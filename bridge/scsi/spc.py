@@ -75,7 +75,7 @@ async def inquiry(cmd: Command) -> None:
         pdt = PDT_WELL_KNOWN_LU if cmd.lun == REPORT_LUNS_WLUN else PQ_NOT_CAPABLE | PDT_UNKNOWN
         cmd.send(bytes((pdt, 0x00, 0x00, 0x01, 0x00)), alloc)
         return
-    body = build(cmd.lu, cmd.target)
+    body = build(cmd.lu, cmd)
     cmd.send(bytes((PDT_DIRECT_ACCESS, page)) + struct.pack(">H", len(body)) + body, alloc)
 
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from . import block_limits as bl
 
 if TYPE_CHECKING:
+    from .command import Command
     from .logical_unit import LogicalUnit
-    from .target import Target
 
 PROTOCOL_ISCSI = 0x5  # SPC-4 7.6.1: initiator/target port names are iSCSI-format names
 CODE_SET_BINARY, CODE_SET_ASCII, CODE_SET_UTF8 = 1, 2, 3
@@ -35,16 +35,16 @@ def scsi_name(name: str) -> bytes:
     return raw + b"\0" * (-len(raw) % 4)
 
 
-def supported_pages(lu: LogicalUnit, target: Target) -> bytes:
+def supported_pages(lu: LogicalUnit, cmd: Command) -> bytes:
     return bytes(sorted(VPD_PAGES))
 
 
-def unit_serial_number(lu: LogicalUnit, target: Target) -> bytes:
+def unit_serial_number(lu: LogicalUnit, cmd: Command) -> bytes:
     """SPC-4 7.8.16."""
     return lu.identity.serial.encode("ascii")
 
 
-def device_identification(lu: LogicalUnit, target: Target) -> bytes:
+def device_identification(lu: LogicalUnit, cmd: Command) -> bytes:
     """SPC-4 7.8.6: NAA (LU), T10 vendor id (LU), relative target port, SCSI names."""
     t10 = lu.spec.vendor.encode("ascii").ljust(8) + lu.identity.serial.encode("ascii")
     return b"".join((
@@ -53,20 +53,21 @@ def device_identification(lu: LogicalUnit, target: Target) -> bytes:
         designator(CODE_SET_BINARY, ASSOC_TARGET_PORT, TYPE_RELATIVE_TARGET_PORT,
                    struct.pack(">HH", 0, RELATIVE_TARGET_PORT_ID), piv=True),
         designator(CODE_SET_UTF8, ASSOC_TARGET_PORT, TYPE_SCSI_NAME,
-                   scsi_name(target.target_port_name + ",t,0x0001"), piv=True),
+                   scsi_name(cmd.target.target_port_name + ",t,0x0001"), piv=True),
         designator(CODE_SET_UTF8, ASSOC_TARGET_DEVICE, TYPE_SCSI_NAME,
-                   scsi_name(target.target_port_name), piv=True),
+                   scsi_name(cmd.target.target_port_name), piv=True),
     ))
 
 
-def block_limits(lu: LogicalUnit, target: Target) -> bytes:
+def block_limits(lu: LogicalUnit, cmd: Command) -> bytes:
     """SBC-3 6.6.4 (page length 3Ch)."""
     bs = lu.block_size
     body = bytearray(0x3C)
     body[1] = bl.MAX_COMPARE_AND_WRITE_BLOCKS  # byte 5 of the page
     struct.pack_into(">H", body, 2, bl.blocks(bl.OPTIMAL_GRANULARITY_BYTES, bs))
-    struct.pack_into(">I", body, 4, bl.blocks(bl.MAX_TRANSFER_BYTES, bs))
-    struct.pack_into(">I", body, 8, bl.blocks(bl.OPTIMAL_TRANSFER_BYTES, bs))
+    port = cmd.req.target_port
+    struct.pack_into(">I", body, 4, bl.max_transfer_blocks(port, bs))
+    struct.pack_into(">I", body, 8, bl.optimal_transfer_blocks(port, bs))
     struct.pack_into(">I", body, 16, bl.MAX_UNMAP_LBA_COUNT)
     struct.pack_into(">I", body, 20, bl.MAX_UNMAP_DESCRIPTORS)
     struct.pack_into(">I", body, 24, bl.blocks(bl.UNMAP_GRANULARITY_BYTES, bs))
@@ -74,20 +75,20 @@ def block_limits(lu: LogicalUnit, target: Target) -> bytes:
     return bytes(body)
 
 
-def block_device_characteristics(lu: LogicalUnit, target: Target) -> bytes:
+def block_device_characteristics(lu: LogicalUnit, cmd: Command) -> bytes:
     """SBC-3 6.6.2: MEDIUM ROTATION RATE 1 = non-rotating medium."""
     body = bytearray(0x3C)
     struct.pack_into(">H", body, 0, 1)
     return bytes(body)
 
 
-def logical_block_provisioning(lu: LogicalUnit, target: Target) -> bytes:
+def logical_block_provisioning(lu: LogicalUnit, cmd: Command) -> bytes:
     """SBC-3 6.6.4: LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type 2 (thin)."""
     flags = 0x80 | 0x40 | 0x20 | (0x04 if lu.lbprz else 0)
     return bytes((0, flags, 0x02, 0))
 
 
-VPD_PAGES: dict[int, Callable[[LogicalUnit, Target], bytes]] = {
+VPD_PAGES: dict[int, Callable[[LogicalUnit, Command], bytes]] = {
     0x00: supported_pages,
     0x80: unit_serial_number,
     0x83: device_identification,

@@ -12,6 +12,7 @@ from bridge.scsi.request import (
     ScsiResponse,
     ScsiStatus,
     ServiceResponse,
+    TargetPort,
 )
 from bridge.scsi.target import Target
 
@@ -75,7 +76,8 @@ class Result:
 
 async def run(target: Target, cdb: bytes, *, data_in: int = 0, data_out: bytes | None = None,
               lun: int = 0, initiator: str = INI_A, tag: int = 1,
-              clear_ua: bool = True) -> Result:
+              clear_ua: bool = True, target_port: TargetPort | None = None,
+              task_attr: int = 0) -> Result:
     if clear_ua:
         await drain_ua(target, lun=lun, initiator=initiator)
     buf = bytearray(data_in)
@@ -84,6 +86,7 @@ async def run(target: Target, cdb: bytes, *, data_in: int = 0, data_out: bytes |
         tag=tag, cdb=cdb, initiator=InitiatorPort(initiator),
         data_in=[memoryview(buf)] if data_in else [],
         data_out=[memoryview(data_out)] if data_out is not None else [],
+        target_port=target_port, task_attr=task_attr,
     )
     resp = await target.execute(req)
     got = bytes(buf[: data_in - resp.residual]) if data_in else b""
