@@ -51,7 +51,9 @@ async def do_read(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
         return
     views = cmd.in_views(nblocks * lu.block_size)
     try:
-        await lu.backing.read_into(lba * lu.block_size, views)
+        # Shared: not while COMPARE AND WRITE, ORWRITE or WRITE ATOMIC hold the range.
+        async with lu.write_gate.shared():
+            await lu.backing.read_into(lba * lu.block_size, views)
     except OSError as e:
         raise medium_error("read", e) from None
 
@@ -130,6 +132,8 @@ def read_fast(cmd: Command) -> bool:
     check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return True
+    if not lu.write_gate.shared_free():
+        return False  # an exclusive writer (COMPARE AND WRITE, WRITE ATOMIC) holds the LU
     views = cmd.in_views(nblocks * lu.block_size)
     return lu.backing.read_inline(lba * lu.block_size, views)
 

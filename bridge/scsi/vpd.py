@@ -72,6 +72,9 @@ def block_limits(lu: LogicalUnit, cmd: Command) -> bytes:
     struct.pack_into(">I", body, 20, bl.MAX_UNMAP_DESCRIPTORS)
     struct.pack_into(">I", body, 24, bl.blocks(bl.UNMAP_GRANULARITY_BYTES, bs))
     struct.pack_into(">Q", body, 32, bl.MAX_WRITE_SAME_LENGTH)
+    # SBC-4 6.6.4: MAXIMUM ATOMIC TRANSFER LENGTH (WRITE ATOMIC(16)); ATOMIC ALIGNMENT,
+    # ATOMIC TRANSFER LENGTH GRANULARITY 0 = no constraint; no atomic boundary.
+    struct.pack_into(">I", body, 40, bl.max_transfer_blocks(port, bs))
     return bytes(body)
 
 

@@ -70,21 +70,13 @@ _ISCSI = ("drives libiscsi's iSCSI session (PDU hooks that corrupt the CDB, task
           "the async API): iSCSI-only, there is no session on an SG_IO device")
 
 _COMMAND = {
-    "Prefetch10": "PRE-FETCH(10)", "Prefetch16": "PRE-FETCH(16)", "OrWrite": "ORWRITE",
-    "WriteAtomic16": "WRITE ATOMIC(16)", "ReadDefectData10": "READ DEFECT DATA(10)",
-    "ReadDefectData12": "READ DEFECT DATA(12)", "ExtendedCopy": "EXTENDED COPY (XCOPY)",
+    "ExtendedCopy": "EXTENDED COPY (XCOPY)",
     "ReceiveCopyResults": "RECEIVE COPY RESULTS (XCOPY)",
 }
 ALLOWED_SKIPS: dict[str, tuple[str, str]] = {
     # name -> (substring of the [SKIPPED] line, our reason)
     **{f"{s}.{t}": (NOT_IMPLEMENTED, f"{_COMMAND[s]}: {_OPTIONAL}")
        for s, tests in (
-           ("Prefetch10", ("Simple", "BeyondEol", "ZeroBlocks", "Flags")),
-           ("Prefetch16", ("Simple", "BeyondEol", "ZeroBlocks", "Flags")),
-           ("OrWrite", ("Simple", "BeyondEol", "ZeroBlocks", "Protect", "DpoFua", "Verify")),
-           ("WriteAtomic16", ("Simple", "BeyondEol", "ZeroBlocks", "WriteProtect", "DpoFua", "VPD")),
-           ("ReadDefectData10", ("Simple",)),
-           ("ReadDefectData12", ("Simple",)),
            ("ExtendedCopy", ("Simple", "ParamHdr", "DescrLimits", "DescrType", "ValidTgtDescr",
                              "ValidSegDescr")),
            ("ReceiveCopyResults", ("CopyStatus", "OpParams")),
@@ -93,9 +85,6 @@ ALLOWED_SKIPS: dict[str, tuple[str, str]] = {
     **{f"PreventAllow.{t}": ("not removable", _REMOVABLE)
        for t in ("Simple", "Eject", "ITNexusLoss", "Logout", "WarmReset", "ColdReset",
                  "LUNReset", "2ITNexuses")},
-    "ReadOnly.ReadOnlySBC": ("ORWRITE is not implemented", "ORWRITE: " + _OPTIONAL + "; the "
-                             "test stops there after its WRITE/WRITE SAME/UNMAP write-protect checks "
-                             "passed"),
     **{f"Sanitize.{t}": ("not implemented", "SANITIZE: " + _OPTIONAL)
        for t in ("BlockErase", "CryptoErase", "ExitFailureMode", "InvalidServiceAction", "Overwrite")},
     **{f"Sanitize.{t}": ("only supported for iSCSI backends", _ISCSI)
