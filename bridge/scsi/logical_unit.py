@@ -40,6 +40,9 @@ class LogicalUnitSpec:
     serial: str | None = None
     vendor: str = "VSCSIBRG"
     product: str = "vscsi-bridge"
+    # SBC-3 5.17 / 4.6: the physical block (e.g. 4096 for a 512e disk); None = one
+    # logical block. A power-of-two multiple of block_size, at most 2^15 of them.
+    physical_block_size: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -49,6 +52,11 @@ class LogicalUnitSpec:
             raise ValueError(f"block_size: {self.block_size} is not 512 or 4096")
         if self.size is not None and (self.size <= 0 or self.size % self.block_size):
             raise ValueError(f"size: {self.size} is not a positive multiple of block_size")
+        if self.physical_block_size is not None:
+            ratio, rest = divmod(self.physical_block_size, self.block_size)
+            if rest or ratio < 1 or ratio & (ratio - 1) or ratio > 1 << 15:
+                raise ValueError(f"physical_block_size: {self.physical_block_size} is not a "
+                                 f"power-of-two multiple of block_size ({self.block_size})")
         if self.wwn is not None:
             parse_wwn(self.wwn)
         if not self.vendor.isascii() or len(self.vendor) > 8:
@@ -63,6 +71,9 @@ class LogicalUnit:
         self.spec = spec
         self.name = spec.name
         self.block_size = spec.block_size
+        self.physical_block_size = spec.physical_block_size or spec.block_size
+        # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 5.17)
+        self.lbppb_exponent = (self.physical_block_size // self.block_size).bit_length() - 1
         self.read_only = spec.read_only
         if not os.path.exists(spec.path):
             if spec.size is None:

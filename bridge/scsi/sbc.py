@@ -90,13 +90,17 @@ async def read_capacity_10(cmd: Command) -> None:
 
 @ROWS.command(0x9E, 0x10, "READ CAPACITY(16)", "9e 10 ff ff ff ff ff ff ff ff ff ff ff ff 01 00")
 async def read_capacity_16(cmd: Command) -> None:
-    """SBC-3 5.17: LBPME=1 (thin provisioned, UNMAP supported), LBPRZ."""
+    """SBC-3 5.17: LBPME=1 (thin provisioned, UNMAP supported), LBPRZ, the physical
+    block exponent."""
     lu = cmd.lu
     assert lu is not None
     if not cmd.cdb[14] & 0x01 and u64(cmd.cdb, 2):
         raise invalid_field_in_cdb(2)
+    # Byte 13: LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT; bytes 14-15: LBPME, LBPRZ and
+    # LOWEST ALIGNED LOGICAL BLOCK ADDRESS 0 (LBA 0 starts a physical block).
     lbp = 0x8000 | (0x4000 if lu.lbprz else 0)
-    data = struct.pack(">QIBBH", lu.num_blocks - 1, lu.block_size, 0, 0, lbp) + bytes(16)
+    data = struct.pack(">QIBBH", lu.num_blocks - 1, lu.block_size, 0, lu.lbppb_exponent,
+                       lbp) + bytes(16)
     cmd.send(data, u32(cmd.cdb, 10))
 
 

@@ -64,13 +64,14 @@ def block_limits(lu: LogicalUnit, cmd: Command) -> bytes:
     bs = lu.block_size
     body = bytearray(0x3C)
     body[1] = bl.MAX_COMPARE_AND_WRITE_BLOCKS  # byte 5 of the page
-    struct.pack_into(">H", body, 2, bl.blocks(bl.OPTIMAL_GRANULARITY_BYTES, bs))
+    physical = lu.physical_block_size
+    struct.pack_into(">H", body, 2, bl.blocks(max(bl.OPTIMAL_GRANULARITY_BYTES, physical), bs))
     port = cmd.req.target_port
     struct.pack_into(">I", body, 4, bl.max_transfer_blocks(port, bs))
     struct.pack_into(">I", body, 8, bl.optimal_transfer_blocks(port, bs))
     struct.pack_into(">I", body, 16, bl.MAX_UNMAP_LBA_COUNT)
     struct.pack_into(">I", body, 20, bl.MAX_UNMAP_DESCRIPTORS)
-    struct.pack_into(">I", body, 24, bl.blocks(bl.UNMAP_GRANULARITY_BYTES, bs))
+    struct.pack_into(">I", body, 24, bl.blocks(max(bl.UNMAP_GRANULARITY_BYTES, physical), bs))
     struct.pack_into(">Q", body, 32, bl.MAX_WRITE_SAME_LENGTH)
     # SBC-4 6.6.4: MAXIMUM ATOMIC TRANSFER LENGTH (WRITE ATOMIC(16)); ATOMIC ALIGNMENT,
     # ATOMIC TRANSFER LENGTH GRANULARITY 0 = no constraint; no atomic boundary.

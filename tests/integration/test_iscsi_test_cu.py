@@ -128,8 +128,10 @@ run MultipathIO SCSI.MultipathIO -d "$A" "$B"
 """
 
 
-def check_report(result: GuestResult, suites: tuple[str, ...], what: str, t0: float) -> CuReport:
+def check_report(result: GuestResult, suites: tuple[str, ...], what: str, t0: float,
+                 allowed: dict[str, tuple[str, str]] | None = None) -> CuReport:
     """Print the counts and names; assert no failure/crash and only allowed skips."""
+    allowed = ALLOWED_SKIPS if allowed is None else allowed
     out = result.output
     print(out)
     assert result.rc == 0, result.console[-4000:]
@@ -148,12 +150,12 @@ def check_report(result: GuestResult, suites: tuple[str, ...], what: str, t0: fl
     assert not failed and report.summary_failed == 0, failed
     assert report.names("unknown") == [], report.outcome
     assert report.summary_tests == len(report.outcome), (report.summary_tests, len(report.outcome))
-    unexpected = sorted(set(skipped) - set(ALLOWED_SKIPS))
+    unexpected = sorted(set(skipped) - set(allowed))
     assert not unexpected, {n: report.skip_reasons[n] for n in unexpected}
     # an allowed skip of a test that ran and no longer skips: take it off the list
-    stale = sorted(n for n in set(ALLOWED_SKIPS) - set(skipped) if n in report.outcome)
+    stale = sorted(n for n in set(allowed) - set(skipped) if n in report.outcome)
     assert not stale, stale
-    wrong = {n: r for n, r in report.skip_reasons.items() if ALLOWED_SKIPS[n][0] not in r}
+    wrong = {n: r for n, r in report.skip_reasons.items() if allowed[n][0] not in r}
     assert not wrong, wrong  # skipped, but for another reason than the one allowed
     return report
 
@@ -237,4 +239,49 @@ async def test_iscsi_test_cu_4096_byte_blocks(run_dir: Path) -> None:
     for name in ("Write10.Simple", "Verify16.Mismatch", "CompareAndWrite.Miscompare",
                  "WriteSame16.Unmap", "Unmap.Simple", "GetLBAStatus.Simple",
                  "GetLBAStatus.UnmapSingle"):
+        assert report.outcome.get(name) == "passed", (name, report.outcome.get(name))
+
+
+# 512e: 512-byte logical blocks on 4096-byte physical blocks (LBPPB 8, READ CAPACITY(16)
+# exponent 3), the layout of most disks sold today. The suites that look at the
+# physical block size run here; the LBPPB >= 2 tests skipped at 512/512 must pass.
+SUITES_512E = (
+    "ReadCapacity16", "Read10", "Write10", "CompareAndWrite", "WriteSame10", "WriteSame16",
+    "Unmap", "GetLBAStatus",
+)  # fmt: skip
+_LBPPB_TESTS = ("CompareAndWrite.InvalidDataOutSize", "WriteSame10.UnmapUnaligned",
+                "WriteSame10.InvalidDataOutSize", "WriteSame16.UnmapUnaligned",
+                "WriteSame16.InvalidDataOutSize")
+GUEST_SCRIPT_512E = r"""
+vscsi_wait_disks 1 90 || exit 1
+sg=/dev/$(ls /sys/bus/scsi/devices/*:*:*:0/scsi_generic | head -n1)
+echo "block sizes: $(cat /sys/block/sda/queue/logical_block_size)/$(cat /sys/block/sda/queue/physical_block_size)"
+""" + "".join(
+    f'echo "=== SUITE {s}"; iscsi-test-cu -v -d -t "SCSI.{s}" "$sg" 2>&1; echo "=== RC $?"\n'
+    for s in SUITES_512E
+)
+
+
+@pytest.mark.booted
+async def test_iscsi_test_cu_512e(run_dir: Path) -> None:
+    target = Target([LogicalUnitSpec(name="lu512e", path=str(run_dir / "lu512e.img"),
+                                     size=64 << 20, block_size=512, physical_block_size=4096)],
+                    {INITIATOR_A: {0: "lu512e"}})
+    device = VirtioScsiPciDevice(target, InitiatorPort(INITIATOR_A), num_queues=1)
+    sock = str(run_dir / "a.sock")
+    t0 = time.monotonic()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, sock, device)
+            result = await run_guest(GUEST_SCRIPT_512E, attach="vfio-user", socket=sock, smp=1,
+                                     mem="256M", timeout=560)
+            nursery.cancel_scope.cancel()
+    finally:
+        target.close()
+    allowed = {n: r for n, r in ALLOWED_SKIPS.items()
+               if n.split(".")[0] in SUITES_512E and n not in _LBPPB_TESTS}
+    allowed["CompareAndWrite.InvalidDataOutSize"] = ("Not an iSCSI device", _ISCSI)
+    report = check_report(result, SUITES_512E, "512e (512/4096)", t0, allowed)
+    assert "block sizes: 512/4096" in result.output
+    for name in (*_LBPPB_TESTS[1:], "ReadCapacity16.Simple", "Unmap.Simple"):
         assert report.outcome.get(name) == "passed", (name, report.outcome.get(name))

@@ -22,9 +22,10 @@ MiB = 1 << 20
 
 
 def make_target(tmp_path, *, size: int = 4 * MiB, block_size: int = 512, read_only: bool = False,
-                extra_luns: bool = False) -> Target:
+                extra_luns: bool = False, physical_block_size: int | None = None) -> Target:
     specs = [LogicalUnitSpec(name="disk0", path=str(tmp_path / "disk0.img"), size=size,
-                             block_size=block_size, read_only=read_only)]
+                             block_size=block_size, read_only=read_only,
+                             physical_block_size=physical_block_size)]
     maps = {INI_A: {0: "disk0"}, INI_B: {0: "disk0"}}
     if extra_luns:
         specs.append(LogicalUnitSpec(name="disk1", path=str(tmp_path / "disk1.img"), size=MiB))
