@@ -1,4 +1,4 @@
-"""Vital product data pages (SPC-4 7.8, SBC-3 6.6): 00h, 80h, 83h, B0h, B1h, B2h.
+"""Vital product data pages (SPC-4 7.8, SBC-3 6.6): 00h, 80h, 83h, 8Fh, B0h, B1h, B2h.
 
 Each builder returns the page body after the 4-byte page header.
 """
@@ -92,10 +92,30 @@ def logical_block_provisioning(lu: LogicalUnit, cmd: Command) -> bytes:
     return bytes((0, flags, 0x02, 0))
 
 
+def third_party_copy(lu: LogicalUnit, cmd: Command) -> bytes:
+    """SPC-4 7.8.17: the copy manager's third-party copy descriptors (LID1 only):
+    Supported Commands (0001h), Parameter Data (0008h), Supported Descriptors (0009h)."""
+    from . import spc_xcopy as xc  # the copy manager's limits live with it
+
+    def descriptor(dtype: int, body: bytes) -> bytes:
+        body += b"\0" * (-(len(body) + 4) % 4)  # each descriptor a multiple of 4 bytes
+        return struct.pack(">HH", dtype, len(body)) + body
+
+    commands = bytes((0x83, 1, 0x00, 0x84, 2, 0x00, 0x03))  # EXTENDED COPY(LID1); RCR 00h 03h
+    params = struct.pack(">HHHIIII", 0, xc.MAX_CSCD_DESCRIPTORS, xc.MAX_SEGMENT_DESCRIPTORS,
+                         xc.MAX_DESCRIPTOR_LIST_LENGTH, 0, 0, 0)
+    return b"".join((
+        descriptor(0x0001, bytes((len(commands),)) + commands),
+        descriptor(0x0008, params),
+        descriptor(0x0009, bytes((len(xc.IMPLEMENTED_DESCRIPTORS),)) + xc.IMPLEMENTED_DESCRIPTORS),
+    ))
+
+
 VPD_PAGES: dict[int, Callable[[LogicalUnit, Command], bytes]] = {
     0x00: supported_pages,
     0x80: unit_serial_number,
     0x83: device_identification,
+    0x8F: third_party_copy,
     0xB0: block_limits,
     0xB1: block_device_characteristics,
     0xB2: logical_block_provisioning,

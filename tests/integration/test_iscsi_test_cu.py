@@ -47,9 +47,13 @@ DATA_SUITES = (
     "Write10", "Write12", "Write16", "WriteVerify10", "WriteVerify12", "WriteVerify16",
     "Verify10", "Verify12", "Verify16", "CompareAndWrite", "WriteSame10", "WriteSame16",
     "Unmap", "GetLBAStatus", "Prefetch10", "Prefetch16", "OrWrite", "WriteAtomic16",
-    "ReadDefectData10", "ReadDefectData12", "ExtendedCopy", "ReceiveCopyResults",
+    "ReadDefectData10", "ReadDefectData12", "ReceiveCopyResults", "ExtendedCopy",
     "StartStopUnit", "PreventAllow", "NoMedia",
 )  # fmt: skip
+# ReceiveCopyResults runs before ExtendedCopy: its CopyStatus test first asks for list
+# identifier 1 expecting "no such copy" (24h/00h), but ExtendedCopy.ValidTgtDescr ends
+# with a successful copy under list identifier 1 and LIST ID USAGE 00b, whose status
+# the copy manager rightly holds (SPC-4 6.18.3) until it is reported.
 SUITES = (*DATA_SUITES, "Sanitize", "ReadOnly", "MultipathIO")
 # Sanitize.OverwriteReserved is left out: libiscsi 1.19's test hooks the iSCSI PDU
 # queue to corrupt the CDB and has no iSCSI-only guard, so on an SG_IO device
@@ -76,11 +80,7 @@ _COMMAND = {
 ALLOWED_SKIPS: dict[str, tuple[str, str]] = {
     # name -> (substring of the [SKIPPED] line, our reason)
     **{f"{s}.{t}": (NOT_IMPLEMENTED, f"{_COMMAND[s]}: {_OPTIONAL}")
-       for s, tests in (
-           ("ExtendedCopy", ("Simple", "ParamHdr", "DescrLimits", "DescrType", "ValidTgtDescr",
-                             "ValidSegDescr")),
-           ("ReceiveCopyResults", ("CopyStatus", "OpParams")),
-       ) for t in tests},
+       for s, tests in () for t in tests},
     "StartStopUnit.Simple": ("not removable", _REMOVABLE),
     **{f"PreventAllow.{t}": ("not removable", _REMOVABLE)
        for t in ("Simple", "Eject", "ITNexusLoss", "Logout", "WarmReset", "ColdReset",
