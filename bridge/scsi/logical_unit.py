@@ -14,6 +14,7 @@ from .identity import encode_sidecar, parse_wwn, resolve_identity, sidecar_path
 from .io_gate import IoGate
 from .mode_pages import ModeParameters
 from .reservations import PersistentReservations, state_path_for
+from .sanitize_state import SanitizeState
 from .state_file import write_atomically
 from .task_set import TaskSet
 
@@ -99,6 +100,7 @@ class LogicalUnit:
         self.lbprz = True  # punched holes read back as zeros (fallocate PUNCH_HOLE)
         self.prevent_removal: set[str] = set()
         self.stopped = False
+        self.sanitize = SanitizeState()  # SBC-3 4.11 (sbc_sanitize.py)
         # MODE SELECT runs one at a time per LU: saved pages are written in the order
         # they apply (SPC-4 6.11, SP=1), current pages change in that order too.
         self.mode_changes = trio.Lock()

@@ -324,6 +324,8 @@ class Target:
         if lu.stopped and info.medium:
             # SBC-3 5.25: stopped by START STOP UNIT until a START UNIT.
             return self._check_condition(cmd, SenseData(SenseKey.NOT_READY, 0x04, 0x02), lu)
+        if info.medium and (blocked := lu.sanitize.blocking_sense()) is not None:
+            return self._check_condition(cmd, blocked, lu)  # SBC-3 4.11: sanitize
         # SPC-4 5.13: reservation conflicts answer RESERVATION CONFLICT without sense.
         if lu.reservations.conflicts(initiator, cmd.cdb):
             return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.RESERVATION_CONFLICT, b"",
