@@ -16,6 +16,7 @@ from . import (
     sbc_atomic,
     sbc_cache,
     sbc_provisioning,
+    sbc_sanitize,
     sbc_verify,
     spc,
     spc_xcopy,
@@ -33,6 +34,7 @@ FAMILIES: tuple[ModuleType, ...] = (
     sbc_provisioning,  # WRITE SAME, UNMAP, GET LBA STATUS (SBC-3 4.7)
     sbc_atomic,  # ORWRITE(16), WRITE ATOMIC(16) (SBC-3, SBC-4)
     sbc_cache,  # PRE-FETCH(10/16), READ DEFECT DATA(10/12) (SBC-3)
+    sbc_sanitize,  # SANITIZE: OVERWRITE, BLOCK ERASE, EXIT FAILURE MODE (SBC-3 5.21)
     spc_xcopy,  # EXTENDED COPY (LID1), RECEIVE COPY RESULTS (SPC-4 6.4, 6.18)
     rsoc,  # REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS (SPC-4)
     reservation_commands,  # PERSISTENT RESERVE IN/OUT, RESERVE/RELEASE(6/10)

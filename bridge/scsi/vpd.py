@@ -80,9 +80,12 @@ def block_limits(lu: LogicalUnit, cmd: Command) -> bytes:
 
 
 def block_device_characteristics(lu: LogicalUnit, cmd: Command) -> bytes:
-    """SBC-3 6.6.2: MEDIUM ROTATION RATE 1 = non-rotating medium."""
+    """SBC-3 6.6.2: MEDIUM ROTATION RATE 1 = non-rotating medium. SBC-4: WABEREQ 01b
+    (a read after SANITIZE BLOCK ERASE returns GOOD: zeros), WACEREQ 00b (no
+    cryptographic erase)."""
     body = bytearray(0x3C)
     struct.pack_into(">H", body, 0, 1)
+    body[3] = 0x40  # byte 7 of the page: WABEREQ (7-6) 01b
     return bytes(body)
 
 
