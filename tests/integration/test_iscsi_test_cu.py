@@ -54,40 +54,37 @@ DATA_SUITES = (
 # identifier 1 expecting "no such copy" (24h/00h), but ExtendedCopy.ValidTgtDescr ends
 # with a successful copy under list identifier 1 and LIST ID USAGE 00b, whose status
 # the copy manager rightly holds (SPC-4 6.18.3) until it is reported.
-SUITES = (*DATA_SUITES, "Sanitize", "ReadOnly", "MultipathIO")
+SUITES = (*DATA_SUITES, "Sanitize", "SanitizeReserved", "ReadOnly", "MultipathIO")
+# Sanitize runs as two processes, each with one fnmatch pattern (a comma list would
+# register the suite once per pattern, and a passed test's report would then run into
+# the next "Suite:" line): "Sanitize" = every test whose name does not end in "d",
+# "SanitizeReserved" = BlockEraseReserved and CryptoEraseReserved.
 # Sanitize.OverwriteReserved is left out: libiscsi 1.19's test hooks the iSCSI PDU
 # queue to corrupt the CDB and has no iSCSI-only guard, so on an SG_IO device
 # iscsi-test-cu itself dies with SIGSEGV before sending anything (seen here).
-SANITIZE_TESTS = (
-    "BlockErase", "BlockEraseReserved", "CryptoErase", "CryptoEraseReserved",
-    "ExitFailureMode", "InvalidServiceAction", "Overwrite", "Readonly", "Reservations", "Reset",
-)  # fmt: skip
+SANITIZE_PATTERNS = (("Sanitize", "SCSI.Sanitize.*[!d]"),
+                     ("SanitizeReserved", "SCSI.Sanitize.[BC]*Reserved"))
 
 # Why a test may skip, with the text iscsi-test-cu prints for it ("[SKIPPED] ...").
-NOT_IMPLEMENTED = "is not implemented"  # iscsi-test-cu's answer to INVALID COMMAND OPERATION CODE
-_OPTIONAL = "optional command not implemented by the bridge (SBC-3/SPC-4 make it optional)"
 _REMOVABLE = ("needs a removable medium (eject with START STOP UNIT LOEJ, PREVENT ALLOW "
               "MEDIUM REMOVAL); the bridge's LUs are fixed disks (INQUIRY RMB=0)")
 _LBPPB = ("needs more than one logical block per physical block (LBPPB >= 2); "
-          "the bridge reports one (READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0)")
+          "this LU reports one (READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0); "
+          "test_iscsi_test_cu_512e runs them")
 _ISCSI = ("drives libiscsi's iSCSI session (PDU hooks that corrupt the CDB, task management, "
           "the async API): iSCSI-only, there is no session on an SG_IO device")
+_CRYPTO = ("SANITIZE CRYPTOGRAPHIC ERASE changes a media encryption key; an image or block "
+           "device served by the bridge has none, so the service action is not offered "
+           "(BLOCK ERASE and OVERWRITE are)")
 
-_COMMAND = {
-    "ExtendedCopy": "EXTENDED COPY (XCOPY)",
-    "ReceiveCopyResults": "RECEIVE COPY RESULTS (XCOPY)",
-}
 ALLOWED_SKIPS: dict[str, tuple[str, str]] = {
     # name -> (substring of the [SKIPPED] line, our reason)
-    **{f"{s}.{t}": (NOT_IMPLEMENTED, f"{_COMMAND[s]}: {_OPTIONAL}")
-       for s, tests in () for t in tests},
     "StartStopUnit.Simple": ("not removable", _REMOVABLE),
     **{f"PreventAllow.{t}": ("not removable", _REMOVABLE)
        for t in ("Simple", "Eject", "ITNexusLoss", "Logout", "WarmReset", "ColdReset",
                  "LUNReset", "2ITNexuses")},
-    **{f"Sanitize.{t}": ("not implemented", "SANITIZE: " + _OPTIONAL)
-       for t in ("BlockErase", "CryptoErase", "ExitFailureMode", "InvalidServiceAction", "Overwrite")},
-    **{f"Sanitize.{t}": ("only supported for iSCSI backends", _ISCSI)
+    "Sanitize.CryptoErase": ("CRYPTO_ERASE is not implemented", _CRYPTO),
+    **{f"SanitizeReserved.{t}": ("only supported for iSCSI backends", _ISCSI)
        for t in ("BlockEraseReserved", "CryptoEraseReserved")},
     **{f"Sanitize.{t}": ("only supported for iSCSI backends", _ISCSI)
        for t in ("Readonly", "Reservations", "Reset")},
@@ -115,11 +112,8 @@ run() {  # run SUITE TESTS ARGS...
     s=$1; t=$2; shift 2
     echo "=== SUITE $s"; iscsi-test-cu -v -t "$t" "$@" 2>&1; echo "=== RC $?"
 }
-""" + "".join(f'run {s} SCSI.{s} -d "$A"\n' for s in DATA_SUITES) + f"""\
-# (a comma list registers Sanitize once per test: fine while they all skip, since
-# parse_cunit reads a passed test's report up to the next "  Test:" line)
-run Sanitize {",".join(f"SCSI.Sanitize.{t}" for t in SANITIZE_TESTS)} -d -S "$A"
-run ReadOnly SCSI.ReadOnly -d "$RO"
+""" + "".join(f'run {s} SCSI.{s} -d "$A"\n' for s in DATA_SUITES) + "".join(
+    f'run {m} "{p}" -d -S "$A"\n' for m, p in SANITIZE_PATTERNS) + r"""run ReadOnly SCSI.ReadOnly -d "$RO"
 # MultipathIO.CompareAndWrite (libiscsi 1.19) zeroes LBAs 0-255 with WRITE SAME but
 # then compares-and-writes LBAs 0-256 expecting zeros: LBA 256 holds what earlier
 # suites wrote, and the bridge rightly answers MISCOMPARE there. Zero it first.
@@ -161,9 +155,10 @@ def check_report(result: GuestResult, suites: tuple[str, ...], what: str, t0: fl
 
 
 def test_suite_selection_is_the_scsi_family_without_pr() -> None:
-    assert len(SUITES) == len(set(SUITES)) == 39
+    assert len(SUITES) == len(set(SUITES)) == 40  # 39 suites, Sanitize in two runs
     assert not set(SUITES) & set(PR_SUITES)
     assert {n.split(".")[0] for n in ALLOWED_SKIPS} <= set(SUITES)
+    assert {m for m, _p in SANITIZE_PATTERNS} <= set(SUITES)
     assert set(SUITES_4K) <= set(DATA_SUITES)
 
 
@@ -252,13 +247,18 @@ SUITES_512E = (
 _LBPPB_TESTS = ("CompareAndWrite.InvalidDataOutSize", "WriteSame10.UnmapUnaligned",
                 "WriteSame10.InvalidDataOutSize", "WriteSame16.UnmapUnaligned",
                 "WriteSame16.InvalidDataOutSize")
+# GetLBAStatus.UnmapSingle is not run at 512e: libiscsi 1.19's second loop (still so
+# upstream) unmaps LBAs 0..i-1, asks GET LBA STATUS for LBA i+1 and requires the first
+# descriptor to start at LBA i+LBPPB; SBC-3 5.4 has it start at the LBA asked for, which
+# the bridge does (the test passes at 512 and 4096, where LBPPB is 1).
 GUEST_SCRIPT_512E = r"""
 vscsi_wait_disks 1 90 || exit 1
 sg=/dev/$(ls /sys/bus/scsi/devices/*:*:*:0/scsi_generic | head -n1)
 echo "block sizes: $(cat /sys/block/sda/queue/logical_block_size)/$(cat /sys/block/sda/queue/physical_block_size)"
 """ + "".join(
-    f'echo "=== SUITE {s}"; iscsi-test-cu -v -d -t "SCSI.{s}" "$sg" 2>&1; echo "=== RC $?"\n'
-    for s in SUITES_512E
+    f'echo "=== SUITE {s}"; iscsi-test-cu -v -d -t "{t}" "$sg" 2>&1; echo "=== RC $?"\n'
+    for s, t in ((s, "SCSI.GetLBAStatus.[SB]*" if s == "GetLBAStatus" else f"SCSI.{s}")
+                 for s in SUITES_512E)
 )
 
 
@@ -280,8 +280,9 @@ async def test_iscsi_test_cu_512e(run_dir: Path) -> None:
         target.close()
     allowed = {n: r for n, r in ALLOWED_SKIPS.items()
                if n.split(".")[0] in SUITES_512E and n not in _LBPPB_TESTS}
-    allowed["CompareAndWrite.InvalidDataOutSize"] = ("Not an iSCSI device", _ISCSI)
+    allowed["CompareAndWrite.InvalidDataOutSize"] = ("only supported for iSCSI backends", _ISCSI)
     report = check_report(result, SUITES_512E, "512e (512/4096)", t0, allowed)
     assert "block sizes: 512/4096" in result.output
-    for name in (*_LBPPB_TESTS[1:], "ReadCapacity16.Simple", "Unmap.Simple"):
+    assert "GetLBAStatus.UnmapSingle" not in report.outcome
+    for name in (*_LBPPB_TESTS[1:], "ReadCapacity16.Simple", "Unmap.Simple", "GetLBAStatus.Simple"):
         assert report.outcome.get(name) == "passed", (name, report.outcome.get(name))
