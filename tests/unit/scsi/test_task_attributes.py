@@ -172,3 +172,15 @@ async def test_aca_refused(target):
     assert tmf.response == TmfServiceResponse.FUNCTION_REJECTED
     r = await run(target, bytes((0x12, 0, 0, 0, 96, 0)), data_in=96)
     assert r.data[3] & 0x20 == 0
+
+
+async def test_control_page_reports_what_is_done(target):
+    """SPC-4 7.5.8: TST 000b (one task set for every I_T nexus), QUEUE ALGORITHM
+    MODIFIER 1 (SIMPLE tasks may be reordered; ORDERED/HEAD OF QUEUE are honoured),
+    QERR 00b (no abort of other tasks on CHECK CONDITION)."""
+    r = await run(target, bytes((0x1A, 0x08, 0x0A, 0, 255, 0)), data_in=255)
+    page = r.data[4:]
+    assert page[0] & 0x3F == 0x0A
+    assert page[2] >> 5 == 0  # TST
+    assert page[3] >> 4 == 1  # QUEUE ALGORITHM MODIFIER
+    assert (page[3] >> 1) & 0x3 == 0  # QERR
