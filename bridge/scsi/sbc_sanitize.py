@@ -74,7 +74,11 @@ async def run_operation(cmd: Command, lu: LogicalUnit, immed: bool,
     async def background() -> None:
         try:
             await operation()
-        except BaseException:  # a system task must not raise (trio would crash the run)
+        except trio.Cancelled:
+            # The run is ending (the bridge stops): an interrupted sanitize is a failed one.
+            state.failed, state.running = True, False
+            raise
+        except Exception:  # any other exception from a system task would crash the run
             log.exception("LU %s: sanitize ended abnormally", lu.name)
             state.failed, state.running = True, False
 
