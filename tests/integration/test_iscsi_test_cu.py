@@ -15,7 +15,9 @@ on path A's ``lu0`` (``-d``), ReadOnly on ``ro``, MultipathIO on both paths of
 (parser shared with the PR test). No test may fail; a test may only skip when it
 is in ALLOWED_SKIPS below with the reason it prints and ours.
 
-A second guest runs the block-size-sensitive suites on a 4096-byte-block LU.
+Further guests run the block-size-sensitive suites on a 4096-byte-block LU and on a
+512e LU (512-byte logical, 4096-byte physical blocks), and sg3-utils' sg_xcopy through
+EXTENDED COPY within and across LUs.
 """
 
 from __future__ import annotations
