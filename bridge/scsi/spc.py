@@ -75,7 +75,7 @@ async def inquiry(cmd: Command) -> None:
         pdt = PDT_WELL_KNOWN_LU if cmd.lun == REPORT_LUNS_WLUN else PQ_NOT_CAPABLE | PDT_UNKNOWN
         cmd.send(bytes((pdt, 0x00, 0x00, 0x01, 0x00)), alloc)
         return
-    body = build(cmd.lu, cmd.target)
+    body = build(cmd.lu, cmd)
     cmd.send(bytes((PDT_DIRECT_ACCESS, page)) + struct.pack(">H", len(body)) + body, alloc)
 
 
@@ -93,8 +93,10 @@ async def request_sense(cmd: Command) -> None:
         else:
             sense = lu_not_supported().sense
     else:
-        sense = cmd.target.unit_attentions.pop(cmd.initiator, cmd.lu.name) or SenseData(
-            SenseKey.NO_SENSE, 0, 0)
+        # SPC-4 6.39 / SBC-3 4.11: a pending unit attention, else the LU's state (a
+        # sanitize operation's progress or failure), else NO SENSE.
+        sense = (cmd.target.unit_attentions.pop(cmd.initiator, cmd.lu.name)
+                 or cmd.lu.sanitize.blocking_sense() or SenseData(SenseKey.NO_SENSE, 0, 0))
     cmd.send(sense.encode(descriptor=desc), cmd.cdb[4])
 
 

@@ -63,6 +63,7 @@ class RequestQueue:
         self._pci = device.pci
         self._target = device.target
         self._initiator = device.initiator
+        self._target_port = device.target_port
         self._requests = device.requests_per_queue
 
     def close(self) -> tuple[int, int] | None:
@@ -250,7 +251,7 @@ class RequestQueue:
         req = ScsiRequest(
             lun=lun, tag=hdr.tag, cdb=hdr.cdb, initiator=self._initiator,
             task_attr=hdr.task_attr, prio=hdr.prio, crn=hdr.crn,
-            data_out=data_out, data_in=data_in,
+            data_out=data_out, data_in=data_in, target_port=self._target_port,
         )
         data_in_len = total_len(data_in) if data_in else 0
         started = self._target.submit(req)

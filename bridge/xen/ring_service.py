@@ -24,6 +24,7 @@ from bridge.scsi.request import (
     ScsiRequest,
     ScsiResponse,
     ServiceResponse,
+    TargetPort,
     TaskManagementFunction,
     TmfRequest,
 )
@@ -54,6 +55,8 @@ class RingService:
         self.target = target
         self.datapath = datapath
         self.initiator = initiator
+        # The Block Limits page tells the guest what this port carries (SBC-3 6.6.4).
+        self.target_port = TargetPort(name, max_transfer_bytes=translate.max_transfer_bytes(sg_grant))
         self.domid = domid
         self.luns = luns  # (channel, id, lun) -> target LUN; the backend's, kept current
         self.sg_grant = sg_grant
@@ -216,7 +219,7 @@ class RingService:
         to_device = req.sc_data_direction == vscsiif.DMA_TO_DEVICE
         sreq = ScsiRequest(lun=lun, tag=tag, cdb=req.cdb, initiator=self.initiator,
                            data_out=list(views) if to_device else [],
-                           data_in=[] if to_device else list(views))
+                           data_in=[] if to_device else list(views), target_port=self.target_port)
         data_len = sum(map(len, views))
         # What the target answers at once (page-cache reads and writes, errors) goes out
         # now, without a task; anything else runs as a task.
