@@ -17,6 +17,7 @@ I/O stays with trio (an AF_NETLINK socket); parsing is pyroute2's ``MarshalUeven
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket as stdsocket
@@ -26,14 +27,13 @@ from typing import Any
 
 import trio
 
+from bridge.scsi.device_traits import device_traits
 from bridge.scsi.target import Target
 
 log = logging.getLogger(__name__)
 
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1
-_TRAITS = ("logical_block_size", "physical_block_size", "rotational", "optimal_io_size",
-           "discard_granularity", "discard_max_bytes", "max_hw_sectors_kb", "write_cache")
 
 
 def parse_uevent(data: bytes) -> dict[str, str]:
@@ -58,24 +58,17 @@ def device_number(path: str) -> int | None:
 
 
 def block_traits(path: str) -> dict[str, Any] | None:
-    """The queue limits of a block device from sysfs (None for an image file)."""
-    rdev = device_number(path)
-    if rdev is None:
-        return None
-    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
-    out: dict[str, Any] = {"device": f"{os.major(rdev)}:{os.minor(rdev)}"}
+    """The sysfs traits of a block device (bridge/scsi/device_traits.py), None for an
+    image file or a path that cannot be opened."""
     try:
-        out["name"] = os.path.basename(os.path.realpath(base))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        pass
-    for name in _TRAITS:
-        try:
-            with open(f"{base}/queue/{name}") as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        out[name] = int(text) if text.isdigit() else text
-    return out
+        return None
+    try:
+        traits = device_traits(fd)
+    finally:
+        os.close(fd)
+    return None if traits is None else dataclasses.asdict(traits)
 
 
 class BlockDeviceWatcher:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import trio
 
 from .backing import Backing, create_sparse_image
+from .device_traits import device_traits, physical_block_size
 from .identity import encode_sidecar, parse_wwn, resolve_identity, sidecar_path
 from .io_gate import IoGate
 from .mode_pages import ModeParameters
@@ -69,9 +70,6 @@ class LogicalUnit:
         self.spec = spec
         self.name = spec.name
         self.block_size = spec.block_size
-        self.physical_block_size = spec.physical_block_size or spec.block_size
-        # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 5.17)
-        self.lbppb_exponent = (self.physical_block_size // self.block_size).bit_length() - 1
         self.read_only = spec.read_only
         if not os.path.exists(spec.path):
             if spec.size is None:
@@ -84,6 +82,13 @@ class LogicalUnit:
                             spec.name, spec.path, self.backing.size, spec.size)
             if self.backing.size < self.block_size:
                 raise ValueError(f"path: {spec.path} is smaller than one block")
+            # A block device's own limits and kind (device_traits.py); None for a file.
+            self.traits = device_traits(self.backing.fd)
+            self.physical_block_size = (spec.physical_block_size
+                                        or physical_block_size(self.traits, self.block_size)
+                                        or self.block_size)
+            # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 5.17)
+            self.lbppb_exponent = (self.physical_block_size // self.block_size).bit_length() - 1
             self.identity, self._sidecar = resolve_identity(spec.path, spec.wwn, spec.serial)
             self.mode = ModeParameters(self._sidecar.get("mode") if isinstance(
                 self._sidecar.get("mode"), dict) else None)

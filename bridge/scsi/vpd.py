@@ -60,18 +60,31 @@ def device_identification(lu: LogicalUnit, cmd: Command) -> bytes:
 
 
 def block_limits(lu: LogicalUnit, cmd: Command) -> bytes:
-    """SBC-3 6.6.4 (page length 3Ch)."""
+    """SBC-3 6.6.4 (page length 3Ch). A block device's own limits (device_traits.py)
+    narrow the defaults; the transport's limit caps the transfer lengths."""
     bs = lu.block_size
     body = bytearray(0x3C)
     body[1] = bl.MAX_COMPARE_AND_WRITE_BLOCKS  # byte 5 of the page
     physical = lu.physical_block_size
+    traits = lu.traits
     struct.pack_into(">H", body, 2, bl.blocks(max(bl.OPTIMAL_GRANULARITY_BYTES, physical), bs))
     port = cmd.req.target_port
-    struct.pack_into(">I", body, 4, bl.max_transfer_blocks(port, bs))
-    struct.pack_into(">I", body, 8, bl.optimal_transfer_blocks(port, bs))
-    struct.pack_into(">I", body, 16, bl.MAX_UNMAP_LBA_COUNT)
+    max_blocks = bl.max_transfer_blocks(port, bs)
+    if traits is not None and traits.max_io_bytes:
+        max_blocks = min(max_blocks, bl.blocks(traits.max_io_bytes, bs))
+    optimal = bl.optimal_transfer_blocks(port, bs)
+    if traits is not None and traits.optimal_io_size:
+        optimal = bl.blocks(traits.optimal_io_size, bs)
+    struct.pack_into(">I", body, 4, max_blocks)
+    struct.pack_into(">I", body, 8, min(optimal, max_blocks))
+    unmap_count = bl.MAX_UNMAP_LBA_COUNT
+    unmap_granularity = max(bl.UNMAP_GRANULARITY_BYTES, physical)
+    if traits is not None and traits.discard_max_bytes:
+        unmap_count = min(unmap_count, bl.blocks(traits.discard_max_bytes, bs))
+        unmap_granularity = max(unmap_granularity, traits.discard_granularity)
+    struct.pack_into(">I", body, 16, unmap_count)
     struct.pack_into(">I", body, 20, bl.MAX_UNMAP_DESCRIPTORS)
-    struct.pack_into(">I", body, 24, bl.blocks(max(bl.UNMAP_GRANULARITY_BYTES, physical), bs))
+    struct.pack_into(">I", body, 24, bl.blocks(unmap_granularity, bs))
     struct.pack_into(">Q", body, 32, bl.MAX_WRITE_SAME_LENGTH)
     # SBC-4 6.6.4: MAXIMUM ATOMIC TRANSFER LENGTH (WRITE ATOMIC(16)); ATOMIC ALIGNMENT,
     # ATOMIC TRANSFER LENGTH GRANULARITY 0 = no constraint; no atomic boundary.
@@ -80,11 +93,12 @@ def block_limits(lu: LogicalUnit, cmd: Command) -> bytes:
 
 
 def block_device_characteristics(lu: LogicalUnit, cmd: Command) -> bytes:
-    """SBC-3 6.6.2: MEDIUM ROTATION RATE 1 = non-rotating medium. SBC-4: WABEREQ 01b
-    (a read after SANITIZE BLOCK ERASE returns GOOD: zeros), WACEREQ 00b (no
-    cryptographic erase)."""
+    """SBC-3 6.6.2: MEDIUM ROTATION RATE 1 = non-rotating medium (an image file, an SSD),
+    0 = not reported (a rotating disk of unknown speed). SBC-4: WABEREQ 01b (a read after
+    SANITIZE BLOCK ERASE returns GOOD: zeros), WACEREQ 00b (no cryptographic erase)."""
     body = bytearray(0x3C)
-    struct.pack_into(">H", body, 0, 1)
+    rotating = lu.traits is not None and lu.traits.rotational
+    struct.pack_into(">H", body, 0, 0 if rotating else 1)
     body[3] = 0x40  # byte 7 of the page: WABEREQ (7-6) 01b
     return bytes(body)
 
