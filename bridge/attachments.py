@@ -1,6 +1,6 @@
 """The composition root's attachments: transports created and removed at run time.
 
-``serve`` (bridge/cli.py) starts every configured vfio-user attachment through
+``serve`` (bridge/service.py) starts every configured vfio-user attachment through
 ``Attachments.add_vfio_user`` and hands this object to the control server, which knows
 it only as ``bridge.control.host.AttachmentHost`` (the control plane imports no
 transport). Each vfio-user attachment runs in its own cancel scope, so ``attach.remove``

@@ -25,7 +25,7 @@ from typing import Any
 
 from bridge.scsi.alua import AccessState, parse_state
 from bridge.scsi.identity import IQN_PREFIX, parse_wwn
-from bridge.scsi.logical_unit import LogicalUnitSpec
+from bridge.scsi.logical_unit import LogicalUnitSpec, check_physical_block_size
 from bridge.scsi.ports import GroupSpec, PortMap, PortSpec, initiator_port_name
 from bridge.scsi.request import MAX_LUN
 from bridge.unix_socket import SocketAccess
@@ -417,6 +417,17 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
             block_size = t.get("block_size", int, 512)
             if block_size not in (512, 4096):
                 raise ConfigError(t.path("block_size"), "must be 512 or 4096")
+        physical_block_size = None
+        with errors.field():
+            # 512e: 512-byte logical blocks on 4096-byte physical ones (READ CAPACITY(16)
+            # LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT, SBC-3 5.16.2).
+            physical_block_size = t.get("physical_block_size", int, None)
+            if physical_block_size is not None:
+                try:
+                    check_physical_block_size(physical_block_size, block_size)
+                except ValueError as e:
+                    raise ConfigError(t.path("physical_block_size"),
+                                      str(e).removeprefix("physical_block_size: ")) from None
         t.used.add("size")
         size_ok = False
         with errors.field():
@@ -458,6 +469,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         if name is None or path is None or not _NAME_RE.match(name) or any(lu.name == name for lu in lus):
             continue
         lus.append(LogicalUnitSpec(name=name, path=str(path), size=size, block_size=block_size,
+                                   physical_block_size=physical_block_size,
                                    read_only=read_only, wwn=wwn, serial=serial))
         locking[name] = lock
         if facts is not None:

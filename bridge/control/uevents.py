@@ -5,13 +5,19 @@ when the device does (``lvextend``, ``losetup -c``, a rescan); the kernel then s
 ``change`` uevent with ``RESIZE=1`` (block/genhd.c set_capacity_and_notify). The watcher
 listens on the kernel's uevent netlink group and calls ``Target.resize`` for the LU,
 so its guests get CAPACITY DATA HAS CHANGED and the virtio PARAM_CHANGE event, as with
-``lu.resize``. A ``remove`` uevent of a backing device is logged and kept for ``status``.
+``lu.resize``. A ``remove`` uevent of a backing device (a SAN LUN deleted, a disk
+pulled) takes the LU off every LUN map it is on, as a hot-unplug: KVM guests get the
+virtio-scsi TRANSPORT_RESET REMOVED event and Xen guests Reconfiguring, so their disk
+goes away instead of failing every I/O on a dead descriptor; the LU stays listed
+(``status`` shows it under block_devices.removed, with the LUNs it had) until
+``lu.remove``, and the device can be added again (``lu.add``) when it is back.
 
 I/O stays with trio (an AF_NETLINK socket); parsing is pyroute2's ``MarshalUevent``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket as stdsocket
@@ -21,14 +27,13 @@ from typing import Any
 
 import trio
 
+from bridge.scsi.device_traits import device_traits
 from bridge.scsi.target import Target
 
 log = logging.getLogger(__name__)
 
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1
-_TRAITS = ("logical_block_size", "physical_block_size", "rotational", "optimal_io_size",
-           "discard_granularity", "discard_max_bytes", "max_hw_sectors_kb", "write_cache")
 
 
 def parse_uevent(data: bytes) -> dict[str, str]:
@@ -53,24 +58,17 @@ def device_number(path: str) -> int | None:
 
 
 def block_traits(path: str) -> dict[str, Any] | None:
-    """The queue limits of a block device from sysfs (None for an image file)."""
-    rdev = device_number(path)
-    if rdev is None:
-        return None
-    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
-    out: dict[str, Any] = {"device": f"{os.major(rdev)}:{os.minor(rdev)}"}
+    """The sysfs traits of a block device (bridge/scsi/device_traits.py), None for an
+    image file or a path that cannot be opened."""
     try:
-        out["name"] = os.path.basename(os.path.realpath(base))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        pass
-    for name in _TRAITS:
-        try:
-            with open(f"{base}/queue/{name}") as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        out[name] = int(text) if text.isdigit() else text
-    return out
+        return None
+    try:
+        traits = device_traits(fd)
+    finally:
+        os.close(fd)
+    return None if traits is None else dataclasses.asdict(traits)
 
 
 class BlockDeviceWatcher:
@@ -78,7 +76,8 @@ class BlockDeviceWatcher:
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.removed: dict[str, str] = {}  # LU name -> device name, once its device is gone
+        # LU name -> {"device": name, "luns": [[initiator, LUN], ...]} once its device is gone
+        self.removed: dict[str, dict[str, Any]] = {}
         self.resized = 0
         self.running = False
 
@@ -94,10 +93,19 @@ class BlockDeviceWatcher:
             if not lu.backing.is_block_device or os.fstat(lu.backing.fd).st_rdev != rdev:
                 continue
             if action == "remove":
-                self.removed[lu.name] = event.get("DEVNAME", "?")
-                log.error("LU %s: its block device %s was removed", lu.name, event.get("DEVNAME"))
+                self._removed(lu.name, event.get("DEVNAME", "?"))
             elif action == "change":
                 self._refresh(lu.name)
+
+    def _removed(self, name: str, device: str) -> None:
+        """Hot-unplug the LU everywhere it is mapped (SAM-5: the logical unit is gone)."""
+        nexuses = self.target.nexuses_of(name)
+        for initiator, lun in nexuses:
+            self.target.unmap_lun(initiator, lun)
+        self.removed[name] = {"device": device, "luns": [list(n) for n in nexuses]}
+        log.error("LU %s: its block device %s was removed; unmapped from %d LUN(s) "
+                  "(lu.remove it, and lu.add it again when the device is back)",
+                  name, device, len(nexuses))
 
     def _refresh(self, name: str) -> None:
         lu = self.target.logical_unit(name)

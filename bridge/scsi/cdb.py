@@ -24,8 +24,8 @@ def u64(b: bytes, off: int) -> int:
 # Opcodes whose byte 1 bits 4-0 hold a service action (SPC-4 4.2.5.1, and its
 # operation code tables): PERSISTENT RESERVE IN/OUT (5Eh/5Fh), EXTENDED COPY (83h),
 # RECEIVE COPY RESULTS (84h), SERVICE ACTION IN(16)/OUT(16) (9Eh/9Fh), MAINTENANCE
-# IN/OUT (A3h/A4h), SERVICE ACTION IN(12) (ABh).
-SERVICE_ACTION_OPCODES = frozenset({0x5E, 0x5F, 0x83, 0x84, 0x9E, 0x9F, 0xA3, 0xA4, 0xAB})
+# IN/OUT (A3h/A4h), SERVICE ACTION IN(12) (ABh); and SBC-3's SANITIZE (48h, 5.21).
+SERVICE_ACTION_OPCODES = frozenset({0x48, 0x5E, 0x5F, 0x83, 0x84, 0x9E, 0x9F, 0xA3, 0xA4, 0xAB})
 VARIABLE_LENGTH_CDB = 0x7F  # SPC-4 4.2.4: its service action is in bytes 8-9
 
 

@@ -1,7 +1,8 @@
 """Write gate of a logical unit: COMPARE AND WRITE runs alone among writers (SBC-3 5.2).
 
-Ordinary writes (WRITE, WRITE SAME, UNMAP, ...) enter shared; COMPARE AND WRITE enters
-exclusive, so its read-compare-write is not interleaved with another write. Writers
+Ordinary reads and writes (READ, WRITE, WRITE SAME, UNMAP, ...) enter shared; COMPARE
+AND WRITE, ORWRITE and WRITE ATOMIC enter exclusive, so their read-modify-write (or
+atomic write, SBC-4 4.29) is not interleaved with another command's access. Writers
 arriving while an exclusive holder waits queue behind it (no starvation).
 """
 

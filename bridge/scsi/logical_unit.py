@@ -10,10 +10,12 @@ from dataclasses import dataclass
 import trio
 
 from .backing import Backing, create_sparse_image
+from .device_traits import device_traits, physical_block_size
 from .identity import encode_sidecar, parse_wwn, resolve_identity, sidecar_path
 from .io_gate import IoGate
 from .mode_pages import ModeParameters
 from .reservations import PersistentReservations, state_path_for
+from .sanitize_state import SanitizeState
 from .state_file import write_atomically
 from .task_set import TaskSet
 
@@ -40,6 +42,9 @@ class LogicalUnitSpec:
     serial: str | None = None
     vendor: str = "VSCSIBRG"
     product: str = "vscsi-bridge"
+    # SBC-3 5.17 / 4.6: the physical block (e.g. 4096 for a 512e disk); None = one
+    # logical block. A power-of-two multiple of block_size, at most 2^15 of them.
+    physical_block_size: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -49,6 +54,8 @@ class LogicalUnitSpec:
             raise ValueError(f"block_size: {self.block_size} is not 512 or 4096")
         if self.size is not None and (self.size <= 0 or self.size % self.block_size):
             raise ValueError(f"size: {self.size} is not a positive multiple of block_size")
+        if self.physical_block_size is not None:
+            check_physical_block_size(self.physical_block_size, self.block_size)
         if self.wwn is not None:
             parse_wwn(self.wwn)
         if not self.vendor.isascii() or len(self.vendor) > 8:
@@ -75,6 +82,13 @@ class LogicalUnit:
                             spec.name, spec.path, self.backing.size, spec.size)
             if self.backing.size < self.block_size:
                 raise ValueError(f"path: {spec.path} is smaller than one block")
+            # A block device's own limits and kind (device_traits.py); None for a file.
+            self.traits = device_traits(self.backing.fd)
+            self.physical_block_size = (spec.physical_block_size
+                                        or physical_block_size(self.traits, self.block_size)
+                                        or self.block_size)
+            # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 5.17)
+            self.lbppb_exponent = (self.physical_block_size // self.block_size).bit_length() - 1
             self.identity, self._sidecar = resolve_identity(spec.path, spec.wwn, spec.serial)
             self.mode = ModeParameters(self._sidecar.get("mode") if isinstance(
                 self._sidecar.get("mode"), dict) else None)
@@ -88,6 +102,7 @@ class LogicalUnit:
         self.lbprz = True  # punched holes read back as zeros (fallocate PUNCH_HOLE)
         self.prevent_removal: set[str] = set()
         self.stopped = False
+        self.sanitize = SanitizeState()  # SBC-3 4.11 (sbc_sanitize.py)
         # MODE SELECT runs one at a time per LU: saved pages are written in the order
         # they apply (SPC-4 6.11, SP=1), current pages change in that order too.
         self.mode_changes = trio.Lock()
@@ -119,3 +134,12 @@ class LogicalUnit:
 
     def close(self) -> None:
         self.backing.close()
+
+
+def check_physical_block_size(physical_block_size: int, block_size: int) -> None:
+    """SBC-3 5.16.2: LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT is 0..15, so the
+    physical block is the logical one times a power of two up to 2^15."""
+    ratio, rest = divmod(physical_block_size, block_size)
+    if rest or ratio < 1 or ratio & (ratio - 1) or ratio > 1 << 15:
+        raise ValueError(f"physical_block_size: {physical_block_size} is not a "
+                         f"power-of-two multiple of block_size ({block_size})")

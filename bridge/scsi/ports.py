@@ -148,13 +148,16 @@ class PortMap:
     # -- lookups (the hot path calls port_for once per command) ------------------
 
     def port_for(self, req: ScsiRequest) -> Port:
-        """The target port a request came in on: the transport's, else the nexus's."""
+        """The target port a request came in on: its configured I_T nexus's (an initiator
+        port is on one attachment only), else the relative id the transport put on the
+        request, else the first port."""
+        port = self._by_nexus.get(req.initiator.name)
+        if port is not None:
+            return port
         tp = req.target_port
         if tp is not None:
-            port = self.ports.get(tp.relative_id)
-            if port is not None:
-                return port
-        return self._by_nexus.get(req.initiator.name, self.default)
+            return self.ports.get(tp.relative_id, self.default)
+        return self.default
 
     def port_of_nexus(self, initiator_port: str) -> Port:
         return self._by_nexus.get(initiator_port, self.default)

@@ -114,10 +114,15 @@ class TargetPort:
     """A target port (SAM-5 4.6): a vfio-user attachment or a Xen vscsi device.
 
     ``relative_id`` is the RELATIVE TARGET PORT IDENTIFIER of SPC-4 7.8.6.5 (1-based).
+    ``max_transfer_bytes`` is the most data one command can carry through this port,
+    as the transport told the initiator's driver (virtio max_sectors x 512); None when
+    the transport has no such limit. The core reports and enforces it in logical
+    blocks (block_limits.py).
     """
 
     name: str
     relative_id: int = 1
+    max_transfer_bytes: int | None = None
 
 
 @dataclass

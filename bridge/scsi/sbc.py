@@ -17,9 +17,12 @@ ROWS = CommandRows()
 log = logging.getLogger(__name__)
 
 
-def check_range(lu: LogicalUnit, lba: int, nblocks: int, len_byte: int) -> None:
-    """SBC-3 4.5: transfer length within the block limits, LBA range on the medium."""
-    if nblocks * lu.block_size > bl.MAX_TRANSFER_BYTES:
+def check_range(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
+    """SBC-3 4.5: transfer length within the block limits of the path (the Block
+    Limits VPD page's MAXIMUM TRANSFER LENGTH), LBA range on the medium."""
+    lu = cmd.lu
+    assert lu is not None
+    if nblocks > bl.max_transfer_blocks(cmd.req.target_port, lu.block_size):
         raise invalid_transfer_length(len_byte)
     if lba + nblocks > lu.num_blocks:
         raise lba_out_of_range()
@@ -43,12 +46,14 @@ def medium_error(op: str, e: OSError) -> SenseError:
 async def do_read(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
     lu = cmd.lu
     assert lu is not None
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return
     views = cmd.in_views(nblocks * lu.block_size)
     try:
-        await lu.backing.read_into(lba * lu.block_size, views)
+        # Shared: not while COMPARE AND WRITE, ORWRITE or WRITE ATOMIC hold the range.
+        async with lu.write_gate.shared():
+            await lu.backing.read_into(lba * lu.block_size, views)
     except OSError as e:
         raise medium_error("read", e) from None
 
@@ -57,7 +62,7 @@ async def do_write(cmd: Command, lba: int, nblocks: int, len_byte: int, fua: boo
     lu = cmd.lu
     assert lu is not None
     check_writable(lu)
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return
     views = cmd.out_views(nblocks * lu.block_size)
@@ -85,13 +90,17 @@ async def read_capacity_10(cmd: Command) -> None:
 
 @ROWS.command(0x9E, 0x10, "READ CAPACITY(16)", "9e 10 ff ff ff ff ff ff ff ff ff ff ff ff 01 00")
 async def read_capacity_16(cmd: Command) -> None:
-    """SBC-3 5.17: LBPME=1 (thin provisioned, UNMAP supported), LBPRZ."""
+    """SBC-3 5.17: LBPME=1 (thin provisioned, UNMAP supported), LBPRZ, the physical
+    block exponent."""
     lu = cmd.lu
     assert lu is not None
     if not cmd.cdb[14] & 0x01 and u64(cmd.cdb, 2):
         raise invalid_field_in_cdb(2)
+    # Byte 13: LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT; bytes 14-15: LBPME, LBPRZ and
+    # LOWEST ALIGNED LOGICAL BLOCK ADDRESS 0 (LBA 0 starts a physical block).
     lbp = 0x8000 | (0x4000 if lu.lbprz else 0)
-    data = struct.pack(">QIBBH", lu.num_blocks - 1, lu.block_size, 0, 0, lbp) + bytes(16)
+    data = struct.pack(">QIBBH", lu.num_blocks - 1, lu.block_size, 0, lu.lbppb_exponent,
+                       lbp) + bytes(16)
     cmd.send(data, u32(cmd.cdb, 10))
 
 
@@ -124,9 +133,11 @@ def read_fast(cmd: Command) -> bool:
     lu = cmd.lu
     assert lu is not None
     lba, nblocks, len_byte = rw_fields(cmd.cdb)
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return True
+    if not lu.write_gate.shared_free():
+        return False  # an exclusive writer (COMPARE AND WRITE, WRITE ATOMIC) holds the LU
     views = cmd.in_views(nblocks * lu.block_size)
     return lu.backing.read_inline(lba * lu.block_size, views)
 
@@ -138,7 +149,7 @@ def write_fast(cmd: Command) -> bool:
     assert lu is not None
     check_writable(lu)
     lba, nblocks, len_byte = rw_fields(cmd.cdb)
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return True
     if not lu.write_gate.shared_free():

@@ -17,6 +17,8 @@ from .command import Command, CommandRows
 from .logical_unit import LogicalUnit
 from .sbc import check_writable, medium_error
 from .sense import (
+    SenseError,
+    SenseKey,
     invalid_field_in_cdb,
     invalid_field_in_parameter_list,
     lba_out_of_range,
@@ -55,6 +57,10 @@ async def write_same(cmd: Command, lba: int, nblocks: int, len_byte: int) -> Non
         raise invalid_field_in_cdb(len_byte)
     if lba + nblocks > lu.num_blocks:
         raise lba_out_of_range()
+    if not ndob and cmd.out_len and cmd.out_len != lu.block_size:
+        # SBC-3 5.42: the data-out buffer is one logical block. A buffer of another size
+        # means initiator and CDB disagree: refused (as LIO does) rather than guessed.
+        raise SenseError(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)
     block = bytes(lu.block_size) if ndob else cmd.receive(lu.block_size)
     if nblocks == 0:
         return

@@ -43,9 +43,30 @@ async def read_medium(lu: LogicalUnit, lba: int, nblocks: int) -> bytearray:
     return buf
 
 
+VERIFY_CHUNK_BYTES = 1 << 20  # BYTCHK=0 reads the medium in pieces this big
+
+
+async def verify_medium(lu: LogicalUnit, lba: int, nblocks: int) -> None:
+    """SBC-3 5.29 BYTCHK=0: verify the blocks can be read (a read error is MEDIUM ERROR,
+    UNRECOVERED READ ERROR). A file has no ECC of its own to check; reading every block
+    back is what "verify the medium" can mean for it. In pieces, abortable between them."""
+    per = max(1, VERIFY_CHUNK_BYTES // lu.block_size)
+    buf = bytearray(min(nblocks, per) * lu.block_size)
+    done = 0
+    while done < nblocks:
+        n = min(per, nblocks - done)
+        try:
+            await lu.backing.read_into((lba + done) * lu.block_size,
+                                       [memoryview(buf)[: n * lu.block_size]])
+        except OSError as e:
+            raise medium_error("read", e) from None
+        done += n
+
+
 async def verify(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
-    """SBC-3 5.29/5.30: BYTCHK 00b checks the range only (a file has no ECC to
-    verify); 01b compares the data-out buffer with the medium; 10b/11b rejected."""
+    """SBC-3 5.29/5.30: BYTCHK 00b reads the range back from the medium (no data
+    transfer, so no transfer-length limit); 01b compares the data-out buffer with the
+    medium; 10b/11b rejected."""
     lu = cmd.lu
     assert lu is not None
     bytchk = (cmd.cdb[1] >> 1) & 0x3
@@ -54,8 +75,9 @@ async def verify(cmd: Command, lba: int, nblocks: int, len_byte: int) -> None:
     if bytchk == 0:
         if lba + nblocks > lu.num_blocks:
             raise lba_out_of_range()
+        await verify_medium(lu, lba, nblocks)
         return
-    check_range(lu, lba, nblocks, len_byte)
+    check_range(cmd, lba, nblocks, len_byte)
     if nblocks == 0:
         return
     views = cmd.out_views(nblocks * lu.block_size)

@@ -41,11 +41,21 @@ class FieldPointer:
 
 
 @dataclass(frozen=True)
+class ProgressIndication:
+    """SPC-4 4.5.2.4.4: sense-key specific progress indication (SKSV, fraction of 65536)."""
+
+    progress: int
+
+    def encode(self) -> bytes:
+        return struct.pack(">BH", 0x80, max(0, min(self.progress, 0xFFFF)))
+
+
+@dataclass(frozen=True)
 class SenseData:
     key: SenseKey
     asc: int
     ascq: int
-    field_pointer: FieldPointer | None = None
+    field_pointer: FieldPointer | ProgressIndication | None = None
     information: int | None = None  # e.g. the first miscomparing byte offset (SBC-3 5.2)
 
     def encode(self, descriptor: bool = False) -> bytes:
@@ -80,7 +90,7 @@ class SenseError(Exception):
         key: SenseKey,
         asc: int,
         ascq: int = 0,
-        field_pointer: FieldPointer | None = None,
+        field_pointer: FieldPointer | ProgressIndication | None = None,
         information: int | None = None,
     ) -> None:
         super().__init__(f"{key.name} {asc:02x}/{ascq:02x}")

@@ -10,7 +10,7 @@ from .cdb import lu_not_supported, u16, u32
 from .command import Command, CommandRows
 from .sense import SenseData, SenseKey, invalid_field_in_cdb
 from .unit_attention import REPORTED_LUNS_DATA_HAS_CHANGED
-from .vpd import VPD_PAGES, device_identification_for
+from .vpd import VPD_PAGES
 
 ROWS = CommandRows()
 
@@ -77,10 +77,7 @@ async def inquiry(cmd: Command) -> None:
         pdt = PDT_WELL_KNOWN_LU if cmd.lun == REPORT_LUNS_WLUN else PQ_NOT_CAPABLE | PDT_UNKNOWN
         cmd.send(bytes((pdt, 0x00, 0x00, 0x01, 0x00)), alloc)
         return
-    if page == 0x83:  # the designators of the port the command came in on (SPC-4 7.8.6)
-        body = device_identification_for(cmd.lu, cmd.target, cmd.port)
-    else:
-        body = build(cmd.lu, cmd.target)
+    body = build(cmd.lu, cmd)
     cmd.send(bytes((PDT_DIRECT_ACCESS, page)) + struct.pack(">H", len(body)) + body, alloc)
 
 
@@ -98,8 +95,10 @@ async def request_sense(cmd: Command) -> None:
         else:
             sense = lu_not_supported().sense
     else:
-        sense = cmd.target.unit_attentions.pop(cmd.initiator, cmd.lu.name) or SenseData(
-            SenseKey.NO_SENSE, 0, 0)
+        # SPC-4 6.39 / SBC-3 4.11: a pending unit attention, else the LU's state (a
+        # sanitize operation's progress or failure), else NO SENSE.
+        sense = (cmd.target.unit_attentions.pop(cmd.initiator, cmd.lu.name)
+                 or cmd.lu.sanitize.blocking_sense() or SenseData(SenseKey.NO_SENSE, 0, 0))
     cmd.send(sense.encode(descriptor=desc), cmd.cdb[4])
 
 

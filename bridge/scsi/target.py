@@ -40,6 +40,7 @@ from .request import (
     ScsiResponse,
     ScsiStatus,
     ServiceResponse,
+    TaskAttribute,
     TmfRequest,
     TmfResponse,
     TmfServiceResponse,
@@ -60,6 +61,7 @@ from .unit_attention import (
 log = logging.getLogger(__name__)
 
 INTERNAL_TARGET_FAILURE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+ORDERING_ATTRIBUTES = frozenset((TaskAttribute.SIMPLE, TaskAttribute.ORDERED, TaskAttribute.HEAD))
 
 
 class Target:
@@ -223,7 +225,7 @@ class Target:
 
         A READ/WRITE served from the page cache completes without a trio checkpoint
         (that is its speed); transports checkpoint in their own request loops.
-        Task attributes are not interpreted: every command is treated as SIMPLE.
+        Task attributes SIMPLE, ORDERED and HEAD OF QUEUE are honoured (task_set.py).
         """
         started = self.submit(req)
         if type(started) is ScsiResponse:
@@ -234,8 +236,9 @@ class Target:
         """Start one command without blocking: its response when it completed at once
         (a page-cache READ/WRITE, every error), else a coroutine that finishes it as an
         abortable task. Never raises, and neither does the coroutine (except
-        trio.Cancelled). A transport that gets a coroutine must await it (an unstarted
-        one holds nothing: the command joins the task set when it starts).
+        trio.Cancelled). A transport that gets a coroutine must await it: from submit on
+        the command holds its place in the LU's task order (an ORDERED command arriving
+        later waits for it), and gives it up when the coroutine ends.
         """
         stats = self.statistics
         t0 = time.perf_counter_ns() if stats is not None else 0
@@ -342,11 +345,18 @@ class Target:
         if lu.stopped and info.medium:
             # SBC-3 5.25: stopped by START STOP UNIT until a START UNIT.
             return self._check_condition(cmd, SenseData(SenseKey.NOT_READY, 0x04, 0x02), lu)
+        if info.medium and (blocked := lu.sanitize.blocking_sense()) is not None:
+            return self._check_condition(cmd, blocked, lu)  # SBC-3 4.11: sanitize
         # SPC-4 5.13: reservation conflicts answer RESERVATION CONFLICT without sense.
         if lu.reservations.conflicts(initiator, cmd.cdb):
             return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.RESERVATION_CONFLICT, b"",
                                 cmd.residual)
-        if info.fast is not None:
+        attr = cmd.req.task_attr
+        if attr not in ORDERING_ATTRIBUTES:
+            # SAM-5 8.6.5: no ACA (NormACA=0, NACA=1 refused), so no ACA task attribute;
+            # refused like an invalid CDB field, as LIO does.
+            return self._check_condition(cmd, SenseData(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00), lu)
+        if info.fast is not None and lu.tasks.may_run_now(attr):
             # Completes without yielding, so it cannot be aborted half-way and needs no
             # entry in the task set (nor the cost of a cancel scope).
             try:
@@ -357,12 +367,15 @@ class Target:
             except Overrun:
                 return ScsiResponse(ServiceResponse.DATA_OVERRUN, residual=cmd.in_len or cmd.out_len)
             cmd.in_done = cmd.out_done = 0
-        return self._run_task(cmd, info, lu)
+        # Its place in the task set's order is taken now, on arrival (task_set.py).
+        return self._run_task(cmd, info, lu, attr, lu.tasks.arrive(attr))
 
-    async def _run_task(self, cmd: Command, info: CommandInfo, lu: LogicalUnit) -> ScsiResponse:
+    async def _run_task(self, cmd: Command, info: CommandInfo, lu: LogicalUnit, attr: int,
+                        seq: int) -> ScsiResponse:
         task = Task(cmd.initiator, cmd.lun, cmd.req.tag)
         tasks = lu.tasks
         if not tasks.add(task):
+            tasks.leave(seq)
             # SAM-5 5.10: OVERLAPPED COMMANDS ATTEMPTED for a tag already in use.
             return self._check_condition(cmd, SenseData(SenseKey.ABORTED_COMMAND, 0x4E, 0x00), lu)
         status: int | None = None
@@ -371,6 +384,7 @@ class Target:
         try:
             with task.scope:
                 try:
+                    await tasks.wait_enabled(seq, attr)  # dormant, abortable (SAM-5 8.7)
                     status = await info.handler(cmd)
                 except SenseError as e:
                     sense = e.sense
@@ -380,6 +394,7 @@ class Target:
                     status = ScsiStatus.RESERVATION_CONFLICT
         finally:
             tasks.remove(task)
+            tasks.leave(seq)
         if task.aborted:
             return ScsiResponse(ServiceResponse.TASK_ABORTED, residual=cmd.in_len or cmd.out_len)
         if overrun:

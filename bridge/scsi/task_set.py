@@ -3,6 +3,15 @@
 Each task runs inside its own trio CancelScope. Aborting cancels the scope and
 waits until the command has completed (with ABORTED), so that the TMF response
 comes after the aborted command's response (SAM-5 7.2, virtio 1.2 5.6.6.2).
+
+Task attributes (SAM-5 8.6, 8.7): one task set per LU for every I_T nexus (control
+mode page TST 000b), so the order holds across request queues, devices and
+initiators. Arrival order is the order commands reach Target.submit (one trio
+thread). A SIMPLE task is enabled once every older ORDERED and HEAD OF QUEUE task has
+ended; an ORDERED task once every older task has ended; a HEAD OF QUEUE task at once.
+SIMPLE tasks among themselves may complete in any order (QUEUE ALGORITHM MODIFIER 1).
+A command that completes without yielding (the page-cache fast path) is only taken
+when its attribute lets it run at once; it then ends before any later arrival.
 """
 
 from __future__ import annotations
@@ -25,9 +34,69 @@ class Task:
     aborted: bool = False
 
 
+SIMPLE, ORDERED, HEAD_OF_QUEUE = 0, 1, 2  # request.TaskAttribute values
+
+
 class TaskSet:
     def __init__(self) -> None:
         self._tasks: dict[tuple[str, int, int], Task] = {}
+        # Arrival order of the commands that run as tasks: sequence number -> attribute
+        # (dicts keep insertion order, and numbers only grow), and the ORDERED / HEAD OF
+        # QUEUE ones among them.
+        self._next_seq = 0
+        self._order: dict[int, int] = {}
+        self._barriers: dict[int, None] = {}
+        self._order_changed = trio.Event()
+        self._dormant = 0
+
+    # -- task attributes (SAM-5 8.6) ------------------------------------------------
+
+    def may_run_now(self, attr: int) -> bool:
+        """Whether a command with ``attr`` arriving now is enabled at once."""
+        if attr == HEAD_OF_QUEUE:
+            return True
+        if attr == ORDERED:
+            return not self._order
+        return not self._barriers
+
+    def arrive(self, attr: int) -> int:
+        """Register a command that will run as a task; its sequence number. Called when
+        the command arrives (synchronously in submit), so the order is arrival order."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._order[seq] = attr
+        if attr != SIMPLE:
+            self._barriers[seq] = None
+        return seq
+
+    def _enabled(self, seq: int, attr: int) -> bool:
+        if attr == HEAD_OF_QUEUE:
+            return True
+        if attr == ORDERED:
+            return next(iter(self._order)) == seq
+        return not self._barriers or next(iter(self._barriers)) > seq
+
+    async def wait_enabled(self, seq: int, attr: int) -> None:
+        """Dormant until the older tasks ``attr`` waits for have ended (abortable)."""
+        while not self._enabled(seq, attr):
+            self._dormant += 1
+            try:
+                await self._order_changed.wait()
+            finally:
+                self._dormant -= 1
+
+    def leave(self, seq: int) -> None:
+        """The task ``seq`` ended (completed, aborted, or never ran)."""
+        if self._order.pop(seq, None) is None:
+            return
+        self._barriers.pop(seq, None)
+        if self._dormant:
+            self._order_changed.set()
+            self._order_changed = trio.Event()
+
+    def ordered_pending(self) -> int:
+        """Tasks registered in the arrival order and not ended (tests, statistics)."""
+        return len(self._order)
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -9,7 +9,13 @@ driver:
   seg_max           queue size - 2 (254 by default), as QEMU does: a request
                     (header + data + response) then fits the ring even without
                     indirect descriptors; 254 scattered 4 KiB pages = 1016 KiB.
-  max_sectors 2048  1 MiB per command: large sequential I/O in few requests.
+  max_sectors 8192  4 MiB per command: large sequential I/O in few requests, and
+                    SG_IO transfers above 1 MiB (iscsi-test-cu writes 257 blocks in
+                    one command, 1028 KiB at 4 KiB blocks). QEMU says 0xFFFF; 4 MiB
+                    keeps a chain's span (max_chain_bytes) small. Measured in the
+                    core: a page-cache READ of 4 MiB 0.10 ms, WRITE 0.21 ms, against
+                    0.03/0.14 ms at 1 MiB, linear, no step. The core's Block Limits
+                    page follows it (self.target_port).
   cmd_per_lun       the queue size: Linux clamps it to can_queue (the ring size),
                     so one LUN can fill a whole request queue.
 
@@ -30,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -89,7 +95,7 @@ class VirtioScsiPciDevice:
         queue_size: int = 256,
         *,
         seg_max: int | None = None,
-        max_sectors: int = 2048,
+        max_sectors: int = 8192,
         cmd_per_lun: int | None = None,
         doorbell: str = "trap",
         target_port: TargetPort | None = None,
@@ -100,7 +106,6 @@ class VirtioScsiPciDevice:
             raise ValueError("doorbell must be 'trap' (notify writes reach us) or 'poll'")
         self.target = target
         self.initiator = initiator
-        self.target_port = target_port  # this device is one target port (bridge/scsi/ports.py)
         self.num_request_queues = num_queues
         self.doorbell = doorbell
         self.pci = VirtioPciTransport(
@@ -112,6 +117,12 @@ class VirtioScsiPciDevice:
         self.poll_max = 0.004
         self.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
         self.max_sectors = max_sectors
+        # This device is one target port (bridge/scsi/ports.py: the relative id the
+        # composition root gave it); the core's Block Limits VPD page and transfer-length
+        # check follow what the driver was told it may send in one command
+        # (bridge/scsi/block_limits.py).
+        self.target_port = replace(target_port or TargetPort(f"virtio-scsi:{initiator.name}"),
+                                   max_transfer_bytes=512 * max_sectors)
         self.cmd_per_lun = cmd_per_lun if cmd_per_lun is not None else queue_size
         # What one chain may span (issue 15: a chain of indirect descriptors each crossing
         # hundreds of small DMA maps cost ~900,000 views): the data the driver was told

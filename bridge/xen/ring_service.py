@@ -11,6 +11,7 @@ way. A broken ring ends the service and tells the backend (``on_broken``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -55,7 +56,12 @@ class RingService:
         self.target = target
         self.datapath = datapath
         self.initiator = initiator
-        self.target_port = target_port  # this vscsi device is one target port (scsi/ports.py)
+        # This vscsi device is one target port (scsi/ports.py: its relative id, when the
+        # backend was given one); the Block Limits page tells the guest what this port
+        # carries (SBC-3 6.6.4).
+        self.target_port = dataclasses.replace(
+            target_port or TargetPort(name),
+            max_transfer_bytes=translate.max_transfer_bytes(sg_grant))
         self.domid = domid
         self.luns = luns  # (channel, id, lun) -> target LUN; the backend's, kept current
         self.sg_grant = sg_grant
@@ -217,9 +223,8 @@ class RingService:
         views = bufs.views if bufs is not None else []
         to_device = req.sc_data_direction == vscsiif.DMA_TO_DEVICE
         sreq = ScsiRequest(lun=lun, tag=tag, cdb=req.cdb, initiator=self.initiator,
-                           target_port=self.target_port,
                            data_out=list(views) if to_device else [],
-                           data_in=[] if to_device else list(views))
+                           data_in=[] if to_device else list(views), target_port=self.target_port)
         data_len = sum(map(len, views))
         # What the target answers at once (page-cache reads and writes, errors) goes out
         # now, without a task; anything else runs as a task.

@@ -92,3 +92,11 @@ def tmf_succeeded(response: TmfServiceResponse) -> bool:
     """FUNCTION COMPLETE and FUNCTION SUCCEEDED both mean done (RESET_SUCCESS)."""
     return response in (TmfServiceResponse.FUNCTION_COMPLETE,
                         TmfServiceResponse.FUNCTION_SUCCEEDED)
+
+
+def max_transfer_bytes(sg_grant: int) -> int:
+    """The most data xen-scsifront puts in one request, as it tells its SCSI midlayer
+    (scsifront_read_backend_params: nr_segs = max(min(feature-sg-grant, SG_ALL = 128),
+    VSCSIIF_SG_TABLESIZE), max_sectors = (nr_segs - 1) pages): 508 KiB with grants."""
+    segs = max(min(sg_grant, 128), vscsiif.VSCSIIF_SG_TABLESIZE)
+    return (segs - 1) * vscsiif.VSCSIIF_PAGE_SIZE

@@ -78,3 +78,72 @@ def test_device_with_larger_blocks_refused(vscsi_bridge, loop_device):  # noqa: 
     assert e.value.code == j.REFUSED and "logical block size" in e.value.message
     assert vscsi_bridge.client.lu_add(name="big", path=dev, block_size=4096)["block_size"] == 4096
     vscsi_bridge.client.lu_remove(name="big")
+
+
+async def test_a_removed_backing_device_is_hot_unplugged(tmp_path, loop_device):
+    """A ``remove`` uevent for an LU's device: every LUN it had is unmapped (the guests'
+    hot-unplug event), commands find no LU there, status keeps what it had. The kernel
+    sends that event only once nothing holds the device, so it is given to the watcher
+    as the kernel words it (parse_uevent's own tests read real datagrams)."""
+    from bridge.control.uevents import BlockDeviceWatcher
+    from bridge.scsi.events import LunRemoved
+    from bridge.scsi.logical_unit import LogicalUnitSpec
+    from bridge.scsi.target import Target
+    from tests.unit.scsi.helpers import assert_check, run
+
+    dev, _ = loop_device(8 * MiB)
+    target = Target([LogicalUnitSpec(name="blk", path=dev)], {VM1: {0: "blk"}, "iqn.x:b": {3: "blk"}})
+    events = []
+    target.subscribe(events.append)
+    watcher = BlockDeviceWatcher(target)
+    rdev = os.stat(dev).st_rdev
+    watcher.handle({"SUBSYSTEM": "block", "ACTION": "remove", "DEVNAME": dev.removeprefix("/dev/"),
+                    "MAJOR": str(os.major(rdev)), "MINOR": str(os.minor(rdev))})
+    assert sorted(events, key=str) == sorted([LunRemoved(VM1, 0), LunRemoved("iqn.x:b", 3)], key=str)
+    assert target.luns_for(VM1) == [] and target.nexuses_of("blk") == []
+    r = await run(target, bytes(6), initiator=VM1, clear_ua=False)  # TEST UNIT READY
+    assert_check(r, 0x05, 0x25)  # ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED
+    assert watcher.removed["blk"]["luns"] == [[VM1, 0], ["iqn.x:b", 3]]
+    # an event for another device changes nothing
+    watcher.handle({"SUBSYSTEM": "block", "ACTION": "remove", "MAJOR": "259", "MINOR": "99"})
+    assert len(events) == 2
+    target.close()
+
+
+async def test_block_device_traits_reach_the_vpd_pages(loop_device):
+    """sysfs queue limits of a backing block device become what the guest reads:
+    rotation rate (B1h), unmap and transfer limits (B0h), physical block exponent."""
+    import struct
+
+    from bridge.scsi.logical_unit import LogicalUnitSpec
+    from bridge.scsi.target import Target
+    from tests.unit.scsi.helpers import assert_good, run
+
+    dev, _ = loop_device(8 * MiB)
+    rdev = os.stat(dev).st_rdev
+    queue = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/queue"
+
+    def sysfs(name: str) -> int:
+        with open(f"{queue}/{name}") as f:
+            return int(f.read())
+
+    target = Target([LogicalUnitSpec(name="blk", path=dev)], {VM1: {0: "blk"}})
+    try:
+        lu = target.logical_unit("blk")
+        assert lu.traits is not None and lu.traits.device == f"{os.major(rdev)}:{os.minor(rdev)}"
+        r = await run(target, bytes((0x12, 1, 0xB1, 0, 64, 0)), data_in=64, initiator=VM1)
+        assert_good(r)
+        rate = struct.unpack_from(">H", r.data, 4)[0]
+        assert rate == (0 if sysfs("rotational") else 1)
+        r = await run(target, bytes((0x12, 1, 0xB0, 0, 64, 0)), data_in=64, initiator=VM1)
+        assert_good(r)
+        max_transfer, optimal = struct.unpack_from(">II", r.data, 8)
+        max_unmap, _descs, granularity = struct.unpack_from(">III", r.data, 20)
+        hw = sysfs("max_hw_sectors_kb") * 1024
+        assert max_transfer <= hw // 512 and optimal <= max_transfer
+        if sysfs("discard_max_bytes"):
+            assert max_unmap <= sysfs("discard_max_bytes") // 512
+            assert granularity * 512 >= sysfs("discard_granularity")
+        assert lu.physical_block_size == max(512, sysfs("physical_block_size"))
+    finally:
+        target.close()

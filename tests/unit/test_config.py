@@ -161,6 +161,22 @@ def test_cli_damaged_reservation_state_one_line(tmp_path: Path) -> None:
     assert "d.img.pr.json" in r.stderr and "refused" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_physical_block_size_512e_and_its_error(tmp_path):
+    """512e (SBC-3 5.16.2): accepted as a power-of-two multiple of block_size, else named."""
+    from bridge.config import ConfigError, load_config
+
+    def cfg(extra: str):
+        p = tmp_path / "b.toml"
+        p.write_text(f'[[lu]]\nname = "d"\npath = "d.img"\nsize = "1MiB"\n{extra}\n'
+                     '[[vfio_user]]\nsocket = "s.sock"\nluns = { 0 = "d" }\n')
+        return load_config(str(p))
+
+    assert cfg("physical_block_size = 4096").lus[0].physical_block_size == 4096
+    with pytest.raises(ConfigError) as e:
+        cfg("physical_block_size = 1536")
+    assert "lu[0].physical_block_size" in str(e.value) and "power-of-two multiple" in str(e.value)
+
+
 # -- target ports, port groups, one guest's paths (bridge/scsi/ports.py) --------------
 
 def _two_paths(tmp_path, **extra):

@@ -99,6 +99,9 @@ class PersistentReservations:
             discard_stale_temp(state_path)
             loaded = load_state(state_path)
             if loaded is not None:
+                # SPC-4 6.15.2: a power on sets PRgeneration to zero "regardless of the
+                # APTPL bit value"; the APTPL registrations and reservation come back.
+                loaded.generation = 0
                 self._state = loaded
 
     # ------------------------------------------------------------ conflicts

@@ -280,7 +280,10 @@ CONFLICT_TABLE: tuple[ConflictRow, ...] = (
     _sbc("READ LONG(16)", 0x9E, 0x11, _WRITE),
     _sbc("REASSIGN BLOCKS", 0x07, None, _WRITE),
     _sbc("REPORT REFERRALS", 0x9E, 0x13, _ALL),
-    _sbc("SANITIZE", 0x48, None, _WRITE),
+    _sbc("SANITIZE / OVERWRITE", 0x48, 0x01, _WRITE),
+    _sbc("SANITIZE / BLOCK ERASE", 0x48, 0x02, _WRITE),
+    _sbc("SANITIZE / CRYPTOGRAPHIC ERASE", 0x48, 0x03, _WRITE),
+    _sbc("SANITIZE / EXIT FAILURE MODE", 0x48, 0x1F, _WRITE),
     _sbc("START STOP UNIT (START=1, POWER CONDITION=0h)", 0x1B, None, _ALL, variant="start"),
     _sbc(
         "START STOP UNIT (START=0 or POWER CONDITION<>0h)",

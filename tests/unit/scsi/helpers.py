@@ -12,6 +12,7 @@ from bridge.scsi.request import (
     ScsiResponse,
     ScsiStatus,
     ServiceResponse,
+    TargetPort,
 )
 from bridge.scsi.target import Target
 
@@ -21,9 +22,10 @@ MiB = 1 << 20
 
 
 def make_target(tmp_path, *, size: int = 4 * MiB, block_size: int = 512, read_only: bool = False,
-                extra_luns: bool = False) -> Target:
+                extra_luns: bool = False, physical_block_size: int | None = None) -> Target:
     specs = [LogicalUnitSpec(name="disk0", path=str(tmp_path / "disk0.img"), size=size,
-                             block_size=block_size, read_only=read_only)]
+                             block_size=block_size, read_only=read_only,
+                             physical_block_size=physical_block_size)]
     maps = {INI_A: {0: "disk0"}, INI_B: {0: "disk0"}}
     if extra_luns:
         specs.append(LogicalUnitSpec(name="disk1", path=str(tmp_path / "disk1.img"), size=MiB))
@@ -75,7 +77,8 @@ class Result:
 
 async def run(target: Target, cdb: bytes, *, data_in: int = 0, data_out: bytes | None = None,
               lun: int = 0, initiator: str = INI_A, tag: int = 1,
-              clear_ua: bool = True) -> Result:
+              clear_ua: bool = True, target_port: TargetPort | None = None,
+              task_attr: int = 0) -> Result:
     if clear_ua:
         await drain_ua(target, lun=lun, initiator=initiator)
     buf = bytearray(data_in)
@@ -84,6 +87,7 @@ async def run(target: Target, cdb: bytes, *, data_in: int = 0, data_out: bytes |
         tag=tag, cdb=cdb, initiator=InitiatorPort(initiator),
         data_in=[memoryview(buf)] if data_in else [],
         data_out=[memoryview(data_out)] if data_out is not None else [],
+        target_port=target_port, task_attr=task_attr,
     )
     resp = await target.execute(req)
     got = bytes(buf[: data_in - resp.residual]) if data_in else b""

@@ -130,13 +130,20 @@ async def test_standby_path_refuses_io_active_path_serves(target):
     assert_good(await run(target, bytes((0x12, 0, 0, 0, 96, 0)), data_in=96, initiator=PATH2))
 
 
-async def test_request_target_port_wins_over_the_nexus_map(target):
-    """The transport's TargetPort (relative id) names the port of the request."""
-    await drain_ua(target, initiator=OTHER)
-    req = ScsiRequest(lun=0, tag=9, cdb=bytes(6), initiator=InitiatorPort(OTHER),
+async def test_request_target_port_names_the_port_of_an_unconfigured_nexus(target):
+    """A configured nexus is on its own port whatever the request says; for another
+    initiator port the transport's TargetPort (relative id) names the port."""
+    stranger = "iqn.2026-11.org.test:stranger"
+    target.map_lun(stranger, 0, "disk0")
+    await drain_ua(target, initiator=stranger)
+    req = ScsiRequest(lun=0, tag=9, cdb=bytes(6), initiator=InitiatorPort(stranger),
                       target_port=TargetPort("x", 2))
     resp = await target.execute(req)
     assert resp.sense[12:14] == bytes((0x04, 0x0B))
+    await drain_ua(target, initiator=OTHER)
+    req = ScsiRequest(lun=0, tag=9, cdb=bytes(6), initiator=InitiatorPort(OTHER),
+                      target_port=TargetPort("x", 2))
+    assert (await target.execute(req)).status == 0
 
 
 @pytest.mark.parametrize("state,ascq", [(AccessState.UNAVAILABLE, 0x0C),

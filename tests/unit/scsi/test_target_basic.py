@@ -92,7 +92,7 @@ async def test_inquiry_reserved_bit_points_at_bit(target):
 async def test_vpd_pages(target):
     r = await run(target, bytes((0x12, 1, 0x00, 0, 255, 0)), data_in=255)
     assert_good(r)
-    assert r.data[1] == 0 and list(r.data[4 : 4 + r.data[3]]) == [0, 0x80, 0x83, 0xB0, 0xB1, 0xB2]
+    assert r.data[1] == 0 and list(r.data[4 : 4 + r.data[3]]) == [0, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2]
     r = await run(target, bytes((0x12, 1, 0x80, 0, 255, 0)), data_in=255)
     serial = r.data[4:].decode()
     assert serial == target.logical_unit("disk0").identity.serial and len(serial) == 16

@@ -238,7 +238,13 @@ async def test_write_same_errors(target):
     r = await run(target, ws10(0, 1, flags=0x10), data_out=bytes(BS))  # ANCHOR
     assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
     assert r.field_pointer == (True, 1, 4)
-    r = await run(target, ws10(0, 1), data_out=bytes(100))
+    # a data-out buffer that is not one block: refused (SBC-3 5.42), either way
+    for size in (100, BS // 2, 2 * BS):
+        r = await run(target, ws10(0, 1), data_out=bytes(size))
+        assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
+        r = await run(target, ws16(0, 1, flags=0x08), data_out=bytes(size))  # UNMAP
+        assert_check(r, SenseKey.ILLEGAL_REQUEST, 0x24)
+    r = await run(target, ws10(0, 1))  # no data-out buffer at all: the transport's OVERRUN
     assert r.resp.response == ServiceResponse.DATA_OVERRUN
 
 

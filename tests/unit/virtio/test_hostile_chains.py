@@ -125,7 +125,8 @@ CASES = [v for k, v in dict(globals()).items() if k.startswith("case_")]
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
 async def test_hostile_chain(nursery, case):
-    g = Guest(nursery, ro=(RO_START, RO_END), queue_size=8)
+    # max_sectors 2048 (1 MiB) so that a chain over it fits the fake's 4 MiB of memory
+    g = Guest(nursery, ro=(RO_START, RO_END), queue_size=8, max_sectors=2048)
     g.drv.init()
     dq = g.drv.queues[RQ]
     dq.free = list(range(3, 8))  # descriptors 0-2 are the hostile chain's

@@ -118,7 +118,7 @@ def test_device_config():
     num_queues, seg_max, max_sectors, cmd_per_lun, evsize, sense, cdb = (
         drv.config_read(4 * k) for k in range(7)
     )
-    assert (num_queues, seg_max, max_sectors, cmd_per_lun) == (3, 510, 2048, 512)
+    assert (num_queues, seg_max, max_sectors, cmd_per_lun) == (3, 510, 8192, 512)
     assert (evsize, sense, cdb) == (16, 96, 32)
     assert drv.config_read(28, 2) == 0 and drv.config_read(30, 2) == 0  # max_channel, max_target
     assert drv.config_read(32) == 16383

@@ -95,6 +95,10 @@ async def test_test_unit_ready_and_interrupt(nursery):
     assert g.drv.interrupts(RQ + 1) == 1  # queue q uses vector q+1 in the fake driver
     assert g.target.requests[0].initiator == INITIATOR
     assert bytes(g.target.requests[0].cdb[:1]) == b"\x00"
+    # the request names the device's target port, with the byte limit the driver was
+    # told (max_sectors x 512): the core's Block Limits page follows it
+    port = g.target.requests[0].target_port
+    assert port is g.dev.target_port and port.max_transfer_bytes == 512 * g.dev.max_sectors
 
 
 @pytest.mark.parametrize("indirect", [False, True])

@@ -14,7 +14,10 @@ async def test_requests_carry_the_device_s_target_port(nursery):
     g = await booted(nursery, target_port=port)
     resp, _, _ = await g.run_cmd(b"\x00")
     assert resp["response"] == VirtioScsiResponse.OK
-    assert g.target.requests[0].target_port == port
+    got = g.target.requests[0].target_port
+    # The device's relative id and name; the transfer limit is the device's own (max_sectors).
+    assert (got.name, got.relative_id) == (port.name, 2)
+    assert got.max_transfer_bytes == 512 * g.dev.max_sectors
 
 
 def test_port_down_is_transport_failure():

@@ -32,3 +32,11 @@ def test_tmf_outcomes():
     assert translate.tmf_succeeded(TmfServiceResponse.FUNCTION_SUCCEEDED)
     assert not translate.tmf_succeeded(TmfServiceResponse.FUNCTION_REJECTED)
     assert not translate.tmf_succeeded(TmfServiceResponse.INCORRECT_LOGICAL_UNIT_NUMBER)
+
+
+def test_max_transfer_is_what_scsifront_sends():
+    """xen-scsifront: nr_segs = max(min(feature-sg-grant, 128), 26), max_sectors = nr_segs - 1
+    pages: the byte limit the Block Limits page must not exceed."""
+    assert translate.max_transfer_bytes(128) == 127 * 4096  # 508 KiB, as Linux sends
+    assert translate.max_transfer_bytes(1024) == 127 * 4096
+    assert translate.max_transfer_bytes(0) == 25 * 4096  # no SG_GRANT: 25 direct segments
