@@ -134,9 +134,13 @@ async def test_any_request_gets_a_well_formed_response(hostile_target, cdb, lun,
         assert len(hostile_target.logical_unit(name).tasks) == 0
 
 
-async def test_handler_crash_becomes_target_failure(hostile_target, monkeypatch):
-    """The last-resort handler: an unexpected exception answers TARGET_FAILURE."""
-    lu = hostile_target.logical_unit("d0")
+async def test_handler_crash_becomes_target_failure(tmp_path, monkeypatch):
+    """The last-resort handler: an unexpected exception answers TARGET_FAILURE. On a
+    target of its own: the hostile one carries whatever state random commands left
+    (stopped, reserved, sanitizing), which would answer first."""
+    target = Target([LogicalUnitSpec(name="d0", path=str(tmp_path / "d0.img"), size=MiB)],
+                    {INI_A: {0: "d0"}})
+    lu = target.logical_unit("d0")
 
     async def boom(offset, views):
         raise RuntimeError("bug")
@@ -146,12 +150,12 @@ async def test_handler_crash_becomes_target_failure(hostile_target, monkeypatch)
     req = ScsiRequest(lun=0, tag=next(_tags),
                       cdb=bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0)),
                       initiator=InitiatorPort(INI_A), data_in=[memoryview(bytearray(512))])
-    await drain_ua(hostile_target)  # the commands before may have left unit attentions
-    forget_sanitize(lu)  # or a SANITIZE in failure mode (a background one ends with its run)
-    resp = await hostile_target.execute(req)
+    await drain_ua(target)  # POWER ON OCCURRED
+    resp = await target.execute(req)
     assert resp.response == ServiceResponse.TARGET_FAILURE
     assert resp.status == ScsiStatus.CHECK_CONDITION and resp.sense[2] == 0x04
     assert len(lu.tasks) == 0
+    target.close()
 
 
 @settings(max_examples=150, deadline=None,
