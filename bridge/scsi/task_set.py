@@ -23,6 +23,9 @@ class Task:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     aborted: bool = False
+    # A fault rule (bridge/scsi/faults.py, hang with abort_fails) makes ABORT TASK for this
+    # task answer FUNCTION REJECTED; every other way of aborting it still works.
+    refuses_abort_task: bool = False
 
 
 class TaskSet:
