@@ -29,6 +29,7 @@ from .cdb import lu_not_supported
 from .command import Command, CommandInfo, CommandTable, Overrun, check_cdb
 from .command_families import COMMAND_TABLE
 from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from .faults import FaultInjector
 from .identity import TARGET_PORT_NAME
 from .logical_unit import LogicalUnit, LogicalUnitSpec
 from .request import (
@@ -74,6 +75,9 @@ class Target:
         self._maps: dict[str, dict[int, str]] = {}
         self._subscribers: list[Callable[[TargetEvent], None]] = []
         self.statistics: Statistics | None = None  # enable_statistics()
+        # The fault injector while it has rules (bridge/scsi/faults.py), else None: the
+        # submit path's only cost of fault injection is testing this attribute.
+        self.faults: FaultInjector | None = None
         try:
             for spec in lus:
                 self.add_logical_unit(spec)
@@ -328,6 +332,11 @@ class Target:
         if lu.reservations.conflicts(initiator, cmd.cdb):
             return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.RESERVATION_CONFLICT, b"",
                                 cmd.residual)
+        faults = self.faults
+        if faults is not None:
+            injected = faults.intercept(cmd, info, lu)
+            if injected is not None:
+                return injected
         if info.fast is not None:
             # Completes without yielding, so it cannot be aborted half-way and needs no
             # entry in the task set (nor the cost of a cancel scope).
