@@ -384,10 +384,15 @@ class Target:
     async def task_management(self, tmf: TmfRequest) -> TmfResponse:
         """SAM-5 7, through the table in task_management.py; never raises."""
         try:
-            return TmfResponse(await self._task_management(tmf))
+            response = await self._task_management(tmf)
         except Exception:
             log.exception("internal error in TMF %s", tmf.function)
-            return TmfResponse(TmfServiceResponse.SERVICE_DELIVERY_OR_TARGET_FAILURE)
+            response = TmfServiceResponse.SERVICE_DELIVERY_OR_TARGET_FAILURE
+        log.info("TMF %s from %s on LUN %d tag %#x: %s", tmf.function.name, tmf.initiator.name,
+                 tmf.lun, tmf.tag, response.name)
+        if self.statistics is not None:
+            self.statistics.record_tmf(tmf, response)
+        return TmfResponse(response)
 
     async def _task_management(self, tmf: TmfRequest) -> TmfServiceResponse:
         initiator = tmf.initiator.name

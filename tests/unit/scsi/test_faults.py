@@ -363,3 +363,22 @@ async def test_preempt_and_abort_aborts_the_preempted_initiators_hung_commands(t
     assert (await run(target, read10(20, 1), data_in=BS)).data == pattern(20, 1)
     await trio.sleep(0.05)
     assert (await run(target, read10(20, 1), data_in=BS)).data == pattern(20, 1)
+
+
+async def test_task_management_functions_are_counted(target):
+    stats = target.enable_statistics()
+    injector(target).add(rule("hang", abort_fails=True))
+    async with trio.open_nursery() as n:
+        await start(n, target, [], req(read10(0, 1), 8))
+        await target.task_management(tmf(F.ABORT_TASK, 8))
+        await target.task_management(tmf(F.LOGICAL_UNIT_RESET))
+    await target.task_management(tmf(F.ABORT_TASK, 99, lun=7))  # no LU at LUN 7
+    snap = stats.snapshot()
+    assert snap["logical_units"]["disk0"]["task_management"] == {
+        "ABORT_TASK": {"FUNCTION_REJECTED": 1}, "LOGICAL_UNIT_RESET": {"FUNCTION_COMPLETE": 1}}
+    assert snap["initiators"][INI_A]["task_management"] == {
+        "ABORT_TASK": {"FUNCTION_REJECTED": 1, "INCORRECT_LOGICAL_UNIT_NUMBER": 1},
+        "LOGICAL_UNIT_RESET": {"FUNCTION_COMPLETE": 1}}
+    assert snap["initiators"][INI_A]["errors_by_kind"] == {"TASK_ABORTED": 1}
+    stats.reset()
+    assert stats.snapshot()["logical_units"]["disk0"]["task_management"] == {}
