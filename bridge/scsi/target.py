@@ -198,7 +198,7 @@ class Target:
         for name in set(self._maps.get(initiator, {}).values()):
             lu = self._lus[name]
             for t in lu.tasks.matching(initiator):
-                t.aborted = True
+                t.aborted = t.by_reset = True
                 t.scope.cancel()
             lu.reservations.nexus_loss(initiator)
             lu.prevent_removal.discard(initiator)  # SPC-4 6.13: per I_T nexus state
@@ -372,7 +372,8 @@ class Target:
         finally:
             tasks.remove(task)
         if task.aborted:
-            return ScsiResponse(ServiceResponse.TASK_ABORTED, residual=cmd.in_len or cmd.out_len)
+            return ScsiResponse(ServiceResponse.TASK_ABORTED_BY_RESET if task.by_reset
+                                else ServiceResponse.TASK_ABORTED, residual=cmd.in_len or cmd.out_len)
         if overrun:
             return ScsiResponse(ServiceResponse.DATA_OVERRUN, residual=cmd.in_len or cmd.out_len)
         if sense is not None:
@@ -413,7 +414,7 @@ class Target:
         """SAM-5 6.3.3: abort every task, SPC-2 release, back to the power-on state (mode
         parameters from their saved values, unit started, removal allowed), UA 29h/03h
         for every nexus."""
-        await TaskSet.abort(lu.tasks.matching())
+        await TaskSet.abort(lu.tasks.matching(), by_reset=True)
         lu.reservations.logical_unit_reset()
         lu.prevent_removal.clear()
         was_wce = lu.mode.wce
@@ -429,5 +430,5 @@ class Target:
         tasks: list[Task] = []
         for name in set(self._maps.get(initiator, {}).values()):
             tasks.extend(self._lus[name].tasks.matching(initiator))
-        await TaskSet.abort(tasks)
+        await TaskSet.abort(tasks, by_reset=True)
         self.nexus_loss(initiator)

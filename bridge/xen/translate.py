@@ -70,6 +70,7 @@ HOST_FOR_RESPONSE = {
     ServiceResponse.COMMAND_COMPLETE: RsltHost.OK,
     ServiceResponse.DATA_OVERRUN: RsltHost.ERROR,
     ServiceResponse.TASK_ABORTED: RsltHost.ABORT,
+    ServiceResponse.TASK_ABORTED_BY_RESET: RsltHost.RESET,  # DID_RESET: the midlayer retries
     ServiceResponse.SERVICE_DELIVERY_FAILURE: RsltHost.ERROR,
     ServiceResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE,
 }

@@ -36,6 +36,7 @@ from .helpers import run as run_with_ua_drain
 F = TaskManagementFunction
 DONE = TmfServiceResponse.FUNCTION_COMPLETE
 ABORTED = ServiceResponse.TASK_ABORTED
+RESET = ServiceResponse.TASK_ABORTED_BY_RESET
 BS = 512
 
 
@@ -263,7 +264,8 @@ async def test_hung_command_ends_aborted_before_the_tmf(target, function, kind):
         assert r.hung == 1 and len(target.logical_unit("disk0").tasks) == 1
         resp = await target.task_management(tmf(function, 21))
         events.append(("tmf", resp.response))
-    assert events == [("cmd", INI_A, 21, ABORTED), ("tmf", DONE)]
+    ended = RESET if function in (F.LOGICAL_UNIT_RESET, F.I_T_NEXUS_RESET) else ABORTED
+    assert events == [("cmd", INI_A, 21, ended), ("tmf", DONE)]
     assert r.hung == 0 and len(target.logical_unit("disk0").tasks) == 0
     injector(target)  # a fresh injector: no rules
     target.faults = None
@@ -295,7 +297,7 @@ async def test_nexus_loss_aborts_hung_commands(target):
         await start(n, target, events, req(read10(0, 1), 2, lun=3))  # disk1: no rule
         target.nexus_loss(INI_A)
     assert events == [("cmd", INI_A, 2, ServiceResponse.COMMAND_COMPLETE),
-                      ("cmd", INI_A, 1, ABORTED)]
+                      ("cmd", INI_A, 1, RESET)]
 
 
 async def test_abort_fails_then_logical_unit_reset(target):
@@ -310,7 +312,7 @@ async def test_abort_fails_then_logical_unit_reset(target):
         assert q.response is TmfServiceResponse.FUNCTION_SUCCEEDED
         resp = await target.task_management(tmf(F.LOGICAL_UNIT_RESET))
         events.append(("tmf", resp.response))
-    assert events == [("cmd", INI_A, 0x33, ABORTED), ("tmf", DONE)]
+    assert events == [("cmd", INI_A, 0x33, RESET), ("tmf", DONE)]
 
 
 async def test_removing_the_rule_releases_hung_commands(target):
@@ -379,6 +381,6 @@ async def test_task_management_functions_are_counted(target):
     assert snap["initiators"][INI_A]["task_management"] == {
         "ABORT_TASK": {"FUNCTION_REJECTED": 1, "INCORRECT_LOGICAL_UNIT_NUMBER": 1},
         "LOGICAL_UNIT_RESET": {"FUNCTION_COMPLETE": 1}}
-    assert snap["initiators"][INI_A]["errors_by_kind"] == {"TASK_ABORTED": 1}
+    assert snap["initiators"][INI_A]["errors_by_kind"] == {"TASK_ABORTED_BY_RESET": 1}
     stats.reset()
     assert stats.snapshot()["logical_units"]["disk0"]["task_management"] == {}
