@@ -77,6 +77,7 @@ async def test_hung_command_abort_then_reset_through_xen_scsifront() -> None:
     bridge = [line for line in script.splitlines() if line.startswith("BRIDGE ")]
     print("\n===== domU kernel log =====")
     print("\n".join(dmesg))
+    print("\n".join(line for line in guest.splitlines() if line.startswith(("GUEST ", "GUEST-FIO"))))
     print("===== bridge log =====")
     print("\n".join(bridge))
     print(f"(Xen run {result.seconds:.0f} s)")
