@@ -1,7 +1,7 @@
 """The control subcommands of ``vscsi-bridge``: they talk to a running ``serve``.
 
 ``register(subparsers, file_status=...)`` adds ``lu``, ``lun``, ``attach``, ``status``,
-``stats``, ``pr``, ``log-level`` and ``save-config`` and returns their names;
+``stats``, ``pr``, ``fault``, ``log-level`` and ``save-config`` and returns their names;
 ``run(args)`` runs one. Every command takes ``--socket`` (default: ``$VSCSI_BRIDGE_SOCKET``,
 else ``<state_dir>/control.sock`` of ``--config``, else /run/vscsi-bridge/control.sock)
 and ``--json``; output is a human-readable table otherwise. Errors are one line on
@@ -109,10 +109,12 @@ def _fmt_stats(r: dict) -> str:
         for name, s in section.items():
             c = s["commands"]
             errs = ", ".join(f"{k}={v}" for k, v in s["errors_by_kind"].items()) or "-"
+            tmfs = ", ".join(f"{f}={sum(by.values())}" for f, by in
+                             s.get("task_management", {}).items()) or "-"
             out.append([name, c["read"], c["write"], c["other"], s["bytes_read"],
-                        s["bytes_written"], errs])
+                        s["bytes_written"], errs, tmfs])
         return out
-    head = ["", "READS", "WRITES", "OTHER", "BYTES READ", "BYTES WRITTEN", "ERRORS"]
+    head = ["", "READS", "WRITES", "OTHER", "BYTES READ", "BYTES WRITTEN", "ERRORS", "TMFS"]
     return (table(rows(r["logical_units"]), ["LU", *head[1:]]) + "\n\n"
             + table(rows(r["initiators"]), ["INITIATOR", *head[1:]]))
 
@@ -123,10 +125,44 @@ def _fmt_status(r: dict) -> str:
     parts.append(table([[lu["name"], _size(lu["size"]), lu["tasks_in_flight"]]
                         for lu in r["logical_units"]], ["LU", "SIZE", "IN FLIGHT"]))
     parts += ["", _fmt_pr(r["reservations"])]
+    if r.get("faults"):
+        parts += ["", _fmt_faults(r["faults"])]
     if r["unit_attentions"]:
         parts += ["", table([[u["initiator"], u["lu"], " ".join(u["pending"])]
                              for u in r["unit_attentions"]], ["INITIATOR", "LU", "PENDING UA"])]
     return "\n".join(parts)
+
+
+def _fault_what(f: dict) -> str:
+    action = f["action"]
+    if "sense_key" in f or "asc" in f or action in ("medium_error", "hardware_error", "not_ready",
+                                                    "aborted_command", "check_condition"):
+        bits = [f"{k}={f[k]:#04x}" for k in ("sense_key", "asc", "ascq") if k in f]
+        return action + (f" ({' '.join(bits)})" if bits else "")
+    if action == "delay":
+        return f"delay {f['delay_ms']} ms"
+    return action + (" (abort fails)" if f.get("abort_fails") else "")
+
+
+def _fault_match(f: dict) -> str:
+    parts = [f["op"]] if "op" in f else []
+    if "lba_first" in f:
+        parts.append(f"LBA {f['lba_first']}-{f['lba_last']}")
+    if "initiator" in f:
+        parts.append(f["initiator"])
+    if "count" in f:
+        parts.append(f"next {f['count']}")
+    if "every" in f:
+        parts.append(f"every {f['every']}")
+    return ", ".join(parts) or "all"
+
+
+def _fmt_faults(r: list[dict]) -> str:
+    if not r:
+        return "no fault rules"
+    return table([[f["id"], f["lu"], _fault_what(f), _fault_match(f), f["matched"], f["hits"],
+                   f["hung"], "spent" if f["spent"] else "active"] for f in r],
+                 ["ID", "LU", "ACTION", "MATCHES", "MATCHED", "HITS", "HUNG", "STATE"])
 
 
 def _fmt_kv(r: Any) -> str:
@@ -208,6 +244,43 @@ def _pr(args: argparse.Namespace) -> tuple[str, dict[str, Any], Callable[[Any], 
     if args.pr_command == "show":
         return "pr.show", {"lu": args.lu} if args.lu else {}, _fmt_pr
     return "pr.clear", {"lu": args.lu}, lambda r: _fmt_pr({r["lu"]: r})
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not a number (decimal or 0x hex)") from None
+
+
+def _fault(args: argparse.Namespace) -> tuple[str, dict[str, Any], Callable[[Any], str]]:
+    if args.fault_command == "list":
+        return "fault.list", {}, _fmt_faults
+    if args.fault_command == "clear":
+        return "fault.clear", {}, lambda r: f"removed {len(r['removed'])} fault rule(s)"
+    if args.fault_command == "remove":
+        return "fault.remove", {"id": args.id}, \
+            lambda r: f"removed fault rule {r['id']} ({r['hits']} hits)"
+    p: dict[str, Any] = {"lu": args.lu, "action": args.action}
+    if args.lba is not None:
+        first, sep, last = args.lba.partition("-")
+        p["lba_first"] = _int(first, "--lba")
+        p["lba_last"] = _int(last, "--lba") if sep else p["lba_first"]
+    if args.sense is not None:
+        fields = args.sense.split("/")
+        if not 2 <= len(fields) <= 3:
+            raise UsageError(f"--sense {args.sense!r}: must be KEY/ASC[/ASCQ] in hex, e.g. 3/11/0")
+        try:
+            values = [int(x, 16) for x in fields]
+        except ValueError:
+            raise UsageError(f"--sense {args.sense!r}: must be KEY/ASC[/ASCQ] in hex") from None
+        p.update(zip(("sense_key", "asc", "ascq"), values, strict=False))
+    for k in ("initiator", "op", "delay_ms", "count", "every"):
+        if getattr(args, k) is not None:
+            p[k] = getattr(args, k)
+    if args.abort_fails:
+        p["abort_fails"] = True
+    return "fault.add", p, lambda r: _fmt_faults([r])
 
 
 def _log_level(args: argparse.Namespace) -> tuple[str, dict[str, Any], Callable[[Any], str]]:
@@ -309,6 +382,31 @@ def register(subparsers: Any, file_status: FileStatus | None = None) -> set[str]
     _common(p, _pr)
 
     alua_cli.register(group, _common)  # alua show|set, port down|up
+    fault = group("fault", "fault injection rules of the running bridge")
+    fault_sub = fault.add_subparsers(dest="fault_command", required=True)
+    p = fault_sub.add_parser("add", help="add a rule: matching commands fail, wait or hang")
+    p.add_argument("lu", help="logical unit name")
+    p.add_argument("action", choices=("medium_error", "hardware_error", "not_ready",
+                                      "aborted_command", "check_condition", "busy",
+                                      "task_set_full", "delay", "hang"))
+    p.add_argument("--initiator", help="only this attachment (id, initiator name or socket)")
+    p.add_argument("--op", choices=("read", "write", "other"), help="only this opcode class")
+    p.add_argument("--lba", help="only commands touching LBA N or the inclusive range N-M")
+    p.add_argument("--sense", help="sense KEY/ASC[/ASCQ] in hex (check_condition; overrides a preset)")
+    p.add_argument("--delay-ms", type=int, help="delay: milliseconds before the command runs")
+    p.add_argument("--count", type=int, help="only the next N matching commands")
+    p.add_argument("--every", type=int, help="only every Nth matching command")
+    p.add_argument("--abort-fails", action="store_true",
+                   help="hang: ABORT TASK is answered FUNCTION REJECTED (initiators escalate)")
+    _common(p, _fault)
+    p = fault_sub.add_parser("remove", help="remove a rule (its hung commands go on)")
+    p.add_argument("id", type=int)
+    _common(p, _fault)
+    p = fault_sub.add_parser("list", help="rules with their matched and hit counters")
+    _common(p, _fault)
+    p = fault_sub.add_parser("clear", help="remove every rule")
+    _common(p, _fault)
+
     p = group("log-level", "read or set the running bridge's log level")
     p.add_argument("level", nargs="?", choices=("debug", "info", "warning", "error"))
     _common(p, _log_level)

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from bridge.scsi.faults import FaultAction, FaultInjector, FaultRule
 from bridge.scsi.request import MAX_LUN
 from bridge.scsi.sense import SenseError
 from bridge.scsi.target import Target
@@ -51,9 +52,11 @@ class Control:
     stats_since: float = field(default_factory=time.time)
     lock: trio.Lock = field(default_factory=trio.Lock)
     watcher: BlockDeviceWatcher | None = None  # block-device uevents (serve_control)
+    faults: FaultInjector = field(init=False)  # fault.* methods
 
     def __post_init__(self) -> None:
         self.target.enable_statistics()
+        self.faults = FaultInjector(self.target)
 
 
 Handler = Callable[[Control, dict[str, Any]], Awaitable[Any]]
@@ -278,6 +281,7 @@ async def lu_remove(ctl: Control, p: dict[str, Any]) -> Any:
         ctl.target.remove_logical_unit(name)
     except ValueError as e:
         raise RpcError(REFUSED, str(e)) from None
+    ctl.faults.forget_lu(name)
     log.info("control: LU %s removed", name)
     return {"name": name, "unmapped": [{"initiator": i, "lun": n} for i, n in where]}
 
@@ -435,6 +439,7 @@ async def status(ctl: Control, p: dict[str, Any]) -> Any:
         "reservations": {lu.name: lu.reservations.status() for lu in target.logical_units()},
         "unit_attentions": [{"initiator": ini, "lu": lu, "pending": [_ua_text(u) for u in q]}
                             for ini, lu, q in target.unit_attentions.snapshot()],
+        "faults": [r.as_dict() for r in ctl.faults.rules()],
         "block_devices": None if ctl.watcher is None else {
             "uevents": ctl.watcher.running, "resized": ctl.watcher.resized,
             "removed": dict(ctl.watcher.removed)},
@@ -475,6 +480,74 @@ async def pr_clear(ctl: Control, p: dict[str, Any]) -> Any:
         raise _sense_refusal(e) from None
     log.warning("control: persistent reservations of %s cleared", lu.name)
     return lu.reservations.status()
+
+
+# ---------------------------------------------------------------- fault injection
+
+_FAULT_ACTIONS = ", ".join(a.value for a in FaultAction)
+
+
+def _fault_initiator(ctl: Control, key: str) -> str:
+    """An attachment (id, initiator name or socket) -> its initiator name; any other string
+    is taken as an initiator port name (a guest that connects later)."""
+    try:
+        return _attachment(ctl, key)["initiator"]
+    except RpcError:
+        return key
+
+
+@method("fault.add", param("lu", str, help="logical unit name"),
+        param("action", str, help=_FAULT_ACTIONS),
+        param("initiator", str, required=False,
+              help="only this initiator (attachment id, initiator name or socket)"),
+        param("op", str, required=False, help="only read | write | other commands"),
+        param("lba_first", int, required=False, help="with lba_last: an inclusive LBA range"),
+        param("lba_last", int, required=False),
+        param("sense_key", int, required=False,
+              help="check_condition (required), or to override a preset's"),
+        param("asc", int, required=False), param("ascq", int, required=False),
+        param("delay_ms", int, required=False, help="delay: milliseconds before the command runs"),
+        param("count", int, required=False, help="only the next N matching commands"),
+        param("every", int, required=False, help="only every Nth matching command"),
+        param("abort_fails", bool, required=False,
+              help="hang: ABORT TASK is answered FUNCTION REJECTED (the initiator escalates)"),
+        help="add a fault rule: matching commands of the LU get an error, a delay or hang",
+        mutating=True)
+async def fault_add(ctl: Control, p: dict[str, Any]) -> Any:
+    try:
+        action = FaultAction(p["action"])
+    except ValueError:
+        raise RpcError(INVALID_PARAMS, f"action: must be one of {_FAULT_ACTIONS}") from None
+    fields = {k: v for k, v in p.items() if k not in ("lu", "action", "initiator")}
+    if "initiator" in p:
+        fields["initiator"] = _fault_initiator(ctl, p["initiator"])
+    rule = FaultRule(lu=p["lu"], action=action, **fields)
+    try:
+        rule.validate()
+    except ValueError as e:
+        raise RpcError(INVALID_PARAMS, str(e)) from None
+    _lu(ctl, rule.lu)
+    return ctl.faults.add(rule).as_dict()
+
+
+@method("fault.remove", param("id", int, help="the rule's id (fault.list)"),
+        help="remove one fault rule; commands it holds hung go on and run", mutating=True)
+async def fault_remove(ctl: Control, p: dict[str, Any]) -> Any:
+    try:
+        return ctl.faults.remove(p["id"]).as_dict()
+    except KeyError:
+        raise RpcError(NOT_FOUND, f"no fault rule {p['id']}") from None
+
+
+@method("fault.list", help="fault rules in force, with their matched and hit counters")
+async def fault_list(ctl: Control, p: dict[str, Any]) -> Any:
+    return [r.as_dict() for r in ctl.faults.rules()]
+
+
+@method("fault.clear", help="remove every fault rule (hung commands go on and run)",
+        mutating=True)
+async def fault_clear(ctl: Control, p: dict[str, Any]) -> Any:
+    return {"removed": [r.as_dict() for r in ctl.faults.clear()]}
 
 
 async def call(ctl: Control, name: str, params: dict[str, Any]) -> Any:

@@ -10,7 +10,9 @@ Fixtures:
   configurations (the TOML document as a dict; relative paths are taken from the
   scratch directory, which is also the state directory).
 
-A test of its own (trio) client: ``await ControlClient.connect(bridge.control_socket)``.
+Fault injection: ``bridge.add_fault("disk0", "medium_error", lba_first=100, lba_last=107)``
+returns the rule's id; ``bridge.client.fault_list()``, ``fault_remove(id=...)``,
+``fault_clear()``. A test of its own (trio) client: ``await ControlClient.connect(bridge.control_socket)``.
 Without the installed entry point: ``pytest -p bridge.control.pytest_plugin``.
 """
 
@@ -71,6 +73,11 @@ class RunningBridge:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def add_fault(self, lu: str, action: str, **rule: Any) -> int:
+        """``fault.add`` (bridge/scsi/faults.py): the new rule's id. Rules end with the
+        bridge; ``client.fault_clear()`` ends them earlier."""
+        return self.client.fault_add(lu=lu, action=action, **rule)["id"]
 
     def stop(self) -> int:
         self.client.close()

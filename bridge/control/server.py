@@ -173,7 +173,10 @@ async def serve_control(target: Target, host: AttachmentHost, *, state_dir: str,
     control.watcher = BlockDeviceWatcher(target)
     server = ControlServer(control)
     path = socket_path or default_socket_path(state_dir)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(control.watcher.run)
-        await nursery.start(partial(server.serve, path, mode=mode, owner=owner, group=group))
-        task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.watcher.run)
+            await nursery.start(partial(server.serve, path, mode=mode, owner=owner, group=group))
+            task_status.started()
+    finally:
+        control.faults.clear()  # fault rules never outlive the control plane that set them

@@ -51,8 +51,14 @@ class ServiceResponse(enum.Enum):
     # The data buffer in the command's direction is shorter than its transfer:
     # nothing was done (QEMU answers virtio OVERRUN the same way).
     DATA_OVERRUN = enum.auto()
-    # Ended by a task management function or a nexus loss (SAM-5 5.6).
+    # Ended by ABORT TASK, ABORT TASK SET, CLEAR TASK SET, PREEMPT AND ABORT or an unmap
+    # (SAM-5 5.6).
     TASK_ABORTED = enum.auto()
+    # Ended by a reset: LOGICAL UNIT RESET, I_T NEXUS RESET, an I_T nexus loss (SAM-5 6.3).
+    # Transports that tell the two apart answer it as a reset (virtio 1.2 5.6.6.1:
+    # VIRTIO_SCSI_S_RESET "cancelled due to a bus or device reset"), which initiators
+    # retry; the others as TASK_ABORTED.
+    TASK_ABORTED_BY_RESET = enum.auto()
     # The request cannot be delivered as given (both data-in and data-out buffers:
     # the core has no bidirectional commands).
     SERVICE_DELIVERY_FAILURE = enum.auto()

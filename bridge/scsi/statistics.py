@@ -16,7 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .events import LunAdded, LunRemoved, TargetEvent
-from .request import ScsiRequest, ScsiResponse, ScsiStatus, ServiceResponse
+from .request import (
+    ScsiRequest,
+    ScsiResponse,
+    ScsiStatus,
+    ServiceResponse,
+    TmfRequest,
+    TmfServiceResponse,
+)
 
 if TYPE_CHECKING:
     from .target import Target
@@ -91,6 +98,8 @@ class Statistics:
         self._pairs: dict[tuple[str, str | None], _Pair] = {}
         self._by_nexus: dict[str, dict[int, list[int]]] = {}
         self._pair_of: dict[int, _Pair] = {}  # id(counts) -> pair, for errors
+        # Task management functions: (initiator, LU or None, function, response) -> count.
+        self._tmfs: dict[tuple[str, str | None, str, str], int] = {}
         target.subscribe(self._on_event)
 
     def _on_event(self, event: TargetEvent) -> None:
@@ -141,7 +150,14 @@ class Statistics:
                 what = f"status {resp.status:#x}"
         pair.errors[what] = pair.errors.get(what, 0) + 1
 
+    def record_tmf(self, tmf: TmfRequest, response: TmfServiceResponse) -> None:
+        """One task management function and its service response (SAM-5 7)."""
+        lu = self._target.lun_maps().get(tmf.initiator.name, {}).get(tmf.lun)
+        key = (tmf.initiator.name, lu, tmf.function.name, response.name)
+        self._tmfs[key] = self._tmfs.get(key, 0) + 1
+
     def reset(self) -> None:
+        self._tmfs.clear()
         for pair in self._pairs.values():
             pair.counts[:] = [0] * _SIZE
             pair.errors.clear()
@@ -155,9 +171,24 @@ class Statistics:
             if pair.lu is not None:
                 by_lu.setdefault(pair.lu, _Sum()).add(pair)
             by_ini.setdefault(pair.initiator, _Sum()).add(pair)
+        tmf_lu: dict[str, dict[str, dict[str, int]]] = {}
+        tmf_ini: dict[str, dict[str, dict[str, int]]] = {}
+        for (ini, lu, function, response), n in sorted(self._tmfs.items(), key=str):
+            for table, name in ((tmf_ini, ini), (tmf_lu, lu)):
+                if name is not None:
+                    row = table.setdefault(name, {}).setdefault(function, {})
+                    row[response] = row.get(response, 0) + n
+        lus = {k: v.as_dict() for k, v in sorted(by_lu.items())}
+        inis = {k: v.as_dict() for k, v in sorted(by_ini.items())}
+        for table, section in ((tmf_lu, lus), (tmf_ini, inis)):
+            for name, row in table.items():
+                section.setdefault(name, _Sum().as_dict())["task_management"] = row
+        for section in (lus, inis):
+            for counters in section.values():
+                counters.setdefault("task_management", {})
         return {
-            "logical_units": {k: v.as_dict() for k, v in sorted(by_lu.items())},
-            "initiators": {k: v.as_dict() for k, v in sorted(by_ini.items())},
+            "logical_units": lus,
+            "initiators": inis,
             "histogram_bounds_us": histogram_bucket_bounds(),
         }
 

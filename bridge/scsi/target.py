@@ -30,6 +30,7 @@ from .cdb import lu_not_supported
 from .command import Command, CommandInfo, CommandTable, Overrun, check_cdb
 from .command_families import COMMAND_TABLE
 from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
+from .faults import FaultInjector
 from .identity import TARGET_PORT_NAME
 from .logical_unit import LogicalUnit, LogicalUnitSpec
 from .ports import PortMap
@@ -81,6 +82,9 @@ class Target:
         self._maps: dict[str, dict[int, str]] = {}
         self._subscribers: list[Callable[[TargetEvent], None]] = []
         self.statistics: Statistics | None = None  # enable_statistics()
+        # The fault injector while it has rules (bridge/scsi/faults.py), else None: the
+        # submit path's only cost of fault injection is testing this attribute.
+        self.faults: FaultInjector | None = None
         try:
             for spec in lus:
                 self.add_logical_unit(spec)
@@ -202,7 +206,7 @@ class Target:
         for name in set(self._maps.get(initiator, {}).values()):
             lu = self._lus[name]
             for t in lu.tasks.matching(initiator):
-                t.aborted = True
+                t.aborted = t.by_reset = True
                 t.scope.cancel()
             lu.reservations.nexus_loss(initiator)
             lu.prevent_removal.discard(initiator)  # SPC-4 6.13: per I_T nexus state
@@ -356,6 +360,11 @@ class Target:
             # SAM-5 8.6.5: no ACA (NormACA=0, NACA=1 refused), so no ACA task attribute;
             # refused like an invalid CDB field, as LIO does.
             return self._check_condition(cmd, SenseData(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00), lu)
+        faults = self.faults
+        if faults is not None:
+            injected = faults.intercept(cmd, info, lu)
+            if injected is not None:
+                return injected
         if info.fast is not None and lu.tasks.may_run_now(attr):
             # Completes without yielding, so it cannot be aborted half-way and needs no
             # entry in the task set (nor the cost of a cancel scope).
@@ -367,7 +376,13 @@ class Target:
             except Overrun:
                 return ScsiResponse(ServiceResponse.DATA_OVERRUN, residual=cmd.in_len or cmd.out_len)
             cmd.in_done = cmd.out_done = 0
-        # Its place in the task set's order is taken now, on arrival (task_set.py).
+        return self.run_as_task(cmd, info, lu)
+
+    def run_as_task(self, cmd: Command, info: CommandInfo, lu: LogicalUnit
+                    ) -> Coroutine[Any, Any, ScsiResponse]:
+        """The command as an abortable task of the LU's task set; its place in the task
+        attribute order is taken now, on arrival (task_set.py)."""
+        attr = cmd.req.task_attr
         return self._run_task(cmd, info, lu, attr, lu.tasks.arrive(attr))
 
     async def _run_task(self, cmd: Command, info: CommandInfo, lu: LogicalUnit, attr: int,
@@ -396,7 +411,8 @@ class Target:
             tasks.remove(task)
             tasks.leave(seq)
         if task.aborted:
-            return ScsiResponse(ServiceResponse.TASK_ABORTED, residual=cmd.in_len or cmd.out_len)
+            return ScsiResponse(ServiceResponse.TASK_ABORTED_BY_RESET if task.by_reset
+                                else ServiceResponse.TASK_ABORTED, residual=cmd.in_len or cmd.out_len)
         if overrun:
             return ScsiResponse(ServiceResponse.DATA_OVERRUN, residual=cmd.in_len or cmd.out_len)
         if sense is not None:
@@ -408,10 +424,15 @@ class Target:
     async def task_management(self, tmf: TmfRequest) -> TmfResponse:
         """SAM-5 7, through the table in task_management.py; never raises."""
         try:
-            return TmfResponse(await self._task_management(tmf))
+            response = await self._task_management(tmf)
         except Exception:
             log.exception("internal error in TMF %s", tmf.function)
-            return TmfResponse(TmfServiceResponse.SERVICE_DELIVERY_OR_TARGET_FAILURE)
+            response = TmfServiceResponse.SERVICE_DELIVERY_OR_TARGET_FAILURE
+        log.info("TMF %s from %s on LUN %d tag %#x: %s", tmf.function.name, tmf.initiator.name,
+                 tmf.lun, tmf.tag, response.name)
+        if self.statistics is not None:
+            self.statistics.record_tmf(tmf, response)
+        return TmfResponse(response)
 
     async def _task_management(self, tmf: TmfRequest) -> TmfServiceResponse:
         initiator = tmf.initiator.name
@@ -434,7 +455,7 @@ class Target:
         """SAM-5 6.3.3: abort every task, SPC-2 release, back to the power-on state (mode
         parameters from their saved values, unit started, removal allowed), UA 29h/03h
         for every nexus."""
-        await TaskSet.abort(lu.tasks.matching())
+        await TaskSet.abort(lu.tasks.matching(), by_reset=True)
         lu.reservations.logical_unit_reset()
         lu.prevent_removal.clear()
         was_wce = lu.mode.wce
@@ -450,5 +471,5 @@ class Target:
         tasks: list[Task] = []
         for name in set(self._maps.get(initiator, {}).values()):
             tasks.extend(self._lus[name].tasks.matching(initiator))
-        await TaskSet.abort(tasks)
+        await TaskSet.abort(tasks, by_reset=True)
         self.nexus_loss(initiator)

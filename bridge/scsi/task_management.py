@@ -35,6 +35,8 @@ class TmfInfo:
 async def _abort_task(target: Target, tmf: TmfRequest, lu: LogicalUnit) -> R:
     t = lu.tasks.find(tmf.initiator.name, tmf.lun, tmf.tag)
     if t is not None:
+        if t.refuses_abort_task:
+            return R.FUNCTION_REJECTED  # an injected fault: the task ignores ABORT TASK
         await TaskSet.abort([t])
     return R.FUNCTION_COMPLETE
 

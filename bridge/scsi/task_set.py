@@ -32,6 +32,10 @@ class Task:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     aborted: bool = False
+    by_reset: bool = False  # aborted by a reset (ServiceResponse.TASK_ABORTED_BY_RESET)
+    # A fault rule (bridge/scsi/faults.py, hang with abort_fails) makes ABORT TASK for this
+    # task answer FUNCTION REJECTED; every other way of aborting it still works.
+    refuses_abort_task: bool = False
 
 
 SIMPLE, ORDERED, HEAD_OF_QUEUE = 0, 1, 2  # request.TaskAttribute values
@@ -125,10 +129,12 @@ class TaskSet:
         ]
 
     @staticmethod
-    async def abort(tasks: list[Task]) -> None:
-        """Abort ``tasks`` and wait until each one has completed."""
+    async def abort(tasks: list[Task], by_reset: bool = False) -> None:
+        """Abort ``tasks`` (``by_reset``: for a reset, SAM-5 6.3) and wait until each one
+        has completed."""
         for t in tasks:
             t.aborted = True
+            t.by_reset = t.by_reset or by_reset
             t.scope.cancel()
             log.info("aborting task tag=%#x of %s on LUN %d", t.tag, t.initiator, t.lun)
         for t in tasks:

@@ -48,6 +48,9 @@ RESPONSE_CODE: dict[ServiceResponse, int] = {
     ServiceResponse.COMMAND_COMPLETE: VirtioScsiResponse.OK,
     ServiceResponse.DATA_OVERRUN: VirtioScsiResponse.OVERRUN,
     ServiceResponse.TASK_ABORTED: VirtioScsiResponse.ABORTED,
+    # virtio 1.2 5.6.6.1: "cancelled due to a bus or device reset" (QEMU answers the same
+    # for requests its device reset cancels; Linux retries them, DID_RESET).
+    ServiceResponse.TASK_ABORTED_BY_RESET: VirtioScsiResponse.RESET,
     ServiceResponse.SERVICE_DELIVERY_FAILURE: VirtioScsiResponse.FAILURE,
     ServiceResponse.TARGET_FAILURE: VirtioScsiResponse.TARGET_FAILURE,
     # A failed link (the control plane's port.down): Linux makes it DID_TRANSPORT_DISRUPTED,

@@ -241,8 +241,8 @@ class RingService:
 
     def _acquire(self, req: VscsiifRequest) -> RequestBuffers | None:
         entries = req.seg[: req.seg_count]
-        if not entries:
-            return None
+        if not entries or req.sc_data_direction == vscsiif.DMA_NONE:
+            return None  # no data: segments (stale ones from xen-scsifront's EH) are ignored
         segs: Sequence[vscsiif.Segment] = entries
         if req.sg_grant:
             segs = translate.indirect_segments(self.datapath.read_pages(self.domid, entries))

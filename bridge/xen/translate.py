@@ -40,8 +40,9 @@ def check_cdb_request(req: VscsiifRequest, sg_grant_max: int) -> None:
         raise RequestError(RsltHost.ERROR, f"nr_segments {req.nr_segments:#x}")
     if req.sg_grant and not sg_grant_max:
         raise RequestError(RsltHost.ERROR, "VSCSIIF_SG_GRANT without feature-sg-grant")
-    if req.seg_count and req.sc_data_direction == vscsiif.DMA_NONE:
-        raise RequestError(RsltHost.ERROR, "data segments with DMA_NONE")
+    # Segments with DMA_NONE are ignored, never mapped, as xen-scsiback maps nothing for a
+    # command without data: xen-scsifront sends them when its error handler reuses a
+    # command's request for TEST UNIT READY (the shadow keeps the failed READ's segments).
     entries = req.seg[: req.seg_count]
     _check_in_page(entries, "seg[]")
     if req.sg_grant:
@@ -70,6 +71,7 @@ HOST_FOR_RESPONSE = {
     ServiceResponse.COMMAND_COMPLETE: RsltHost.OK,
     ServiceResponse.DATA_OVERRUN: RsltHost.ERROR,
     ServiceResponse.TASK_ABORTED: RsltHost.ABORT,
+    ServiceResponse.TASK_ABORTED_BY_RESET: RsltHost.RESET,  # DID_RESET: the midlayer retries
     ServiceResponse.SERVICE_DELIVERY_FAILURE: RsltHost.ERROR,
     ServiceResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE,
     ServiceResponse.PORT_DOWN: RsltHost.NO_CONNECT,  # a failed link (port.down)

@@ -155,7 +155,8 @@ async def test_logical_unit_reset(target):
         await start_blocked(n, target, blocker, events, req(1), req(2, initiator=INI_B))
         resp = await target.task_management(tmf(TaskManagementFunction.LOGICAL_UNIT_RESET))
         events.append(("tmf", resp.response))
-    assert [e[-1] for e in events] == [ServiceResponse.TASK_ABORTED] * 2 + [DONE]
+    # virtio 1.2 5.6.6.1: commands a reset ends are told apart from aborted ones
+    assert [e[-1] for e in events] == [ServiceResponse.TASK_ABORTED_BY_RESET] * 2 + [DONE]
     for ini in (INI_A, INI_B):
         r = await run(target, bytes(6), initiator=ini, clear_ua=False)
         assert_check(r, SenseKey.UNIT_ATTENTION, 0x29, 0x03)
@@ -176,7 +177,7 @@ async def test_i_t_nexus_reset(target):
         resp = await target.task_management(tmf(TaskManagementFunction.I_T_NEXUS_RESET))
         events.append(("tmf", resp.response))
         blocker.release.set()
-    assert events[0] == ("cmd", INI_A, 1, ServiceResponse.TASK_ABORTED)
+    assert events[0] == ("cmd", INI_A, 1, ServiceResponse.TASK_ABORTED_BY_RESET)
     assert events[1] == ("tmf", DONE)
     assert ("cmd", INI_B, 2, OK) in events
     for lun in (0, 3):

@@ -56,7 +56,6 @@ async def test_bad_requests_get_error_responses(env):
                                               segs=[Segment(ro, 0, 512)] * 26),
             "segment beyond page": raw_request(rq, cdb=read10(0, 1), direction=1, nr_segments=1,
                                                segs=[Segment(ro, 4000, 512)]),
-            "segments with DMA_NONE": raw_request(rq, nr_segments=1, segs=[Segment(ro, 0, 512)]),
             "bad grant": raw_request(rq, cdb=read10(0, 1), direction=2, nr_segments=1,
                                      segs=[Segment(99999, 0, 512)]),
             "read-only grant for data-in": raw_request(rq, cdb=read10(0, 1), direction=2,
@@ -75,6 +74,23 @@ async def test_bad_requests_get_error_responses(env):
             fe._free_rqids.insert(0, rq)
         assert backend.stats["errors"] >= len(cases)
         assert env.sim.grant_table.mapped_count() == 1  # the ring only: nothing leaked
+        await assert_still_serves(fe)
+
+
+async def test_segments_with_dma_none_are_ignored(env):
+    """xen-scsifront's error handler sends TEST UNIT READY with the failed command's stale
+    segments and DMA_NONE: the command runs, nothing is mapped (as xen-scsiback)."""
+    async with running_backend(env) as (backend, fe, _):
+        await clear_ua(fe)
+        rq = fe.next_rqid_hint()
+        ro = grant_pages(fe, 1, readonly=True)[0]
+        r = await fe.send_raw(raw_request(rq, nr_segments=1, segs=[Segment(ro, 0, 512)]))
+        assert r.rslt == 0
+        fe._free_rqids.insert(0, rq)
+        assert env.sim.grant_table.mapped_count() == 1  # the ring only
+        stale = raw_request(rq, nr_segments=1, segs=[Segment(99999, 0, 512)])  # not even a grant
+        assert (await fe.send_raw(stale)).rslt == 0
+        fe._free_rqids.insert(0, rq)
         await assert_still_serves(fe)
 
 

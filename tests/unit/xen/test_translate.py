@@ -16,6 +16,7 @@ def test_ok_response_keeps_status_sense_and_residual():
 
 def test_transport_failures_map_to_host_bytes():
     cases = {ServiceResponse.TASK_ABORTED: RsltHost.ABORT,
+             ServiceResponse.TASK_ABORTED_BY_RESET: RsltHost.RESET,
              ServiceResponse.DATA_OVERRUN: RsltHost.ERROR,
              ServiceResponse.SERVICE_DELIVERY_FAILURE: RsltHost.ERROR,
              ServiceResponse.TARGET_FAILURE: RsltHost.TARGET_FAILURE,
