@@ -147,7 +147,10 @@ class ScsiRequest:
 
 @dataclass
 class ScsiResponse:
-    """The outcome of a command: service response, status, sense, residual."""
+    """The outcome of a command: service response, status, sense, residual.
+
+    Never changed once made: the core answers every GOOD without residual with one
+    shared instance."""
 
     response: ServiceResponse = ServiceResponse.COMMAND_COMPLETE
     status: int = ScsiStatus.GOOD
