@@ -21,8 +21,8 @@ than an allocation length is not an error: the data are truncated (SPC-4 4.2.5.6
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Coroutine
+from time import perf_counter_ns
 from typing import Any
 
 from .cdb import lu_not_supported
@@ -58,6 +58,7 @@ from .unit_attention import (
 log = logging.getLogger(__name__)
 
 INTERNAL_TARGET_FAILURE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+_GOOD = ScsiResponse()  # COMMAND COMPLETE, GOOD, no sense, no residual
 
 
 class Target:
@@ -232,14 +233,19 @@ class Target:
         one holds nothing: the command joins the task set when it starts).
         """
         stats = self.statistics
-        t0 = time.perf_counter_ns() if stats is not None else 0
+        if stats is None:
+            try:
+                started = self._submit(req)
+            except Exception:
+                started = self._internal_error(req)
+            return started if type(started) is ScsiResponse else self._finish(req, started)
+        t0 = perf_counter_ns()
         try:
             started = self._submit(req)
         except Exception:
             started = self._internal_error(req)
         if type(started) is ScsiResponse:
-            if stats is not None:
-                stats.record(req, started, time.perf_counter_ns() - t0)
+            stats.record(req, started, perf_counter_ns() - t0)
             return started
         return self._finish(req, started, t0)
 
@@ -251,7 +257,7 @@ class Target:
             resp = self._internal_error(req)
         stats = self.statistics
         if stats is not None:
-            stats.record(req, resp, time.perf_counter_ns() - t0)
+            stats.record(req, resp, perf_counter_ns() - t0)
         return resp
 
     @staticmethod
@@ -269,7 +275,9 @@ class Target:
             return ScsiResponse(ServiceResponse.SERVICE_DELIVERY_FAILURE)
         lun = req.lun
         lu = None if lun == REPORT_LUNS_WLUN else self._lu_at(req.initiator.name, lun)
-        cmd = Command(self, req, bytes(req.cdb), lu, lun, in_len, out_len)
+        cdb = req.cdb
+        cmd = Command(self, req, cdb if type(cdb) is bytes else bytes(cdb), lu, lun, in_len,
+                      out_len)
         if lu is None:
             return self._run_without_lu(cmd)
         return self._run(cmd, lu)
@@ -333,7 +341,11 @@ class Target:
             # entry in the task set (nor the cost of a cancel scope).
             try:
                 if info.fast(cmd):
-                    return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.GOOD, b"", cmd.residual)
+                    residual = cmd.residual
+                    if not residual:
+                        return _GOOD  # responses are never changed: one for every GOOD
+                    return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.GOOD, b"",
+                                        residual)
             except SenseError as e:
                 return self._check_condition(cmd, e.sense, lu)
             except Overrun:
