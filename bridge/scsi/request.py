@@ -116,7 +116,7 @@ class TargetPort:
     relative_id: int = 1
 
 
-@dataclass
+@dataclass(slots=True)  # built once per command: slots are faster to make and read
 class ScsiRequest:
     """One command (SAM-5 5.1 Execute Command), its buffers resolved to memoryviews.
 
@@ -145,7 +145,7 @@ class ScsiRequest:
         return sum(len(b) for b in self.data_in)
 
 
-@dataclass
+@dataclass(slots=True)  # built once per command: slots are faster to make and read
 class ScsiResponse:
     """The outcome of a command: service response, status, sense, residual.
 
@@ -157,6 +157,11 @@ class ScsiResponse:
     sense: bytes = b""
     residual: int = 0
     status_qualifier: int = 0
+
+
+# COMMAND COMPLETE, GOOD, no sense, no residual: the core answers every such command
+# with this one instance (a transport may test ``is GOOD_RESPONSE`` to encode it once).
+GOOD_RESPONSE = ScsiResponse()
 
 
 @dataclass
