@@ -32,6 +32,7 @@ from .events import CapacityChanged, LunAdded, LunRemoved, TargetEvent
 from .identity import TARGET_PORT_NAME
 from .logical_unit import LogicalUnit, LogicalUnitSpec
 from .request import (
+    GOOD_RESPONSE,
     MAX_LUN,
     REPORT_LUNS_WLUN,
     ScsiRequest,
@@ -58,7 +59,7 @@ from .unit_attention import (
 log = logging.getLogger(__name__)
 
 INTERNAL_TARGET_FAILURE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
-_GOOD = ScsiResponse()  # COMMAND COMPLETE, GOOD, no sense, no residual
+_GOOD = GOOD_RESPONSE
 
 
 class Target:
