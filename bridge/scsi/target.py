@@ -59,7 +59,6 @@ from .unit_attention import (
 log = logging.getLogger(__name__)
 
 INTERNAL_TARGET_FAILURE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00)
-_GOOD = GOOD_RESPONSE
 
 
 class Target:
@@ -234,19 +233,14 @@ class Target:
         one holds nothing: the command joins the task set when it starts).
         """
         stats = self.statistics
-        if stats is None:
-            try:
-                started = self._submit(req)
-            except Exception:
-                started = self._internal_error(req)
-            return started if type(started) is ScsiResponse else self._finish(req, started)
-        t0 = perf_counter_ns()
+        t0 = perf_counter_ns() if stats is not None else 0
         try:
             started = self._submit(req)
         except Exception:
             started = self._internal_error(req)
         if type(started) is ScsiResponse:
-            stats.record(req, started, perf_counter_ns() - t0)
+            if stats is not None:
+                stats.record(req, started, perf_counter_ns() - t0)
             return started
         return self._finish(req, started, t0)
 
@@ -344,7 +338,7 @@ class Target:
                 if info.fast(cmd):
                     residual = cmd.residual
                     if not residual:
-                        return _GOOD  # responses are never changed: one for every GOOD
+                        return GOOD_RESPONSE  # never changed: one for every GOOD
                     return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.GOOD, b"",
                                         residual)
             except SenseError as e:
