@@ -186,9 +186,10 @@ class Backing:
                 return done  # partially cached: finish in a thread
         return done
 
-    def read_inline(self, offset: int, views: Sequence[memoryview]) -> bool:
+    def read_inline(self, offset: int, views: Sequence[memoryview], nbytes: int = -1) -> bool:
         """Try the whole read without blocking (RWF_NOWAIT); False when it must go to a
-        thread (the caller then reads everything again through read_into)."""
+        thread (the caller then reads everything again through read_into). ``nbytes``:
+        the length of ``views`` when the caller knows it."""
         if not self.nowait_reads:
             return self.timed_inline_reads and self._read_inline_timed(offset, views)
         if len(views) > IOV_MAX:
@@ -206,7 +207,7 @@ class Backing:
                 self.nowait_reads = False
                 self.timed_inline_reads = not self.is_block_device
             return False  # the blocking path reports it
-        return n == sum(len(v) for v in views)
+        return n == (nbytes if nbytes >= 0 else sum(map(len, views)))
 
     def _read_inline_timed(self, offset: int, views: Sequence[memoryview]) -> bool:
         """No RWF_NOWAIT for reads on this file (tmpfs before Linux 6.6 answers EOPNOTSUPP):

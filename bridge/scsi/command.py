@@ -9,7 +9,7 @@ REPORT SUPPORTED OPERATION CODES (SPC-4 6.35).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bridge.scsi.request import ScsiRequest
@@ -63,7 +63,10 @@ class Command:
         if self.in_len < nbytes:
             raise Overrun
         self.in_done = nbytes
-        return prefix(self.req.data_in, nbytes)
+        data_in = self.req.data_in
+        if self.in_len == nbytes and len(data_in) == 1:
+            return data_in  # the usual case: one buffer of exactly the transfer
+        return prefix(data_in, nbytes)
 
     def out_views(self, nbytes: int) -> list[memoryview]:
         """The data-out buffer for a transfer of exactly ``nbytes`` (OVERRUN when shorter)."""
@@ -105,6 +108,16 @@ class CommandInfo:
     allowed_without_lu: bool = False  # answered on an unmapped LUN / the W-LUN
     medium: bool = False  # needs the medium: NOT READY while stopped (SBC-3 5.25)
     fast: FastPath | None = None
+    # The CDB bits outside the usage data (and outside the CONTROL byte's vendor bits) as
+    # one big-endian integer: check_cdb tests a CDB with one AND.
+    reserved: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.usage)
+        allowed = bytearray(self.usage)
+        allowed[0] = 0xFF  # the opcode itself
+        allowed[n - 1] |= 0xC0
+        object.__setattr__(self, "reserved", int.from_bytes(allowed, "big") ^ ((1 << 8 * n) - 1))
 
     @property
     def cdb_length(self) -> int:
@@ -159,6 +172,8 @@ class CommandTable:
                     raise ValueError(f"{info.name}: duplicate row {key}")
                 self._rows[key] = info
         self._opcodes = frozenset(op for op, _sa in self._rows)
+        # Rows of opcodes without a service action, indexed by opcode (the I/O hot path).
+        self._plain: list[CommandInfo | None] = [self._rows.get((op, None)) for op in range(256)]
 
     def get(self, key: CommandKey) -> CommandInfo | None:
         return self._rows.get(key)
@@ -177,6 +192,9 @@ class CommandTable:
         """The row for a CDB, or the SPC-4 error for an unknown opcode/service action."""
         if not cdb:
             raise invalid_opcode()
+        info = self._plain[cdb[0]]
+        if info is not None:
+            return info
         op = cdb[0]
         if op in SERVICE_ACTION_OPCODES:
             if len(cdb) < 2:
@@ -199,12 +217,17 @@ def check_cdb(info: CommandInfo, cdb: bytes) -> bytes:
     Returns the CDB trimmed to its length. The CONTROL byte's vendor-specific bits
     7-6 are ignored.
     """
-    n = info.cdb_length
-    if len(cdb) < n:
-        # Shorter than its own opcode's CDB: nothing sensible to point at but its end.
-        raise SenseError(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00, FieldPointer(len(cdb), None, True))
-    cdb = bytes(cdb[:n])
     usage = info.usage
+    n = len(usage)
+    if len(cdb) != n or type(cdb) is not bytes:
+        if len(cdb) < n:
+            # Shorter than its own opcode's CDB: nothing sensible to point at but its end.
+            raise SenseError(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00,
+                             FieldPointer(len(cdb), None, True))
+        cdb = bytes(cdb[:n])
+    if not int.from_bytes(cdb, "big") & info.reserved:
+        return cdb
+    # A reserved bit is set: find the first one, byte by byte, for the sense data.
     for i in range(1, n):
         allowed = usage[i] | (0xC0 if i == n - 1 else 0)
         bad = cdb[i] & ~allowed

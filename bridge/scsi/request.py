@@ -131,7 +131,7 @@ class TargetPort:
     max_transfer_bytes: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)  # built once per command: slots are faster to make and read
 class ScsiRequest:
     """One command (SAM-5 5.1 Execute Command), its buffers resolved to memoryviews.
 
@@ -160,15 +160,23 @@ class ScsiRequest:
         return sum(len(b) for b in self.data_in)
 
 
-@dataclass
+@dataclass(slots=True)  # built once per command: slots are faster to make and read
 class ScsiResponse:
-    """The outcome of a command: service response, status, sense, residual."""
+    """The outcome of a command: service response, status, sense, residual.
+
+    Never changed once made: the core answers every GOOD without residual with one
+    shared instance."""
 
     response: ServiceResponse = ServiceResponse.COMMAND_COMPLETE
     status: int = ScsiStatus.GOOD
     sense: bytes = b""
     residual: int = 0
     status_qualifier: int = 0
+
+
+# COMMAND COMPLETE, GOOD, no sense, no residual: the core answers every such command
+# with this one instance (a transport may test ``is GOOD_RESPONSE`` to encode it once).
+GOOD_RESPONSE = ScsiResponse()
 
 
 @dataclass

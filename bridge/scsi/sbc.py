@@ -109,19 +109,25 @@ async def read_capacity_16(cmd: Command) -> None:
 # have no protection information. GROUP NUMBER (bits 4-0 of its byte) accepted, ignored.
 
 
+_RW10 = struct.Struct(">2xIxHx")  # LOGICAL BLOCK ADDRESS, TRANSFER LENGTH
+_RW12 = struct.Struct(">2xII2x")
+_RW16 = struct.Struct(">2xQI2x")
+
+
 def rw_fields(cdb: bytes) -> tuple[int, int, int]:
-    """(LBA, TRANSFER LENGTH, offset of the length field) of READ/WRITE 6/10/12/16.
+    """(LBA, TRANSFER LENGTH, offset of the length field) of READ/WRITE 6/10/12/16
+    (``cdb`` as check_cdb returns it: exactly the opcode's length).
 
     SBC-3 5.11/5.39: a READ(6)/WRITE(6) TRANSFER LENGTH of 0 means 256 blocks.
     """
     group = cdb[0] >> 5
+    if group == 1:
+        return (*_RW10.unpack_from(cdb), 7)
     if group == 0:
         return u24(cdb, 1) & 0x1FFFFF, cdb[4] or 256, 4
-    if group == 1:
-        return u32(cdb, 2), u16(cdb, 7), 7
     if group == 5:
-        return u32(cdb, 2), u32(cdb, 6), 6
-    return u64(cdb, 2), u32(cdb, 10), 10
+        return (*_RW12.unpack_from(cdb), 6)
+    return (*_RW16.unpack_from(cdb), 10)
 
 
 def fua(cdb: bytes) -> bool:
@@ -132,14 +138,22 @@ def read_fast(cmd: Command) -> bool:
     """Page-cache hit: the whole READ inline (RWF_NOWAIT), no task, no cancel scope."""
     lu = cmd.lu
     assert lu is not None
-    lba, nblocks, len_byte = rw_fields(cmd.cdb)
-    check_range(cmd, lba, nblocks, len_byte)
+    cdb = cmd.cdb
+    if cdb[0] == 0x28:  # READ(10), what Linux sends: its fields without a tuple
+        lba, nblocks = _RW10.unpack_from(cdb)
+        len_byte = 7
+    else:
+        lba, nblocks, len_byte = rw_fields(cdb)
+    block_size = lu.block_size
+    if lba + nblocks > lu.num_blocks or \
+            nblocks > bl.max_transfer_blocks(cmd.req.target_port, block_size):
+        check_range(cmd, lba, nblocks, len_byte)  # raises the error that applies
     if nblocks == 0:
         return True
     if not lu.write_gate.shared_free():
         return False  # an exclusive writer (COMPARE AND WRITE, WRITE ATOMIC) holds the LU
-    views = cmd.in_views(nblocks * lu.block_size)
-    return lu.backing.read_inline(lba * lu.block_size, views)
+    nbytes = nblocks * block_size
+    return lu.backing.read_inline(lba * block_size, cmd.in_views(nbytes), nbytes)
 
 
 def write_fast(cmd: Command) -> bool:

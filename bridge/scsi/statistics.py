@@ -47,6 +47,7 @@ _BYTES_WRITTEN = 4
 _ERRORS = 5
 _HIST = 6
 _SIZE = _HIST + HISTOGRAM_BUCKETS
+_HIST_LAST = _HIST + _LAST
 _LAST_US = 1 << (_LAST - 1)
 _COMPLETE = ServiceResponse.COMMAND_COMPLETE
 
@@ -121,19 +122,16 @@ class Statistics:
             c = self._by_nexus[req.initiator.name][req.lun]
         except KeyError:
             c = self._counts(req.initiator.name, req.lun)
+        us = ns // 1000
+        c[_HIST + us.bit_length() if us < _LAST_US else _HIST_LAST] += 1
         cdb = req.cdb
         kind = _KIND[cdb[0]] if cdb else 0
         c[kind] += 1
-        us = ns // 1000
-        c[_HIST + (us.bit_length() if us < _LAST_US else _LAST)] += 1
         if resp.status or resp.response is not _COMPLETE:
             self._error(c, resp)
-        elif kind == 1:
-            d = req.data_in
-            c[_BYTES_READ] += (len(d[0]) if len(d) == 1 else sum(map(len, d))) - resp.residual
-        elif kind == 2:
-            d = req.data_out
-            c[_BYTES_WRITTEN] += (len(d[0]) if len(d) == 1 else sum(map(len, d))) - resp.residual
+        elif kind:  # bytes read (kind 1) or written (kind 2), in the list after the kinds
+            d = req.data_in if kind == 1 else req.data_out
+            c[kind + 2] += (len(d[0]) if len(d) == 1 else sum(map(len, d))) - resp.residual
 
     def _error(self, c: list[int], resp: ScsiResponse) -> None:
         c[_ERRORS] += 1

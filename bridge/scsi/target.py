@@ -21,8 +21,8 @@ than an allocation length is not an error: the data are truncated (SPC-4 4.2.5.6
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Coroutine
+from time import perf_counter_ns
 from typing import Any
 
 from .alua import refusal
@@ -35,6 +35,7 @@ from .identity import TARGET_PORT_NAME
 from .logical_unit import LogicalUnit, LogicalUnitSpec
 from .ports import PortMap
 from .request import (
+    GOOD_RESPONSE,
     MAX_LUN,
     REPORT_LUNS_WLUN,
     ScsiRequest,
@@ -245,14 +246,14 @@ class Target:
         later waits for it), and gives it up when the coroutine ends.
         """
         stats = self.statistics
-        t0 = time.perf_counter_ns() if stats is not None else 0
+        t0 = perf_counter_ns() if stats is not None else 0
         try:
             started = self._submit(req)
         except Exception:
             started = self._internal_error(req)
         if type(started) is ScsiResponse:
             if stats is not None:
-                stats.record(req, started, time.perf_counter_ns() - t0)
+                stats.record(req, started, perf_counter_ns() - t0)
             return started
         return self._finish(req, started, t0)
 
@@ -267,7 +268,7 @@ class Target:
             resp = ScsiResponse(ServiceResponse.PORT_DOWN)
         stats = self.statistics
         if stats is not None:
-            stats.record(req, resp, time.perf_counter_ns() - t0)
+            stats.record(req, resp, perf_counter_ns() - t0)
         return resp
 
     @staticmethod
@@ -288,7 +289,9 @@ class Target:
             return ScsiResponse(ServiceResponse.PORT_DOWN)  # ports.py: a failed link
         lun = req.lun
         lu = None if lun == REPORT_LUNS_WLUN else self._lu_at(req.initiator.name, lun)
-        cmd = Command(self, req, bytes(req.cdb), lu, lun, in_len, out_len)
+        cdb = req.cdb
+        cmd = Command(self, req, cdb if type(cdb) is bytes else bytes(cdb), lu, lun, in_len,
+                      out_len)
         cmd.port = port
         if lu is None:
             return self._run_without_lu(cmd)
@@ -370,7 +373,11 @@ class Target:
             # entry in the task set (nor the cost of a cancel scope).
             try:
                 if info.fast(cmd):
-                    return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.GOOD, b"", cmd.residual)
+                    residual = cmd.residual
+                    if not residual:
+                        return GOOD_RESPONSE  # never changed: one for every GOOD
+                    return ScsiResponse(ServiceResponse.COMMAND_COMPLETE, ScsiStatus.GOOD, b"",
+                                        residual)
             except SenseError as e:
                 return self._check_condition(cmd, e.sense, lu)
             except Overrun:

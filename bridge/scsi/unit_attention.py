@@ -58,7 +58,9 @@ class UnitAttentions:
 
     def pop(self, initiator: str, lu: str) -> SenseData | None:
         """Report and clear the oldest UA (the command that reports it fails)."""
-        q = self._queue(initiator, lu)
+        q = self._queues.get((initiator, lu))  # on every command: no call when none pending
+        if q is None:
+            q = self._queue(initiator, lu)
         if not q:
             return None
         asc, ascq = q.popleft()

@@ -65,6 +65,7 @@ class RequestQueue:
         self._initiator = device.initiator
         self._target_port = device.target_port
         self._requests = device.requests_per_queue
+        self._luns: dict[bytes, int] = {}  # virtio LUN field -> decode_lun(), valid ones
 
     def close(self) -> tuple[int, int] | None:
         """Stop serving (tasks are cancelled by the activation) and release the ring;
@@ -241,11 +242,18 @@ class RequestQueue:
         resp_views, data_in = split(chain.writable, resp_len)
         if total_len(hdr_views) < hdr_len or total_len(resp_views) < resp_len:
             return self._reject(chain, "request or response header too short")
-        hdr = parse_cmd_req(gather(hdr_views, hdr_len), cdb_size)
-        lun = decode_lun(hdr.lun)
+        # The header is read once from guest memory (unpack, and the CDB copied).
+        hdr = parse_cmd_req(hdr_views[0] if len(hdr_views) == 1 else gather(hdr_views, hdr_len),
+                            cdb_size)
+        lun = self._luns.get(hdr.lun)
         if lun is None:
-            scatter(resp_views, encode_cmd_failure(VirtioScsiResponse.BAD_TARGET, sense_size))
-            return resp_len
+            lun = decode_lun(hdr.lun)
+            if lun is None:
+                scatter(resp_views, encode_cmd_failure(VirtioScsiResponse.BAD_TARGET, sense_size))
+                return resp_len
+            if len(self._luns) >= 64:  # the guest picks the bytes: keep the cache small
+                self._luns.clear()
+            self._luns[hdr.lun] = lun
         # Both data-out and data-in (bidirectional; VIRTIO_SCSI_F_INOUT is not offered):
         # the core answers SERVICE_DELIVERY_FAILURE, virtio FAILURE.
         req = ScsiRequest(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from bridge.scsi.request import (
+    GOOD_RESPONSE,
     MAX_LUN,
     REPORT_LUNS_WLUN,
     ScsiResponse,
@@ -172,10 +173,11 @@ def cmd_resp_size(sense_size: int) -> int:
     return CMD_RESP_FIXED_SIZE + sense_size
 
 
-def parse_cmd_req(raw: bytes, cdb_size: int) -> CmdReqHeader:
-    """virtio_scsi_req_cmd with the negotiated cdb_size; ``raw`` must be long enough."""
+def parse_cmd_req(raw: bytes | memoryview, cdb_size: int) -> CmdReqHeader:
+    """virtio_scsi_req_cmd with the negotiated cdb_size; ``raw`` must be long enough
+    (a view of guest memory is read once: the CDB is copied)."""
     lun, tag, attr, prio, crn = _CMD_REQ.unpack_from(raw, 0)
-    cdb = raw[CMD_REQ_FIXED_SIZE : CMD_REQ_FIXED_SIZE + cdb_size]
+    cdb = bytes(raw[CMD_REQ_FIXED_SIZE : CMD_REQ_FIXED_SIZE + cdb_size])
     return CmdReqHeader(lun, tag, attr, prio, crn, cdb)
 
 
@@ -187,11 +189,19 @@ def encode_cmd_resp(resp: ScsiResponse, sense_size: int) -> bytes:
 
 
 _ZEROS = memoryview(bytes(4096))
+_good_encoded = b""  # GOOD_RESPONSE encoded for the last sense_size used
 
 
 def encode_cmd_resp_into(buf: memoryview, resp: ScsiResponse, sense_size: int) -> None:
     """virtio_scsi_resp_cmd written into ``buf`` (cmd_resp_size(sense_size) bytes); sense
     beyond ``sense_size`` is cut (sense_len says what fits)."""
+    global _good_encoded
+    if resp is GOOD_RESPONSE:  # most responses: one copy of bytes encoded once
+        good = _good_encoded
+        if len(good) != CMD_RESP_FIXED_SIZE + sense_size:
+            good = _good_encoded = encode_cmd_resp(ScsiResponse(), sense_size)
+        buf[: len(good)] = good
+        return
     sense = resp.sense
     n = min(len(sense), sense_size)
     resid = max(0, min(resp.residual, 0xFFFFFFFF))

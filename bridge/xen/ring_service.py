@@ -77,6 +77,10 @@ class RingService:
         self.broken: str | None = None
         self.closed = False  # no more responses: the backend let go of this ring
         self.idle_wait: trio.CancelScope | None = None  # the ring loop's wait for an event
+        # During a pass over the ring: CDB requests the target answered at once, to be
+        # finished (guest pages released, data copied back) and answered after the pass.
+        self._answered: list[tuple[VscsiifRequest, ScsiRequest, RequestBuffers, int,
+                                   ScsiResponse]] | None = None
 
     def kick(self) -> None:
         """Make the ring loop look at the ring again, whatever it waits for."""
@@ -111,8 +115,14 @@ class RingService:
                 requests.cancel_scope.cancel()
                 self._on_broken()
                 return
-            for raw in raws:
-                self._dispatch(raw, requests)
+            # Requests answered at once are finished together after the pass (one grant
+            # copy for all their data-in with the copy strategy).
+            self._answered = []
+            try:
+                for raw in raws:
+                    self._dispatch(raw, requests)
+            finally:
+                self._finish_answered()
             if raws:
                 await trio.sleep(0)
                 continue
@@ -234,10 +244,25 @@ class RingService:
             log.exception("%s: target failed on rqid %d", self.name, req.rqid)
             started = ScsiResponse(response=ServiceResponse.TARGET_FAILURE)
         if isinstance(started, ScsiResponse):
-            self._respond(self._cdb_done(req, sreq, bufs, data_len, started))
+            if bufs is not None and self._answered is not None:
+                self._answered.append((req, sreq, bufs, data_len, started))
+            else:
+                self._respond(self._cdb_done(req, sreq, bufs, data_len, started))
             return
         self.inflight[req.rqid] = tag
         requests.start_soon(self._run_cdb, req, sreq, bufs, data_len, started)
+
+    def _finish_answered(self) -> None:
+        answered, self._answered = self._answered, None
+        if not answered:
+            return
+        try:
+            self.datapath.copy_out_together([a[2] for a in answered])
+        except Exception as exc:  # each finish copies its own: only a bad one fails
+            log.debug("%s: copy-out of %d requests together failed (%s): one by one",
+                      self.name, len(answered), exc)
+        for req, sreq, bufs, data_len, result in answered:
+            self._respond(self._cdb_done(req, sreq, bufs, data_len, result))
 
     def _acquire(self, req: VscsiifRequest) -> RequestBuffers | None:
         entries = req.seg[: req.seg_count]

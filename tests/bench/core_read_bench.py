@@ -1,4 +1,4 @@
-"""Microbenchmark (not a test): 4 KiB READ(10)s through Target.execute on a page-cached image.
+"""Microbenchmark (not a test): 4 KiB READ(10)s through Target.submit on a page-cached image.
 
 Prints requests/s and CPU microseconds per request (time.process_time, all threads) for
 reads served inline with RWF_NOWAIT versus reads sent to a worker thread; and for 4 KiB
@@ -12,7 +12,14 @@ with the figures: the share of requests whose first RWF_NOWAIT attempt missed, a
 read with AIO or in a thread (the rest hit on read_into's second attempt: the first miss
 started a buffered read of the page, which may have finished by then).
 
+Requests go through ``Target.submit``, the entry point the transports use (a response at
+once, else a coroutine to await), with statistics enabled as ``serve`` runs it
+(``--no-stats``: without). ``--requests N --only read``: exactly N inline READs and nothing
+else, for instruction counts (callgrind at two values of N, subtract):
+
     python tests/bench/core_read_bench.py [--seconds 3] [--concurrency 1] [--cold [--dir D]]
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python tests/bench/core_read_bench.py --only read --requests 20000
 """
 
 from __future__ import annotations
@@ -23,15 +30,18 @@ import mmap
 import os
 import random
 import struct
+import sys
 import tempfile
 import time
 
 import trio
 
-from bridge.scsi import aio
-from bridge.scsi.logical_unit import LogicalUnitSpec
-from bridge.scsi.request import InitiatorPort, ScsiRequest
-from bridge.scsi.target import Target
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from bridge.scsi import aio  # noqa: E402
+from bridge.scsi.logical_unit import LogicalUnitSpec  # noqa: E402
+from bridge.scsi.request import InitiatorPort, ScsiRequest, ScsiResponse, ServiceResponse  # noqa: E402
+from bridge.scsi.target import Target  # noqa: E402
 
 IMAGE_SIZE = 64 << 20
 COLD_IMAGE_SIZE = 256 << 20
@@ -62,7 +72,9 @@ def evict(path: str) -> None:
 
 
 async def run_mode(target: Target, op: int, seconds: float, concurrency: int,
-                   image_size: int = IMAGE_SIZE) -> tuple[float, float]:
+                   image_size: int = IMAGE_SIZE, requests: int = 0) -> tuple[float, float]:
+    """(requests/s, CPU us per request); ``requests`` > 0: stop after that many instead of
+    after ``seconds``."""
     nblocks = IO // 512
     max_lba = image_size // 512 - nblocks
     rng = random.Random(1)
@@ -74,7 +86,8 @@ async def run_mode(target: Target, op: int, seconds: float, concurrency: int,
         view = memoryview(mmap.mmap(-1, IO))  # page-aligned, like guest memory
         ini = InitiatorPort(INITIATOR)
         lun = 0
-        while time.perf_counter() < deadline:
+        submit = target.submit
+        while (count < requests) if requests else (time.perf_counter() < deadline):
             lba = rng.randrange(0, max_lba // 8) * 8
             tag += 1
             cdb = struct.pack(">BBIBHB", op, 0, lba, 0, nblocks, 0)
@@ -82,10 +95,14 @@ async def run_mode(target: Target, op: int, seconds: float, concurrency: int,
                 req = ScsiRequest(lun=lun, tag=tag, cdb=cdb, initiator=ini, data_in=[view])
             else:
                 req = ScsiRequest(lun=lun, tag=tag, cdb=cdb, initiator=ini, data_out=[view])
-            resp = await target.execute(req)
-            if resp.status != 0 or resp.response != 0:
+            resp = submit(req)  # as the transports do: a response now, or a coroutine
+            if type(resp) is not ScsiResponse:
+                resp = await resp
+            if resp.status or resp.response is not ServiceResponse.COMMAND_COMPLETE:
                 raise SystemExit(f"request failed: {resp}")
             count += 1
+            if not count % 64:
+                await trio.lowlevel.checkpoint()  # let the other workers run
 
     # warm up + consume the POWER ON unit attention
     await target.execute(ScsiRequest(lun=0, tag=0, cdb=bytes(6),
@@ -164,18 +181,26 @@ async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         path = make_image(d)
         target = Target([LogicalUnitSpec(name="bench", path=path)], {INITIATOR: {0: "bench"}})
+        if args.stats:
+            target.enable_statistics()
         lu = target.logical_unit("bench")
         direct_fd = lu.backing.direct_fd
         try:
-            print(f"4 KiB random requests on a page-cached {IMAGE_SIZE >> 20} MiB image, "
-                  f"concurrency {args.concurrency}, {args.seconds:.0f} s each")
-            for label, op, nowait in (
+            print(f"4 KiB random requests on a page-cached {IMAGE_SIZE >> 20} MiB image "
+                  f"through Target.submit, statistics {'on' if args.stats else 'off'}, "
+                  f"concurrency {args.concurrency}, "
+                  + (f"{args.requests} requests" if args.requests else f"{args.seconds:.0f} s")
+                  + " each")
+            rows = [
                 ("READ(10)  inline RWF_NOWAIT", 0x28, True),
                 ("READ(10)  worker thread    ", 0x28, False),
                 ("WRITE(10) inline RWF_NOWAIT", 0x2A, "nowait"),
                 ("WRITE(10) inline timed     ", 0x2A, "inline"),
                 ("WRITE(10) worker thread    ", 0x2A, False),
-            ):
+            ]
+            if args.only == "read":
+                rows = rows[:1]
+            for label, op, nowait in rows:
                 if op == 0x28:
                     lu.backing.nowait_reads = nowait
                     # the thread row: no direct (AIO) reads either
@@ -183,7 +208,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 else:
                     lu.backing.nowait_writes = nowait == "nowait"
                     lu.backing.inline_writes = nowait == "inline"
-                rps, cpu_us = await run_mode(target, op, args.seconds, args.concurrency)
+                rps, cpu_us = await run_mode(target, op, args.seconds, args.concurrency,
+                                             requests=args.requests)
                 note = ""
                 if op == 0x2A and nowait == "nowait" and not lu.backing.nowait_writes:
                     note = "  (kernel refused RWF_NOWAIT writes: EOPNOTSUPP, fell back to threads)"
@@ -200,6 +226,12 @@ def main() -> None:
     p.add_argument("--dir", default=None,
                    help="directory for the image (default: $TMPDIR; /var/tmp with --cold)")
     p.add_argument("--cold", action="store_true", help="page-cache misses: AIO vs thread")
+    p.add_argument("--requests", type=int, default=0,
+                   help="a fixed number of requests per row instead of --seconds")
+    p.add_argument("--only", choices=["read"], default=None,
+                   help="read: the inline READ row only")
+    p.add_argument("--no-stats", dest="stats", action="store_false",
+                   help="without the statistics serve keeps")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     trio.run(main_async, args)

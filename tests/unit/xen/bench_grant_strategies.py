@@ -32,7 +32,8 @@ from tests.xen_sim.xenstored import SimXenstored
 from .conftest import Env, make_target, running_backend
 from .test_backend_io import clear_ua
 
-WORKLOADS = [("4k randread qd1", 4096, 1, "r"), ("4k randwrite qd16", 4096, 16, "w"),
+WORKLOADS = [("4k randread qd1", 4096, 1, "r"), ("4k randread qd16", 4096, 16, "r"),
+             ("4k randwrite qd16", 4096, 16, "w"),
              ("128k seqread qd4", 131072, 4, "r"), ("508k read qd2 (SG_GRANT)", 520192, 2, "r")]
 
 
