@@ -354,6 +354,21 @@ def _image_facts(where: str, path: Path, size: int | None, block_size: int,
     return ImageFacts(exists=True, served_bytes=served, block_device=block_device)
 
 
+def _tables(top: _Table, key: str, errors: _Errors) -> tuple[list[Any], list[_Table]]:
+    """``[[key]]``: its raw entries, and each entry that is a table (an entry that is not
+    is one error, and the rest are still checked)."""
+    raw: list[Any] = []
+    with errors.field():
+        raw = top.get(key, list, [])
+    tables = []
+    for i, entry in enumerate(raw):
+        try:
+            tables.append(_Table(entry, f"{key}[{i}]"))
+        except ConfigError as e:
+            errors.errors.append(e)
+    return raw, tables
+
+
 def parse_config(data: dict[str, Any], base_dir: Path, *,
                  require_attachments: bool = True) -> BridgeConfig:
     """Validate a decoded TOML document; relative paths are taken from ``base_dir``.
@@ -392,16 +407,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
     locking: dict[str, ImageLocking] = {}
     images: dict[str, ImageFacts] = {}
     seen_paths: dict[str, str] = {}  # real path -> the lu[i] that has it
-    raw_lus: list[Any] = []
-    with errors.field():
-        raw_lus = top.get("lu", list, [])
-    for i, raw in enumerate(raw_lus):
-        where = f"lu[{i}]"
-        try:
-            t = _Table(raw, where)
-        except ConfigError as e:
-            errors.errors.append(e)
-            continue
+    raw_lus, raw_lus_tables = _tables(top, "lu", errors)
+    for t in raw_lus_tables:
+        where = t.where
         name = path = None
         size: int | None = None
         block_size = 512
@@ -483,16 +491,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
     # initiator name -> (the attachments that have it, (transport, domain) of the first)
     owners: dict[str, tuple[list[str], tuple[str, str]]] = {}
     wheres: list[str] = []  # the table of each attachment, vfio_user then xen
-    raw_vfio: list[Any] = []
-    with errors.field():
-        raw_vfio = top.get("vfio_user", list, [])
-    for i, raw in enumerate(raw_vfio):
-        where = f"vfio_user[{i}]"
-        try:
-            t = _Table(raw, where)
-        except ConfigError as e:
-            errors.errors.append(e)
-            continue
+    raw_vfio, raw_vfio_tables = _tables(top, "vfio_user", errors)
+    for t in raw_vfio_tables:
+        where = t.where
         sock = None
         with errors.field():
             sock = str(_resolve(t.get("socket", str, required=True), Path(state_dir)))
@@ -530,16 +531,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
 
     xen: list[XenAttachment] = []
     devices: dict[tuple[str, int], str] = {}
-    raw_xen: list[Any] = []
-    with errors.field():
-        raw_xen = top.get("xen", list, [])
-    for i, raw in enumerate(raw_xen):
-        where = f"xen[{i}]"
-        try:
-            t = _Table(raw, where)
-        except ConfigError as e:
-            errors.errors.append(e)
-            continue
+    raw_xen, raw_xen_tables = _tables(top, "xen", errors)
+    for t in raw_xen_tables:
+        where = t.where
         domain = None
         devid = 0
         with errors.field():
@@ -613,16 +607,9 @@ def _port_groups(top: _Table, atts: list[VfioUserAttachment | XenAttachment], wh
     it (``vfio-user.<socket stem>``, ``xen.<domain>.<devid>``), active/optimized.
     """
     declared: list[PortGroupConfig] = []
-    raw_groups: list[Any] = []
-    with errors.field():
-        raw_groups = top.get("port_group", list, [])
-    for i, raw in enumerate(raw_groups):
-        where = f"port_group[{i}]"
-        try:
-            t = _Table(raw, where)
-        except ConfigError as e:
-            errors.errors.append(e)
-            continue
+    raw_groups, raw_groups_tables = _tables(top, "port_group", errors)
+    for t in raw_groups_tables:
+        where = t.where
         name, gid, state, preferred = None, 0, AccessState.ACTIVE_OPTIMIZED, False
         with errors.field():
             name = t.get("name", str, required=True)
