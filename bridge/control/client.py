@@ -64,12 +64,36 @@ def _result(raw: bytes, method: str) -> Any:
     return answer.get("result")
 
 
+class _Lines:
+    """The responses on a control connection, one per line (sans-I/O: both clients
+    feed it what they receive)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            raise ConnectionError("the bridge closed the control connection")
+        self._buf += data
+
+    def pop(self, method: str) -> bytes | None:
+        """The next whole line, or None until more is fed."""
+        nl = self._buf.find(b"\n")
+        if nl < 0:
+            if len(self._buf) > MAX_RESPONSE:
+                raise ControlError(0, "response too long", method)
+            return None
+        line = bytes(self._buf[:nl])
+        del self._buf[: nl + 1]
+        return line
+
+
 class ControlClient:
     """A trio client; one request at a time per client (``call`` is serialised)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._buf = bytearray()
+        self._lines = _Lines()
         self._ids = itertools.count(1)
         self._lock = trio.Lock()
 
@@ -89,15 +113,8 @@ class ControlClient:
     async def call(self, method: str, **params: Any) -> Any:
         async with self._lock:
             await self._stream.send_all(encode_request(method, params, next(self._ids)))
-            while (nl := self._buf.find(b"\n")) < 0:
-                if len(self._buf) > MAX_RESPONSE:
-                    raise ControlError(0, "response too long", method)
-                data = await self._stream.receive_some(65536)
-                if not data:
-                    raise ConnectionError("the bridge closed the control connection")
-                self._buf += data
-            line = bytes(self._buf[:nl])
-            del self._buf[: nl + 1]
+            while (line := self._lines.pop(method)) is None:
+                self._lines.feed(await self._stream.receive_some(65536))
         return _result(line, method)
 
     def __getattr__(self, attribute: str) -> Callable[..., Awaitable[Any]]:
@@ -122,7 +139,7 @@ class BlockingControlClient:
         except BaseException:
             self._sock.close()
             raise
-        self._buf = bytearray()
+        self._lines = _Lines()
         self._ids = itertools.count(1)
 
     def __enter__(self) -> BlockingControlClient:
@@ -136,15 +153,8 @@ class BlockingControlClient:
 
     def call(self, method: str, **params: Any) -> Any:
         self._sock.sendall(encode_request(method, params, next(self._ids)))
-        while (nl := self._buf.find(b"\n")) < 0:
-            if len(self._buf) > MAX_RESPONSE:
-                raise ControlError(0, "response too long", method)
-            data = self._sock.recv(65536)
-            if not data:
-                raise ConnectionError("the bridge closed the control connection")
-            self._buf += data
-        line = bytes(self._buf[:nl])
-        del self._buf[: nl + 1]
+        while (line := self._lines.pop(method)) is None:
+            self._lines.feed(self._sock.recv(65536))
         return _result(line, method)
 
     def __getattr__(self, attribute: str) -> Callable[..., Any]:
