@@ -17,6 +17,7 @@ import mmap
 import os
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +42,26 @@ def sealed_memfd(size: int, name: str = "guest-ram") -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd
+
+
+def make_fd(kind: str) -> int:
+    """An fd of one kind a hostile client may send: "sealed" (as QEMU's guest RAM),
+    "unsealed" memfd, "pipe" (nobody reads it), "eventfd", "file" (a plain file)."""
+    if kind == "sealed":
+        return sealed_memfd(0x4000, "fuzz")
+    if kind == "unsealed":
+        fd = os.memfd_create("fuzz-unsealed")
+        os.ftruncate(fd, 0x4000)
+        return fd
+    if kind == "pipe":
+        r, w = os.pipe()
+        os.close(r)
+        return w
+    if kind == "eventfd":
+        return os.eventfd(0)
+    fd, name = tempfile.mkstemp()
+    os.unlink(name)
     return fd
 
 

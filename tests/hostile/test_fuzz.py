@@ -18,25 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.vfio_user import protocol as p
-from tests.hostile.client import connect_unix, sealed_memfd, version_payload
+from tests.hostile.client import connect_unix, make_fd, version_payload
 from tests.hostile.conftest import Bridge
 
 EXAMPLES = int(os.environ.get("VSCSI_FUZZ_EXAMPLES", "40"))
 FD_KINDS = ("sealed", "unsealed", "pipe", "eventfd")
-
-
-def _make_fd(kind: str) -> int:
-    if kind == "sealed":
-        return sealed_memfd(0x4000, "fuzz")
-    if kind == "unsealed":
-        fd = os.memfd_create("fuzz-unsealed")
-        os.ftruncate(fd, 0x4000)
-        return fd
-    if kind == "pipe":
-        r, w = os.pipe()
-        os.close(r)
-        return w
-    return os.eventfd(0)
 
 
 @st.composite
@@ -71,7 +57,7 @@ def test_random_streams_on_the_hostile_socket(attack: Bridge, negotiate: bool,
             chunk = stream[pos : pos + cut]
             if not chunk:
                 break
-            opened = [_make_fd(k) for k in (fds[i] if i < len(fds) else [])]
+            opened = [make_fd(k) for k in (fds[i] if i < len(fds) else [])]
             anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", opened))]
                    if opened else [])
             try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import array
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ from bridge.vfio_user.device import (
     RegionInfo,
 )
 from bridge.vfio_user.server import serve
+from tests.hostile.client import dma_map
+from tests.hostile.client import sealed_memfd as memfd
 
 RW = REGION_FLAG_READ | REGION_FLAG_WRITE
 
@@ -214,18 +215,6 @@ async def wait_for(condition, timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not condition():
             await trio.sleep(0.005)
-
-
-def memfd(size: int) -> int:
-    """Guest RAM as QEMU's memory-backend-memfd makes it: sealed against resizing."""
-    fd = os.memfd_create("guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-    return fd
-
-
-def dma_map(iova: int, size: int, offset: int = 0, flags: int = 3) -> bytes:
-    return struct.pack("=IIQQQ", 32, flags, offset, iova, size)
 
 
 def irq_set(flags: int, index: int, start: int, count: int) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,8 +17,9 @@ from bridge.vfio_user import protocol as p
 from bridge.vfio_user.budget import ConnectionBudget
 from bridge.vfio_user.dma import DmaSpaceImpl
 from bridge.vfio_user.session import Session
+from tests.hostile.client import make_fd
 
-from .test_server import DummyDevice, memfd
+from .test_server import DummyDevice
 
 EXAMPLES = int(os.environ.get("VSCSI_FUZZ_EXAMPLES", "300"))
 _VERSION = p.encode_message(0, p.Command.VERSION, b"\0\0\0\0{}\0")
@@ -79,24 +79,6 @@ def test_decoder_survives_arbitrary_bytes_in_arbitrary_chunks(data: bytes, chunk
 FD_KINDS = ("sealed", "unsealed", "pipe", "eventfd", "file")
 
 
-def _make_fd(kind: str) -> int:
-    if kind == "sealed":
-        return memfd(0x4000)
-    if kind == "unsealed":
-        fd = os.memfd_create("fuzz-unsealed")
-        os.ftruncate(fd, 0x4000)
-        return fd
-    if kind == "pipe":
-        r, w = os.pipe()
-        os.close(r)
-        return w
-    if kind == "eventfd":
-        return os.eventfd(0)
-    fd, name = tempfile.mkstemp()
-    os.unlink(name)
-    return fd
-
-
 @st.composite
 def fd_messages(draw) -> tuple[bytes, list[str]]:
     """DMA_MAP / DMA_UNMAP / SET_IRQS with hostile fields and any kind of fd."""
@@ -136,7 +118,7 @@ def test_fd_messages_keep_the_budget_and_leak_nothing(msgs) -> None:
     decoder.feed(_VERSION)
     session.handle(decoder.next_event())
     for data, kinds in msgs:
-        decoder.feed(data, [_make_fd(k) for k in kinds])
+        decoder.feed(data, [make_fd(k) for k in kinds])
         ev = decoder.next_event()
         assert isinstance(ev, p.Message)
         out = session.handle(ev)
