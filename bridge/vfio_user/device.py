@@ -52,21 +52,6 @@ class DmaSpace(Protocol):
         ...
 
 
-class DmaAccess(DmaSpace, Protocol):
-    """Optional extras of the server's DmaSpace (bridge/vfio_user/dma.py).
-
-    ``views`` splits a range over adjacent mappings. ``read``/``write`` copy,
-    and reach mappings that came without a file descriptor by sending
-    DMA_READ/DMA_WRITE to the client (slow: 64 KiB per round trip).
-    """
-
-    def views(self, iova: int, length: int, writable: bool) -> list[memoryview]: ...
-
-    async def read(self, iova: int, length: int) -> bytes: ...
-
-    async def write(self, iova: int, data: bytes) -> None: ...
-
-
 @dataclass
 class RegionInfo:
     """One region as DEVICE_GET_REGION_INFO reports it."""
