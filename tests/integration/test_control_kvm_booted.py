@@ -28,12 +28,12 @@ VM1 = "iqn.2026-11.org.vscsi-bridge:vfio-user.vm1"
 MiB = 1 << 20
 
 
-async def cli(bridge: RunningBridge, *args: str) -> str:
+async def cli(bridge: RunningBridge, *args: str, rc: int = 0) -> str:
     proc = await trio.run_process([sys.executable, "-m", "bridge.cli", *args, "--socket",
                                    bridge.control_socket], capture_stdout=True,
                                   capture_stderr=True, check=False, cwd=REPO)
-    assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
-    out = proc.stdout.decode()
+    assert proc.returncode == rc, (args, proc.stdout, proc.stderr)
+    out = proc.stdout.decode() + proc.stderr.decode()
     if "--json" not in args:
         print(f"$ vscsi-bridge {' '.join(args)}\n{out}", end="" if out.endswith("\n") else "\n")
     return out
@@ -111,6 +111,26 @@ async def test_hot_add_grow_unmap_through_the_cli(run_dir: Path) -> None:
             await cli(bridge, "lu", "remove", "hot")
             assert [lu["name"] for lu in json.loads(await cli(bridge, "lu", "list", "--json"))] == ["disk0"]
             await cli(bridge, "lu", "list")
+
+            # an LU removed while fio runs on it: refused while mapped, then forced (the
+            # guest loses the disk, its fio fails), and everything else goes on
+            await cli(bridge, "lu", "add", "doomed", str(run_dir / "doomed.img"), "--size", "16MiB")
+            await cli(bridge, "lun", "map", "vm1.sock", "2", "doomed")
+            await guest_wait(guest, "[ -e /sys/bus/scsi/devices/0:0:0:2/block ]", "LUN 2 added")
+            r = await guest.run(
+                "d=$(ls /sys/bus/scsi/devices/0:0:0:2/block); (fio --name=doomed "
+                "--filename=/dev/$d --direct=1 --ioengine=libaio --rw=randread --bs=4k "
+                "--iodepth=8 --time_based --runtime=60 >/tmp/doomed.out 2>&1; "
+                "echo rc=$? >>/tmp/doomed.out) & sleep 2; grep -c . /tmp/doomed.out || true")
+            assert r.rc == 0, r.output
+            refused = await cli(bridge, "lu", "remove", "doomed", rc=1)
+            assert "mapped" in refused, refused
+            await cli(bridge, "lu", "remove", "doomed", "--force")
+            await guest_wait(guest, "[ ! -e /sys/bus/scsi/devices/0:0:0:2 ]", "LUN 2 removed")
+            r = await guest.run("while ! grep -q '^rc=' /tmp/doomed.out; do usleep 500000; done; "
+                                "tail -3 /tmp/doomed.out", timeout=120)
+            assert "rc=0" not in r.output, r.output  # its disk went away under it
+            assert [lu["name"] for lu in json.loads(await cli(bridge, "lu", "list", "--json"))] == ["disk0"]
 
             # the background fio on LUN 0 ran through all of it, verify clean
             r = await guest.run("while ! grep -q '^rc=' /tmp/bg.out; do usleep 500000; done; "
