@@ -57,7 +57,8 @@ class Attachments:
         port = self._target.ports.add_attachment(att.label, att.initiator)
         device = VirtioScsiPciDevice(self._target, InitiatorPort(att.initiator),
                                      num_queues=att.num_queues, queue_size=att.queue_size,
-                                     target_port=TargetPort(port.name, port.relative_id))
+                                     target_port=TargetPort(port.name, port.relative_id),
+                                     doorbell=att.doorbell)
         running = _Running(att, device, trio.CancelScope(), trio.Event())
 
         trace = self._tracer() if self._tracer is not None else None
@@ -90,7 +91,7 @@ class Attachments:
         for sock, r in self._vfio.items():
             c = r.config
             out.append({"kind": "vfio_user", "id": f"vfio_user:{sock}", "socket": sock,
-                        "initiator": c.initiator, "num_queues": c.num_queues,
+                        "initiator": c.initiator, "num_queues": c.num_queues, "doorbell": c.doorbell,
                         "queue_size": c.queue_size,
                         # a vfio-user client is attached while the device has its DMA space
                         "connected": r.device.connected})

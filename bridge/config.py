@@ -43,6 +43,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 # How the Xen backend reaches guest pages (bridge/xen/datapath.py): gntdev map or GNTTABOP_copy.
 GRANT_STRATEGIES = ("map", "copy")
+DOORBELLS = ("trap", "poll")
 
 
 class ConfigError(Exception):
@@ -82,6 +83,10 @@ class VfioUserAttachment:
     access: SocketAccess = field(default_factory=SocketAccess)
     relative_port: int = 0
     port_group: str = ""
+    # How the guest's queue notifications arrive (bridge/virtio/scsi_device.py): "trap",
+    # a vfio-user REGION_WRITE message per doorbell (QEMU's client has no ioeventfds), or
+    # "poll", an mmapped notify area the bridge polls (lower latency, a polling loop's CPU).
+    doorbell: str = "trap"
 
     @property
     def label(self) -> str:
@@ -519,6 +524,11 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         access = default_access
         with errors.field():
             access = _socket_access(t, default_access)
+        doorbell = "trap"
+        with errors.field():
+            doorbell = t.get("doorbell", str, "trap")
+            if doorbell not in DOORBELLS:
+                raise ConfigError(t.path("doorbell"), "must be one of " + ", ".join(DOORBELLS))
         luns = _lun_map(t, lu_names, errors)
         rel, group = _port_fields(t, errors)
         t.reject_unknown(errors)
@@ -526,7 +536,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
             _claim_initiator(owners, initiator, where, errors, ("vfio_user", ""))
         if sock is not None and initiator is not None:
             vfio.append(VfioUserAttachment(sock, initiator, luns, num_queues, queue_size, access,
-                                           rel, group))
+                                           rel, group, doorbell))
             wheres.append(where)
 
     xen: list[XenAttachment] = []

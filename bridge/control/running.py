@@ -16,7 +16,7 @@ from bridge.scsi.ports import initiator_name_of
 from bridge.scsi.target import Target
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-VFIO_USER_KEYS = ("socket", "initiator", "num_queues", "queue_size")
+VFIO_USER_KEYS = ("socket", "initiator", "num_queues", "queue_size", "doorbell")
 XEN_KEYS = ("domain", "devid", "initiator")
 
 

@@ -245,7 +245,7 @@ def warm_file_cache(path: Path) -> None:
             pass
 
 
-def bridge_config(run_dir: Path, image: Path) -> Path:
+def bridge_config(run_dir: Path, image: Path, doorbell: str = "trap") -> Path:
     cfg = run_dir / "bridge.toml"
     cfg.write_text(
         f"""[bridge]
@@ -262,6 +262,7 @@ socket = "bench.sock"
 initiator = "{INITIATOR}"
 num_queues = 2
 queue_size = 256
+doorbell = "{doorbell}"
 luns = {{ 0 = "bench0" }}
 """
     )
@@ -290,8 +291,9 @@ def export_bridge(rev: str) -> tuple[Path, str]:
     return dest, f"{sha} (committed snapshot in {dest})"
 
 
-async def start_bridge(run_dir: Path, image: Path, log_path: Path, source: Path) -> trio.Process:
-    cfg = bridge_config(run_dir, image)
+async def start_bridge(run_dir: Path, image: Path, log_path: Path, source: Path,
+                       doorbell: str = "trap") -> trio.Process:
+    cfg = bridge_config(run_dir, image, doorbell)
     ready = run_dir / "ready"
     # -m with cwd=source: sys.path[0] is the snapshot, ahead of the venv's editable install
     argv = [sys.executable, "-m", "bridge.cli", "serve", "--config", str(cfg), "--ready-file", str(ready)]
@@ -329,6 +331,7 @@ class Variant:
     aio: str = "threads"
     cached: bool = False
     warm: bool = False  # image read into the host page cache first (else evicted)
+    doorbell: str = "trap"  # the bridge's [[vfio_user]] doorbell (trap or poll)
 
 
 async def measure_idle(pid_bridge: int | None, pid_qemu: int, seconds: float) -> dict[str, float]:
@@ -382,7 +385,7 @@ async def run_variant(variant: Variant, image: Path, runtime: int, profile: Prof
     try:
         if variant.attach == "vfio-user":
             bridge_log = Path(f"{prefix}-{variant.name}-bridge.log")
-            bridge = await start_bridge(run_dir, image, bridge_log, source)
+            bridge = await start_bridge(run_dir, image, bridge_log, source, variant.doorbell)
             log(f"{variant.name}: bridge pid {bridge.pid} ready (log {bridge_log})")
             session = guest_session(attach="vfio-user", socket=run_dir / "bench.sock", **common)
         elif variant.cached:
@@ -428,6 +431,7 @@ async def run_variant(variant: Variant, image: Path, runtime: int, profile: Prof
 class ProfileSpec:
     py_spy: str
     out_prefix: Path
+    job_key: str = "randread-qd32"  # which job to repeat while py-spy samples the bridge
     top: list[tuple[str, float, float]] = field(default_factory=list)  # func, self %, total %
     iops: float = 0.0
     samples: int = 0
@@ -516,9 +520,9 @@ def _xml(s: str) -> str:
 
 
 async def profile_bridge(guest: GuestSession, pid: int, runtime: int, spec: ProfileSpec) -> None:
-    """py-spy record the bridge during an extra iodepth-32 job (the measured one is unperturbed)."""
+    """py-spy record the bridge during an extra run of one job (the measured one is unperturbed)."""
     raw = spec.out_prefix.with_suffix(".pyspy.txt")
-    job = JOBS[1]
+    job = next(j for j in JOBS if j.key == spec.job_key)
     log(f"bridge: profiling with py-spy during an extra {job.title} job ...")
     argv = [spec.py_spy, "record", "-p", str(pid), "--format", "raw", "--rate", "100",
             "--nonblocking", "--threads", "-o", str(raw), "--duration", str(runtime + 600)]
@@ -692,7 +696,7 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
     for failure in meta.get("failures", []):
         lines += ["", f"FAILED: {failure.splitlines()[0][:500]}"]
     if profile is not None:
-        lines += ["", f"## py-spy profile of the bridge (extra QD32 job, {profile.iops:,.0f} IOPS while "
+        lines += ["", f"## py-spy profile of the bridge (extra {profile.job_key} job, {profile.iops:,.0f} IOPS while "
                   f"sampled, {profile.samples} samples; after the sequential jobs, so the image is in the page cache)", ""]
         if profile.error:
             lines.append(profile.error)
@@ -833,7 +837,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.profile:
         spy = await trio.to_thread.run_sync(py_spy_binary)
         if spy:
-            profile = ProfileSpec(py_spy=spy, out_prefix=prefix)
+            profile = ProfileSpec(py_spy=spy, out_prefix=prefix, job_key=args.profile_job)
         else:
             log("py-spy not installable: --profile ignored")
     variants = [
@@ -851,6 +855,9 @@ async def main_async(args: argparse.Namespace) -> int:
             Variant("qemu-cached-warm", "QEMU cache.direct=false, aio=threads, image pre-read into the page cache",
                     "builtin", "threads", cached=True, warm=True),
         ]
+    if args.poll:
+        variants.append(Variant("bridge-poll", "the bridge with polled doorbells (mmapped notify area)",
+                                "vfio-user", doorbell="poll"))
     if args.only:
         variants = [v for v in variants if v.name in args.only.split(",")]
     source, version = await trio.to_thread.run_sync(export_bridge, args.bridge_rev)
@@ -896,7 +903,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print_table(table, configs, base)
     if profile is not None:
         print(f"\npy-spy top {len(profile.top)} functions of the bridge (self %, total %), "
-              f"{profile.samples} samples during an extra QD32 job at {profile.iops:,.0f} IOPS "
+              f"{profile.samples} samples during an extra {profile.job_key} job at {profile.iops:,.0f} IOPS "
               "(run after the sequential jobs: the image is in the page cache by then):")
         for f, s, t in profile.top:
             print(f"  {s:5.1f}  {t:5.1f}  {f}")
@@ -931,7 +938,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="5 s per job instead of 12")
     p.add_argument("--runtime", type=int, help="seconds per fio job (overrides --quick)")
     p.add_argument("--profile", action="store_true",
-                   help="py-spy the bridge during an extra iodepth-32 job; print the top 15 functions")
+                   help="py-spy the bridge during an extra run of --profile-job; print the top 15 functions")
+    p.add_argument("--poll", action="store_true",
+                   help="also bridge-poll: the bridge with doorbell = \"poll\" (an mmapped notify area)")
+    p.add_argument("--profile-job", default="randread-qd32", choices=[j.key for j in JOBS],
+                   help="the job --profile repeats while sampling (default randread-qd32)")
     p.add_argument("--cached-builtin", action="store_true",
                    help="also QEMU built-in with cache.direct=false (page cache, like the bridge)")
     p.add_argument("--warm", action="store_true",

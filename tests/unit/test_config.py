@@ -229,3 +229,20 @@ def test_port_configuration_errors(tmp_path, change, error):
     with pytest.raises(ConfigError) as e:
         parse_config(doc, tmp_path)
     assert error in str(e.value)
+
+
+def test_doorbell_trap_or_poll(tmp_path):
+    """[[vfio_user]] doorbell: how queue notifications arrive; anything else is named."""
+    from bridge.config import ConfigError, load_config
+
+    def cfg(extra: str):
+        p = tmp_path / "b.toml"
+        p.write_text('[[lu]]\nname = "d"\npath = "d.img"\nsize = "1MiB"\n'
+                     f'[[vfio_user]]\nsocket = "s.sock"\nluns = {{ 0 = "d" }}\n{extra}\n')
+        return load_config(str(p))
+
+    assert cfg("").vfio_user[0].doorbell == "trap"
+    assert cfg('doorbell = "poll"').vfio_user[0].doorbell == "poll"
+    with pytest.raises(ConfigError) as e:
+        cfg('doorbell = "ioeventfd"')
+    assert "vfio_user[0].doorbell" in str(e.value) and "trap, poll" in str(e.value)
