@@ -4,9 +4,8 @@ Every problem is a ConfigError naming the field (``lu[1].block_size``). Parsing 
 after an error so that ``check-config`` can list every problem at once; the errors come
 back together as one ConfigErrors (a ConfigError whose ``field`` is the first one's).
 Relative paths (images, ``state_dir``) are taken from the configuration file's directory.
-Facts about the files that can be checked without serving (an image that is a directory,
-empty, or not a whole number of blocks; a socket path too long for AF_UNIX) are checked
-here too; what only serving can find out (a socket in use, a lock held) is in preflight.
+The TOML reading machinery is bridge/config_toml.py; the checks of the files named
+(images, socket paths) that need no serving are bridge/config_files.py.
 """
 
 from __future__ import annotations
@@ -15,14 +14,21 @@ import grp
 import os
 import pwd
 import re
-import stat
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge.config_files import MAX_SOCKET_PATH as MAX_SOCKET_PATH
+from bridge.config_files import ImageFacts as ImageFacts
+from bridge.config_files import check_socket_path, image_facts
+from bridge.config_toml import ConfigError as ConfigError
+from bridge.config_toml import ConfigErrors as ConfigErrors
+from bridge.config_toml import Errors as _Errors
+from bridge.config_toml import Table as _Table
+from bridge.config_toml import format_size as format_size
+from bridge.config_toml import parse_size as parse_size
+from bridge.config_toml import tables as _tables
 from bridge.scsi.alua import AccessState, parse_state
 from bridge.scsi.identity import IQN_PREFIX, parse_wwn
 from bridge.scsi.logical_unit import LogicalUnitSpec, check_physical_block_size
@@ -30,38 +36,16 @@ from bridge.scsi.ports import GroupSpec, PortMap, PortSpec, initiator_port_name
 from bridge.scsi.request import MAX_LUN
 from bridge.unix_socket import SocketAccess
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # TOML table keys are strings: int() would also take "00", "+1" and "1_000".
 _LUN_KEY_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 # SPC-4 7.6.4.6: iSCSI names are at most 223 bytes; iqn./eui./naa. forms (RFC 3720 3.2.6.3).
 _ISCSI_NAME_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[!-~]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL (unix(7)).
-MAX_SOCKET_PATH = 107
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 # How the Xen backend reaches guest pages (bridge/xen/datapath.py): gntdev map or GNTTABOP_copy.
 GRANT_STRATEGIES = ("map", "copy")
 DOORBELLS = ("trap", "poll")
-
-
-class ConfigError(Exception):
-    """A configuration problem: ``field`` is the dotted path, ``problem`` says what is wrong."""
-
-    def __init__(self, field_path: str, problem: str) -> None:
-        super().__init__(f"{field_path}: {problem}")
-        self.field = field_path
-        self.problem = problem
-
-
-class ConfigErrors(ConfigError):
-    """Several configuration problems; ``errors`` lists them in file order."""
-
-    def __init__(self, errors: list[ConfigError]) -> None:
-        super().__init__(errors[0].field, errors[0].problem)
-        self.errors = errors
-        self.args = ("\n".join(str(e) for e in errors),)
 
 
 @dataclass
@@ -135,15 +119,6 @@ class ImageLocking:
     share_rw: bool = False
 
 
-@dataclass(frozen=True)
-class ImageFacts:
-    """What is served from an LU's image: the bytes on disk, or the size it will be created at."""
-
-    exists: bool
-    served_bytes: int
-    block_device: bool = False
-
-
 @dataclass
 class BridgeConfig:
     lus: list[LogicalUnitSpec]
@@ -174,83 +149,6 @@ class BridgeConfig:
         ports = [PortSpec(a.relative_port, a.port_group, a.label, a.initiator)
                  for a in [*self.vfio_user, *self.xen]]
         return PortMap(groups, ports)
-
-
-def parse_size(value: Any, where: str) -> int:
-    """An integer byte count or a string such as "1GiB", "512M", "4096"."""
-    if isinstance(value, bool):
-        raise ConfigError(where, "must be a size such as 1073741824 or \"1GiB\"")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "")[:1].upper()]
-    else:
-        raise ConfigError(where, f"must be a size such as 1073741824 or \"1GiB\", not {value!r}")
-    if size <= 0:
-        raise ConfigError(where, "must be greater than zero")
-    return size
-
-
-def format_size(size: int) -> str:
-    """Bytes as the largest binary unit that divides them ("64 MiB"), else bytes."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift and size % (1 << shift) == 0:
-            return f"{size >> shift} {unit}"
-    return f"{size} bytes"
-
-
-class _Errors:
-    """Collects ConfigErrors so that one bad field does not hide the next."""
-
-    def __init__(self) -> None:
-        self.errors: list[ConfigError] = []
-
-    @contextmanager
-    def field(self) -> Iterator[None]:
-        try:
-            yield
-        except ConfigErrors as e:
-            self.errors.extend(e.errors)
-        except ConfigError as e:
-            self.errors.append(e)
-
-    def add(self, where: str, problem: str) -> None:
-        self.errors.append(ConfigError(where, problem))
-
-
-class _Table:
-    """Typed access to one TOML table that remembers its dotted path for errors."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(where, "must be a table")
-        self.data = data
-        self.where = where
-        self.used: set[str] = set()
-
-    def path(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., required: bool = False) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            if required or default is ...:
-                raise ConfigError(self.path(key), "is required")
-            return default
-        value = self.data[key]
-        if isinstance(value, bool) and kind is int or not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ConfigError(self.path(key), f"must be {_ARTICLE.get(names, 'a ' + names)}, not {value!r}")
-        return value
-
-    def reject_unknown(self, errors: _Errors) -> None:
-        for key in self.data:
-            if key not in self.used:
-                errors.add(self.path(key), "unknown key")
-
-
-_ARTICLE = {"int": "an integer", "str": "a string", "bool": "true or false", "dict": "a table",
-            "list": "an array", "int or str": "an integer or a string"}
 
 
 def _lun_map(t: _Table, lu_names: set[str], errors: _Errors) -> dict[int, str]:
@@ -310,68 +208,6 @@ def _socket_access(t: _Table, inherited: SocketAccess) -> SocketAccess:
         except KeyError:
             raise ConfigError(t.path("socket_group"), f"no group named {group!r} on this host") from None
     return SocketAccess(mode, uid, gid)
-
-
-def _image_facts(where: str, path: Path, size: int | None, block_size: int,
-                 warnings: list[str], size_reported: bool = False) -> ImageFacts:
-    """Check an LU's image path without opening it for I/O; what will be served.
-
-    ``size_reported``: the size field had an error already, so do not add another."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if not path.parent.is_dir():
-            raise ConfigError(f"{where}.path", f"directory {path.parent} does not exist; create it "
-                                               "or correct the path") from None
-        if size is None and not size_reported:
-            raise ConfigError(f"{where}.size", f"is required because {path} does not exist") from None
-        return ImageFacts(exists=False, served_bytes=size or 0)
-    except OSError as e:
-        raise ConfigError(f"{where}.path", f"{path}: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{where}.path", f"{path} is a directory, not an image file or block device")
-    if stat.S_ISBLK(st.st_mode):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise ConfigError(f"{where}.path", f"{path}: {e.strerror}") from None
-        try:
-            length = os.lseek(fd, 0, os.SEEK_END)
-        finally:
-            os.close(fd)
-        block_device = True
-    elif stat.S_ISREG(st.st_mode):
-        length, block_device = st.st_size, False
-    else:
-        raise ConfigError(f"{where}.path", f"{path} is neither a regular file nor a block device")
-    if length < block_size:
-        raise ConfigError(f"{where}.path", f"{path} is {length} bytes, smaller than one "
-                                           f"{block_size}-byte block; give it a size or use another image")
-    served = length - length % block_size
-    if served != length:
-        warnings.append(f"{where}.path: {path} is {length} bytes, not a multiple of {block_size}: "
-                        f"{served // block_size} block{'s' if served // block_size != 1 else ''} "
-                        f"({format_size(served)}) served, "
-                        f"the last {length - served} bytes are not")
-    if size is not None and size != length and not size_reported:
-        warnings.append(f"{where}.size: {format_size(size)} ignored: {path} exists and is "
-                        f"{format_size(length)} (an existing image is never resized)")
-    return ImageFacts(exists=True, served_bytes=served, block_device=block_device)
-
-
-def _tables(top: _Table, key: str, errors: _Errors) -> tuple[list[Any], list[_Table]]:
-    """``[[key]]``: its raw entries, and each entry that is a table (an entry that is not
-    is one error, and the rest are still checked)."""
-    raw: list[Any] = []
-    with errors.field():
-        raw = top.get(key, list, [])
-    tables = []
-    for i, entry in enumerate(raw):
-        try:
-            tables.append(_Table(entry, f"{key}[{i}]"))
-        except ConfigError as e:
-            errors.errors.append(e)
-    return raw, tables
 
 
 def parse_config(data: dict[str, Any], base_dir: Path, *,
@@ -470,7 +306,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         facts = None
         if path is not None:
             with errors.field():
-                facts = _image_facts(where, path, size, block_size, warnings, size_reported=not size_ok)
+                facts = image_facts(where, path, size, block_size, warnings, size_reported=not size_ok)
             # Two LUs on one file would be served with two WWNs, share one .pr.json and
             # overwrite each other's data without either knowing.
             real = os.path.realpath(path)
@@ -502,13 +338,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         sock = None
         with errors.field():
             sock = str(_resolve(t.get("socket", str, required=True), Path(state_dir)))
-            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
-                raise ConfigError(t.path("socket"), f"{sock} is {len(os.fsencode(sock))} bytes, longer than "
-                                                    f"the {MAX_SOCKET_PATH} a unix socket path may have; "
-                                                    "use a shorter state_dir or socket name")
             if any(v.socket == sock for v in vfio):
                 raise ConfigError(t.path("socket"), f"socket {sock} is used twice")
-            _check_socket_path(t.path("socket"), Path(sock), Path(state_dir))
+            check_socket_path(t.path("socket"), Path(sock), Path(state_dir))
         num_queues, queue_size = 2, 256
         with errors.field():
             num_queues = t.get("num_queues", int, 2)
@@ -676,21 +508,6 @@ def _port_groups(top: _Table, atts: list[VfioUserAttachment | XenAttachment], wh
             seen[name] = seen.get(name, 0) + 1
             att.initiator = initiator_port_name(name, seen[name])
     return sorted(final, key=lambda g: g.id)
-
-
-def _check_socket_path(where: str, sock: Path, state_dir: Path) -> None:
-    """The socket's directory must exist (the state directory is created by serve) and the
-    path must not be something other than a socket."""
-    if sock.parent != state_dir and not sock.parent.is_dir():
-        raise ConfigError(where, f"directory {sock.parent} does not exist; create it or correct the path")
-    try:
-        st = os.lstat(sock)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise ConfigError(where, f"{sock}: {e.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(where, f"{sock} exists and is not a socket; remove it or choose another path")
 
 
 def load_config(path: str | Path) -> BridgeConfig:
