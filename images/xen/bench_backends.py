@@ -1,20 +1,27 @@
 """Benchmark (prints figures, asserts nothing): the bridge's Xen backend against Linux's
 xen-scsiback + LIO fileio, in one Xen-in-QEMU boot, same domU kernel, same image.
 
-    python3 images/xen/bench_backends.py [--strategies map,copy] [--runtime 5]
+    python3 images/xen/bench_backends.py [--strategies map,copy] [--runtime 5] [--profile]
 
 One phase per bridge grant strategy (`vscsi-bridge serve` from the checkout, lib.sh bridge_start) serving /tmp/disk.img
 (dom0 tmpfs), then one with xen-scsiback + LIO on the same file. Each phase boots a PV domU with
 fio and runs the same rows (IOPS, bandwidth, completion-latency p50/p99). Under TCG the guest CPU
 is slow and other load on the host moves every number: the ratio bridge/kernel of one run is the
 figure, not the absolute values. Writes $VSCSI_CACHE/bench/xen-<timestamp>.{json,md,png}.
+
+--profile runs py-spy (the host venv's static binary, copied into the run directory) on the
+bridge in dom0 for each bridge phase: busy samples only (not the event loop waiting), ranked
+in the .md and as a flame graph per strategy (xen-<timestamp>-<strategy>.flame.svg). Sampling
+costs dom0 CPU: the figures of a profiled run are not the benchmark's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +31,14 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from harness.bench import BENCH_DIR, pip_install  # noqa: E402
+from harness.profile import (  # noqa: E402
+    drop_thread_roots,
+    flamegraph_svg,
+    parse_collapsed,
+    py_spy_binary,
+    split_waiting,
+    top_functions,
+)
 from harness.xen import run_xen  # noqa: E402
 
 ROWS = [
@@ -47,10 +62,18 @@ for s in {strategies}; do
     echo "phase bridge-$s: starting"
     bridge_start /vscsi/run/bridge-$s.log bridge-$s /tmp/disk.img $((128 << 20)) --grant-strategy $s || exit 10
     boot_guest bridge-$s || exit 11
+    spy=
+    if [ -f /vscsi/run/py-spy ]; then  # --profile: sample the bridge for the whole phase
+        chmod +x /vscsi/run/py-spy
+        /vscsi/run/py-spy record --nonblocking --rate 50 --format raw -p "$BRIDGE_PID" \
+            -o /vscsi/run/pyspy-$s.txt >/vscsi/run/pyspy-$s.err 2>&1 &
+        spy=$!
+    fi
     bridge_attach "$dom" 0 0 >/dev/null || exit 12
     domu_wait_gone bridge-$s 900
     echo "phase bridge-$s: domU rc $(domu_rc bridge-$s)"
     bridge_stop; echo "phase bridge-$s: bridge exit $?"
+    [ -z "$spy" ] || wait $spy  # py-spy writes its file when the bridge exits
     vscsi_remove_nodes "$dom" 0
     grep -v ' DEBUG ' /vscsi/run/bridge-$s.log | tail -4
 done
@@ -144,6 +167,30 @@ def plot(path: Path, phases: dict[str, dict[str, dict[str, float]]], title: str)
     return True
 
 
+def profiles(run_dir: Path | None, strategies: list[str], stem: Path) -> str:
+    """The dom0 py-spy profiles as Markdown (top functions, busy samples only), printed too;
+    a flame graph per strategy next to the table."""
+    out = []
+    for s in strategies:
+        raw = run_dir / f"pyspy-{s}.txt" if run_dir is not None else None
+        if raw is None or not raw.exists():
+            err = run_dir / f"pyspy-{s}.err" if run_dir is not None else None
+            why = err.read_text(errors="replace")[-300:] if err is not None and err.exists() else ""
+            out.append(f"\n## bridge-{s}: no profile {why!r}\n")
+            continue
+        busy, waiting = split_waiting(drop_thread_roots(parse_collapsed(raw.read_text())))
+        samples, top = top_functions(busy, 20)
+        svg = stem.parent / f"{stem.name}-{s}.flame.svg"
+        svg.write_text(flamegraph_svg(busy, f"vscsi-bridge in a Xen dom0, strategy {s}"))
+        out += [f"\n## bridge-{s}: py-spy in dom0, {samples} busy samples = 100 % "
+                f"(+{waiting} waiting in epoll_wait), 50 Hz over the whole phase\n",
+                "| function | self % | total % |", "|---|---|---|",
+                *(f"| `{f}` | {own:.1f} | {incl:.1f} |" for f, own, incl in top)]
+    text = "\n".join(out) + "\n"
+    print(text)
+    return text
+
+
 def _progress(line: str) -> None:
     if re.search(r"phase |BENCH |VSCSI-DOMU-RC|VSCSI-XEN-DOM0-RC|vscsi-dom0:", line):
         log(line.strip())
@@ -154,16 +201,26 @@ async def main() -> int:
     ap.add_argument("--strategies", default="map,copy",
                     help="bridge grant strategies, comma-separated (map, copy)")
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio row")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the bridge in dom0 during each bridge phase")
     args = ap.parse_args()
     strategies = [s for s in args.strategies.split(",") if s]
     rows = "\n".join(f"f {n} {rw} {bs} {qd}" for n, rw, bs, qd in ROWS)
     log(f"one Xen boot: {len(strategies)} bridge phase(s) ({', '.join(strategies)}) then "
         f"xen-scsiback + LIO; {len(ROWS)} fio rows of {args.runtime} s each per phase")
+    files: dict[str, str | bytes] = {"guest.sh": GUEST.format(runtime=args.runtime, rows=rows)}
+    if args.profile:
+        spy = py_spy_binary()
+        if spy is None:
+            log("--profile: py-spy is not available")
+            return 2
+        files["py-spy"] = Path(spy).read_bytes()
     result = await run_xen(
         DOM0.format(strategies=" ".join(strategies)),
-        files={"guest.sh": GUEST.format(runtime=args.runtime, rows=rows)},
+        files=files,
         timeout=3600,
         progress=_progress,
+        keep=True if args.profile else None,
     )
     print(result.script_output)
     phases = {f"bridge-{s}": parse(result.domu_console(f"bridge-{s}")) for s in strategies}
@@ -178,7 +235,12 @@ async def main() -> int:
     stem.with_suffix(".json").write_text(json.dumps(
         {"runtime": args.runtime, "rc": result.rc, "seconds": result.seconds,
          "phases": phases}, indent=1))
-    stem.with_suffix(".md").write_text(f"{title}\n\n```\n" + "\n".join(lines) + "\n```\n")
+    md = f"{title}\n\n```\n" + "\n".join(lines) + "\n```\n"
+    if args.profile:
+        md += profiles(result.run_dir, strategies, stem)
+        if result.run_dir is not None and os.environ.get("VSCSI_XEN_KEEP") != "1":
+            shutil.rmtree(result.run_dir, ignore_errors=True)
+    stem.with_suffix(".md").write_text(md)
     wrote = plot(stem.with_suffix(".png"), phases, title)
     log(f"wrote {stem}.json, .md" + (", .png" if wrote else " (no plot: matplotlib missing)"))
     return 0 if result.rc == 0 else 1
