@@ -29,7 +29,8 @@ _PATH_MARKERS = ("site-packages/", "dist-packages/", "lib/python3.11/", "/vscsi/
                  "/vscsi/src/", "/work/main/")
 # Leaf frames that are the event loop waiting for I/O, not work (py-spy's idle detection
 # does not see trio's epoll_wait as idle).
-WAITING = ("get_events (trio/_core/_io_epoll.py)", "_epoll_wait (trio/_core/_io_epoll.py)")
+WAITING_FILE = "trio/_core/_io_epoll.py)"
+WAITING_FUNCS = frozenset({"get_events", "_epoll_wait"})
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -122,7 +123,8 @@ def split_waiting(stacks: list[tuple[list[str], int]]) -> tuple[list[tuple[list[
     """The stacks doing work, and the number of samples waiting in the event loop."""
     busy, waiting = [], 0
     for frames, count in stacks:
-        if frames and frames[-1].startswith(WAITING):
+        leaf = frames[-1] if frames else ""
+        if leaf.endswith(WAITING_FILE) and leaf.split(" (")[0].rsplit(".", 1)[-1] in WAITING_FUNCS:
             waiting += count
         else:
             busy.append((frames, count))

@@ -73,7 +73,11 @@ class Connection:
     def __init__(self, sock: trio.socket.SocketType, device: VfioUserDevice,
                  trace: TraceFn | None = None, *, budget: ConnectionBudget | None = None,
                  logs: ClientLogs | None = None) -> None:
-        self.sock = sock
+        # The connection's own non-blocking socket, waited on with trio.lowlevel: a
+        # message already there is read, and a reply sent, without the scheduler pass
+        # trio's socket methods take after every call (one per doorbell saved).
+        self.sock = stdsocket.socket(fileno=sock.detach())
+        self.sock.setblocking(False)
         self.trace = trace
         self.device = device
         self.budget = budget if budget is not None else connection_budget(max(1, _sockets_served))
@@ -94,15 +98,24 @@ class Connection:
     # --- sending -----------------------------------------------------------------
 
     async def send(self, out: Outgoing) -> None:
-        async with self._send_lock:
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()  # the usual case: nobody is part-way through a message
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             data = memoryview(out.data)
-            if out.fds:
-                anc = [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array.array("i", out.fds))]
-                sent = await self.sock.sendmsg([data], anc)
-            else:
-                sent = await self.sock.send(data)
-            while sent < len(data):
-                sent += await self.sock.send(data[sent:])
+            anc = ([(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array.array("i", out.fds))]
+                   if out.fds else [])
+            while data:
+                try:
+                    sent = self.sock.sendmsg([data], anc) if anc else self.sock.send(data)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                data, anc = data[sent:], []  # the fds went with the first byte
+        finally:
+            lock.release()
 
     async def _request(self, command: int, payload: bytes) -> p.Message:
         if self._closed:
@@ -156,13 +169,22 @@ class Connection:
 
     async def run(self) -> None:
         """Receive and handle messages until EOF or an unrecoverable framing error."""
+        sock = self.sock
+        handled = False  # a batch was handled since this task last let others run
         while True:
             try:
-                nbytes, ancdata, flags, _ = await self.sock.recvmsg_into(
+                nbytes, ancdata, flags, _ = sock.recvmsg_into(
                     [self._recv_buf], ANCILLARY_SIZE, stdsocket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                handled = False
+                await trio.lowlevel.wait_readable(sock)
+                continue
             except OSError as exc:
                 log.info("client socket error: %s", exc)
                 return
+            if handled:  # a second batch without waiting: let the other tasks run first
+                await trio.lowlevel.checkpoint()
+            handled = True
             fds = _parse_fds(ancdata)
             if not nbytes and not fds:
                 return
@@ -213,6 +235,10 @@ class Connection:
         self.dma.set_remote(None, None, self.dma.max_transfer)
         self.dma.unmap_all()
         self.decoder.close()
+        try:
+            trio.lowlevel.notify_closing(self.sock)
+        except RuntimeError:
+            pass  # outside a trio run
         self.sock.close()
 
 
