@@ -30,17 +30,10 @@ class IoGate:
         fast path, which holds the gate only while it does not yield)."""
         return not self._exclusive and not self._waiting_exclusive
 
-    @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        while self._exclusive or self._waiting_exclusive:
-            await self._changed.wait()
-        self._shared += 1
-        try:
-            yield
-        finally:
-            self._shared -= 1
-            if self._shared == 0:
-                self._notify()
+    def shared(self) -> _Shared:
+        """``async with gate.shared():`` (a plain object, not a generator: it is on every
+        READ and WRITE that waits)."""
+        return _Shared(self)
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -57,3 +50,24 @@ class IoGate:
         finally:
             self._exclusive = False
             self._notify()
+
+
+class _Shared:
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: IoGate) -> None:
+        self._gate = gate
+
+    async def __aenter__(self) -> None:
+        gate = self._gate
+        while gate._exclusive or gate._waiting_exclusive:
+            await gate._changed.wait()
+        gate._shared += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        gate = self._gate
+        gate._shared -= 1
+        # Only an exclusive holder waits for the shared ones to go (shared waiters wait
+        # for the exclusive side, which notifies them itself).
+        if gate._shared == 0 and gate._waiting_exclusive:
+            gate._notify()
