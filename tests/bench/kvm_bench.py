@@ -1,7 +1,8 @@
 """Benchmark (not a test): fio in a booted guest, the bridge over vfio-user against QEMU's virtio-scsi.
 
     python tests/bench/kvm_bench.py [--quick] [--runtime S] [--profile] [--cached-builtin] [--warm]
-                                    [--repeat N] [--bridge-rev REV|worktree] [--only a,b]
+                                    [--repeat N] [--bridge-rev REV|worktree] [--before-rev REV]
+                                    [--only a,b]
 
 In ONE run, on the same guest (images/build-guest.sh, 2 vCPUs, 512 MiB) and the same
 pre-written raw image file, fio runs inside the guest against
@@ -329,6 +330,7 @@ class Variant:
     cached: bool = False
     warm: bool = False  # image read into the host page cache first (else evicted)
     doorbell: str = "trap"  # the bridge's [[vfio_user]] doorbell (trap or poll)
+    rev: str | None = None  # the bridge as committed at this revision (default: --bridge-rev)
 
 
 async def measure_idle(pid_bridge: int | None, pid_qemu: int, seconds: float) -> dict[str, float]:
@@ -583,6 +585,9 @@ def build_table(configs: dict[str, ConfigResult], base: str,
         if "bridge-warm" in configs and "qemu-cached-warm" in configs:
             w = entry["qemu-cached-warm"]
             entry["ratio_warm"] = entry["bridge-warm"] / w if w else math.nan
+        if "bridge-before" in configs:
+            w = entry["bridge-before"]
+            entry["after_before"] = b / w if w else math.nan
         if row.target:
             op, limit = row.target.split()
             entry["met"] = entry["ratio"] >= float(limit) if op == ">=" else entry["ratio"] <= float(limit)
@@ -604,6 +609,9 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
     warm = "ratio_warm" in table[0]
     if warm:
         head.append("ratio bridge-warm/qemu-cached-warm")
+    lever = "after_before" in table[0]
+    if lever:
+        head.append("bridge / bridge-before")
     lines = [f"# kvm_bench {meta['timestamp']}", "",
              f"Machine: {meta['machine']}. Bridge: {meta['bridge_version']}. Accelerator: {meta['accel']}. Load average at start "
              f"{meta['load_start']}, at end {meta['load_end']}. fio runtime {meta['runtime_s']} s per job; "
@@ -619,6 +627,8 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
                  *(_cell(e, n) for n in others)]
         if warm:
             cells.append(f"{e['ratio_warm']:.2f}")
+        if lever:
+            cells.append(f"{e['after_before']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Idle CPU (% of one core, 3 s after boot): " + "; ".join(
         f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in c.idle.items()) for n, c in configs.items())]
@@ -645,6 +655,10 @@ def print_table(table: list[dict[str, Any]], configs: dict[str, ConfigResult], b
     if warm:
         head.append("ratio(warm)")
         widths.append(11)
+    lever = "after_before" in table[0]
+    if lever:
+        head.append("after/before")
+        widths.append(12)
     print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths, strict=True))))
     for e in table:
         target = e["target"] + (" ok" if e.get("met") else " MISS" if "met" in e else "")
@@ -652,6 +666,8 @@ def print_table(table: list[dict[str, Any]], configs: dict[str, ConfigResult], b
                  *(_fmt(e[n]) for n in others)]
         if warm:
             cells.append(f"{e['ratio_warm']:.2f}")
+        if lever:
+            cells.append(f"{e['after_before']:.2f}")
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))))
 
 
@@ -790,7 +806,14 @@ async def main_async(args: argparse.Namespace) -> int:
                                 "vfio-user", doorbell="poll"))
     if args.only:
         variants = [v for v in variants if v.name in args.only.split(",")]
+    if args.before_rev:  # a lever's before and after in one sitting, interleaved per round
+        variants.insert(1, Variant("bridge-before", f"the bridge as committed at {args.before_rev}",
+                                   "vfio-user", rev=args.before_rev))
     source, version = await trio.to_thread.run_sync(export_bridge, args.bridge_rev)
+    sources = {v.name: (await trio.to_thread.run_sync(export_bridge, v.rev))[0]
+               for v in variants if v.rev}
+    if args.before_rev:
+        version += f"; bridge-before: {args.before_rev} ({sources['bridge-before'].name})"
     meta = {"timestamp": stamp, "machine": machine_description(), "bridge_version": version, "accel": accel, "load_start": load_avg(),
             "runtime_s": runtime, "image": str(image), "python": sys.version.split()[0],
             "jobs": [j.__dict__ for j in JOBS], "variants": [v.__dict__ for v in variants]}
@@ -805,7 +828,8 @@ async def main_async(args: argparse.Namespace) -> int:
             spec = profile if v.attach == "vfio-user" and not profiled else None  # the first bridge run
             profiled = profiled or spec is not None
             try:
-                rounds[v.name].append(await run_variant(v, image, runtime, spec, prefix, source))
+                rounds[v.name].append(await run_variant(v, image, runtime, spec, prefix,
+                                                        sources.get(v.name, source)))
             except Exception as e:  # one broken configuration must not lose the others' figures
                 while isinstance(e, BaseExceptionGroup) and e.exceptions:  # trio nurseries wrap it
                     e = e.exceptions[0]
@@ -879,6 +903,9 @@ def main() -> int:
                    help="also bridge-warm and qemu-cached-warm: image pre-read into the host page cache")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds over all configurations (interleaved); the table gives medians")
+    p.add_argument("--before-rev", metavar="REV",
+                   help="also bridge-before: the bridge at REV, interleaved with the rest in each "
+                        "round (a lever's before/after in one sitting)")
     p.add_argument("--bridge-rev", default="HEAD",
                    help="git revision of bridge/ to run (exported snapshot), or 'worktree' (default HEAD)")
     p.add_argument("--only", help="comma-separated configurations to run (bridge,qemu-threads,...)")
