@@ -370,7 +370,7 @@ def cached_builtin_args(values: dict[str, str]) -> list[str]:
 
 
 async def run_variant(variant: Variant, image: Path, runtime: int, profile: ProfileSpec | None,
-                      prefix: Path, source: Path) -> ConfigResult:
+                      prefix: Path, source: Path, perf: PerfSpec | None = None) -> ConfigResult:
     res = ConfigResult(variant.name, variant.description)
     if variant.warm:
         warm_file_cache(image)
@@ -414,6 +414,8 @@ async def run_variant(variant: Variant, image: Path, runtime: int, profile: Prof
                     f"(QEMU non-vCPU {jr.per_io_us(jr.qemu_other_cpu_s):.1f} us/IO)")
             if profile is not None and bridge is not None:
                 await profile_bridge(guest, bridge.pid, runtime, profile)
+            if perf is not None and bridge is not None:
+                await perf_bridge(guest, bridge.pid, runtime, perf, image)
             log(f"{variant.name}: QEMU threads (CPU s): " + ", ".join(
                 f"{k} {v:.1f}" for k, v in sorted(qemu_threads(guest.process.pid).items())))
     finally:
@@ -473,6 +475,98 @@ async def profile_bridge(guest: GuestSession, pid: int, runtime: int, spec: Prof
     svg.write_text(flamegraph_svg(stacks, f"vscsi-bridge during fio {job.key}"))
     log(f"bridge profile: {spec.samples} busy samples ({spec.waiting} more waiting in epoll_wait), "
         f"{spec.iops:,.0f} IOPS while profiled; flame graph {svg}")
+
+
+# --- where the bridge's CPU goes (perf) ----------------------------------------------------
+
+# Kernel paths that say what the bridge's system time is for (perf's "children" share).
+PERF_PATHS = [
+    ("backing-store I/O (preadv/pwritev, page cache, readahead)", ("do_preadv", "do_pwritev")),
+    ("sleeping and waking in epoll_wait", ("do_epoll_wait",)),
+    ("eventfd writes (MSI-X interrupts to QEMU)", ("ksys_write",)),
+    ("vfio-user socket receive", ("__sys_recvmsg", "___sys_recvmsg")),
+    ("AIO submit/reap", ("__x64_sys_io_submit", "__x64_sys_io_getevents")),
+    ("interrupts taken while running", ("__irq_exit_rcu", "asm_common_interrupt")),
+]
+
+
+@dataclass
+class PerfSpec:
+    out_prefix: Path
+    job_key: str = "randread-qd1"
+    per_io_us: float = 0.0  # the bridge's CPU per I/O during the perf job
+    qemu_per_io_us: float = 0.0  # QEMU's non-vCPU threads, same job
+    dso: list[tuple[str, float]] = field(default_factory=list)  # shared object, % of samples
+    paths: list[tuple[str, float]] = field(default_factory=list)  # PERF_PATHS, % of samples
+    kernel_pct: float = 0.0
+    error: str = ""
+
+    def lines(self) -> list[str]:
+        if self.error:
+            return [self.error]
+        us = self.per_io_us / 100
+        out = [f"bridge CPU per I/O during the perf job: {self.per_io_us:.1f} us; QEMU non-vCPU "
+               f"threads for this guest: {self.qemu_per_io_us:.1f} us"]
+        out += [f"  {pct:5.1f} %  {pct * us:6.1f} us  {name}" for name, pct in self.dso[:6]]
+        out.append(f"  kernel {self.kernel_pct:.1f} % = {self.kernel_pct * us:.1f} us per I/O, of which:")
+        out += [f"  {pct:5.1f} %  {pct * us:6.1f} us  {name}" for name, pct in self.paths]
+        floor = self.kernel_pct * us + self.qemu_per_io_us
+        out.append(f"with no user-space work at all the bridge's guest would still cost {floor:.1f} us "
+                   f"of CPU per I/O (the bridge's kernel time + QEMU's share)")
+        return out
+
+
+def _perf_report(data: Path, *sort: str) -> list[tuple[float, str]]:
+    r = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "-g", "none", *sort],
+                       capture_output=True, text=True, check=False)
+    rows = []
+    for line in r.stdout.splitlines():
+        m = re.match(r"^\s+([\d.]+)%\s+(?:[\d.]+%\s+)?(?:\[[.k]\]\s+)?(.+?)\s*$", line)
+        if m and not line.lstrip().startswith("#"):
+            rows.append((float(m.group(1)), m.group(2)))
+    return rows
+
+
+async def perf_bridge(guest: GuestSession, pid: int, runtime: int, spec: PerfSpec, image: Path) -> None:
+    """perf record the bridge during an extra run of one job, the image evicted first as for
+    the measured jobs; split its CPU into the interpreter and the kernel paths above."""
+    perf = shutil.which("perf")
+    if perf is None:
+        spec.error = "perf is not installed (linux-perf): no CPU split"
+        log(spec.error)
+        return
+    job = next(j for j in JOBS if j.key == spec.job_key)
+    data = spec.out_prefix.with_suffix(".perf.data")
+    drop_file_cache(image)
+    log(f"bridge: perf record during an extra {job.title} job ...")
+    rec = await trio.lowlevel.open_process(
+        [perf, "record", "-q", "-F", "999", "-g", "-p", str(pid), "-o", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await trio.sleep(0.5)
+        jr = await run_job(guest, job, runtime, pid)
+        spec.per_io_us = jr.per_io_us(jr.device_cpu_s)
+        spec.qemu_per_io_us = jr.per_io_us(jr.qemu_other_cpu_s)
+    finally:
+        rec.send_signal(signal.SIGINT)
+        with trio.move_on_after(30):
+            await rec.wait()
+        if rec.returncode is None:
+            rec.kill()
+            await rec.wait()
+    if not data.exists():
+        spec.error = "perf wrote no data (perf_event_paranoid?)"
+        log(spec.error)
+        return
+    dso = await trio.to_thread.run_sync(_perf_report, data, "--no-children", "--sort", "dso")
+    spec.dso = [(name, pct) for pct, name in dso]
+    spec.kernel_pct = sum(pct for name, pct in spec.dso if name.startswith("[kernel"))
+    syms = {name: pct for pct, name in
+            await trio.to_thread.run_sync(_perf_report, data, "--children", "--sort", "sym")}
+    spec.paths = [(label, max((syms.get(n, 0.0) for n in names), default=0.0))
+                  for label, names in PERF_PATHS]
+    for line in spec.lines():
+        log("perf: " + line)
 
 
 # --- table, files, plot -----------------------------------------------------------------
@@ -602,7 +696,7 @@ def _fmt(v: float) -> str:
 
 
 def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[str, ConfigResult],
-             base: str, profile: ProfileSpec | None) -> str:
+             base: str, profile: ProfileSpec | None, perf: PerfSpec | None = None) -> str:
     bk = bridge_key(configs)
     others = [n for n in configs if n != bk]
     head = ["row", "unit", bk, "best QEMU", f"ratio {bk}/best", "goal", *others]
@@ -643,6 +737,9 @@ def markdown(meta: dict[str, Any], table: list[dict[str, Any]], configs: dict[st
         else:
             lines += ["| function | self % | total % |", "|---|---|---|"]
             lines += [f"| `{f}` | {s:.1f} | {t:.1f} |" for f, s, t in profile.top]
+    if perf is not None:
+        lines += ["", f"## perf: where the bridge's CPU goes (extra {perf.job_key} job, image evicted first)",
+                  "", "```", *perf.lines(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -821,15 +918,18 @@ async def main_async(args: argparse.Namespace) -> int:
         f"{len(variants)} configurations x {len(JOBS)} jobs")
     rounds: dict[str, list[ConfigResult]] = {v.name: [] for v in variants}
     profiled = False
+    perf = PerfSpec(out_prefix=prefix, job_key=args.perf_job) if args.perf_job else None
     failures: list[str] = []
     for rnd in range(args.repeat):  # rounds interleave the configurations: drifting load hits all
         for v in variants:
             log(f"=== {v.name}: {v.description}" + (f" (round {rnd + 1}/{args.repeat})" if args.repeat > 1 else ""))
+            first_bridge = v.name == "bridge" and rnd == 0
             spec = profile if v.attach == "vfio-user" and not profiled else None  # the first bridge run
             profiled = profiled or spec is not None
             try:
                 rounds[v.name].append(await run_variant(v, image, runtime, spec, prefix,
-                                                        sources.get(v.name, source)))
+                                                        sources.get(v.name, source),
+                                                        perf if first_bridge else None))
             except Exception as e:  # one broken configuration must not lose the others' figures
                 while isinstance(e, BaseExceptionGroup) and e.exceptions:  # trio nurseries wrap it
                     e = e.exceptions[0]
@@ -863,14 +963,18 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"  {s:5.1f}  {t:5.1f}  {f}")
         if profile.error:
             print("  " + profile.error)
+    if perf is not None:
+        print(f"\nperf: where the bridge's CPU goes (extra {perf.job_key} job, image evicted first):")
+        print("\n".join("  " + line for line in perf.lines()))
     doc = {"meta": meta, "base": base, "table": table,
            "configs": {n: _config_json(c) for n, c in configs.items()},
            "rounds": {n: [_config_json(c) for c in rs] for n, rs in rounds.items()} if args.repeat > 1 else None,
            "profile": None if profile is None else {
                "samples": profile.samples, "waiting_samples": profile.waiting, "iops_while_profiled": profile.iops, "error": profile.error,
-               "top": [{"function": f, "self_pct": s, "total_pct": t} for f, s, t in profile.top]}}
+               "top": [{"function": f, "self_pct": s, "total_pct": t} for f, s, t in profile.top]},
+           "perf": None if perf is None else {k: v for k, v in perf.__dict__.items() if k != "out_prefix"}}
     prefix.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
-    prefix.with_suffix(".md").write_text(markdown(meta, table, configs, base, profile))
+    prefix.with_suffix(".md").write_text(markdown(meta, table, configs, base, profile, perf))
     title = (f"vscsi-bridge vs QEMU virtio-scsi, fio in a TCG guest, {stamp} "
              f"(load {meta['load_start']}; noisy shared machine)")
     plotted = await trio.to_thread.run_sync(plot, prefix.with_suffix(".png"), configs, base, title)
@@ -903,6 +1007,10 @@ def main() -> int:
                    help="also bridge-warm and qemu-cached-warm: image pre-read into the host page cache")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds over all configurations (interleaved); the table gives medians")
+    p.add_argument("--perf-job", choices=[j.key for j in JOBS],
+                   help="perf record the bridge during an extra run of this job (image evicted "
+                        "first): its CPU split into the interpreter and kernel paths, and the "
+                        "floor with no user-space work")
     p.add_argument("--before-rev", metavar="REV",
                    help="also bridge-before: the bridge at REV, interleaved with the rest in each "
                         "round (a lever's before/after in one sitting)")
