@@ -2,6 +2,7 @@
 xen-scsiback + LIO fileio, in one Xen-in-QEMU boot, same domU kernel, same image.
 
     python3 images/xen/bench_backends.py [--strategies map,copy] [--runtime 5] [--profile]
+                                         [--before-rev REV]
 
 One phase per bridge grant strategy (`vscsi-bridge serve` from the checkout, lib.sh bridge_start) serving /tmp/disk.img
 (dom0 tmpfs), then one with xen-scsiback + LIO on the same file. Each phase boots a PV domU with
@@ -13,6 +14,9 @@ figure, not the absolute values. Writes $VSCSI_CACHE/bench/xen-<timestamp>.{json
 bridge in dom0 for each bridge phase: busy samples only (not the event loop waiting), ranked
 in the .md and as a flame graph per strategy (xen-<timestamp>-<strategy>.flame.svg). Sampling
 costs dom0 CPU: the figures of a profiled run are not the benchmark's.
+
+--before-rev REV adds a phase per strategy with bridge/ as committed at REV (shared into dom0
+as /vscsi/before), in the same boot: a lever's before and after side by side.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from harness.bench import BENCH_DIR, pip_install  # noqa: E402
+from harness.bench import BENCH_DIR, export_bridge_rev, pip_install  # noqa: E402
 from harness.profile import (  # noqa: E402
     drop_thread_roots,
     flamegraph_svg,
@@ -58,24 +62,28 @@ boot_guest() {{ # NAME: a booted domU (modules loaded) whose domid is in $dom
     xl unpause $1
     domu_wait_booted $1 300 || return 3
 }}
-for s in {strategies}; do
-    echo "phase bridge-$s: starting"
-    bridge_start /vscsi/run/bridge-$s.log bridge-$s /tmp/disk.img $((128 << 20)) --grant-strategy $s || exit 10
-    boot_guest bridge-$s || exit 11
+[ -z "{before}" ] || {{ mkdir -p /vscsi/before &&
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro before /vscsi/before || exit 9; }}
+for p in {phases}; do  # NAME:STRATEGY:SOURCE
+    name=${{p%%:*}}; rest=${{p#*:}}; s=${{rest%%:*}}; src=${{rest#*:}}
+    echo "phase $name: starting"
+    VSCSI_SRC=$src bridge_start /vscsi/run/$name.log $name /tmp/disk.img $((128 << 20)) \
+        --grant-strategy $s || exit 10
+    boot_guest $name || exit 11
     spy=
     if [ -f /vscsi/run/py-spy ]; then  # --profile: sample the bridge for the whole phase
         chmod +x /vscsi/run/py-spy
         /vscsi/run/py-spy record --nonblocking --rate 50 --format raw -p "$BRIDGE_PID" \
-            -o /vscsi/run/pyspy-$s.txt >/vscsi/run/pyspy-$s.err 2>&1 &
+            -o /vscsi/run/pyspy-$name.txt >/vscsi/run/pyspy-$name.err 2>&1 &
         spy=$!
     fi
     bridge_attach "$dom" 0 0 >/dev/null || exit 12
-    domu_wait_gone bridge-$s 900
-    echo "phase bridge-$s: domU rc $(domu_rc bridge-$s)"
-    bridge_stop; echo "phase bridge-$s: bridge exit $?"
+    domu_wait_gone $name 900
+    echo "phase $name: domU rc $(domu_rc $name)"
+    bridge_stop; echo "phase $name: bridge exit $?"
     [ -z "$spy" ] || wait $spy  # py-spy writes its file when the bridge exits
     vscsi_remove_nodes "$dom" 0
-    grep -v ' DEBUG ' /vscsi/run/bridge-$s.log | tail -4
+    grep -v ' DEBUG ' /vscsi/run/$name.log | tail -4
 done
 echo "phase kernel: starting"
 lio_fileio_pvscsi /tmp/disk.img $((128 << 20)) naa.6001405000000010 0 || exit 20
@@ -123,19 +131,23 @@ def parse(console: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def table(phases: dict[str, dict[str, dict[str, float]]], strategies: list[str]) -> list[str]:
+def table(phases: dict[str, dict[str, dict[str, float]]], names: list[str]) -> list[str]:
+    """One line per row: the kernel backend, then each bridge phase (name without its
+    ``bridge-`` prefix) with its ratio to the kernel."""
     kernel = phases.get("kernel", {})
     head = f"{'row':18} {'kernel IOPS':>11} {'p50 us':>8}"
-    for s in strategies:
-        head += f" {s + ' IOPS':>11} {'p50 us':>8} {'ratio':>6}"
+    for n in names:
+        label = n.removeprefix("bridge-")
+        head += f" {label + ' IOPS':>{max(11, len(label) + 5)}} {'p50 us':>8} {'ratio':>6}"
     lines = [head]
     for name, *_ in ROWS:
         k = kernel.get(name, {})
         line = f"{name:18} {k.get('iops', 0):>11.0f} {k.get('p50_us', 0):>8.0f}"
-        for s in strategies:
-            b = phases.get(f"bridge-{s}", {}).get(name, {})
+        for n in names:
+            b = phases.get(n, {}).get(name, {})
             ratio = f"{b['iops'] / k['iops']:.2f}" if b.get("iops") and k.get("iops") else "-"
-            line += f" {b.get('iops', 0):>11.0f} {b.get('p50_us', 0):>8.0f} {ratio:>6}"
+            width = max(11, len(n.removeprefix("bridge-")) + 5)
+            line += f" {b.get('iops', 0):>{width}.0f} {b.get('p50_us', 0):>8.0f} {ratio:>6}"
         lines.append(line)
     return lines
 
@@ -167,22 +179,22 @@ def plot(path: Path, phases: dict[str, dict[str, dict[str, float]]], title: str)
     return True
 
 
-def profiles(run_dir: Path | None, strategies: list[str], stem: Path) -> str:
+def profiles(run_dir: Path | None, names: list[str], stem: Path) -> str:
     """The dom0 py-spy profiles as Markdown (top functions, busy samples only), printed too;
     a flame graph per strategy next to the table."""
     out = []
-    for s in strategies:
+    for s in names:
         raw = run_dir / f"pyspy-{s}.txt" if run_dir is not None else None
         if raw is None or not raw.exists():
             err = run_dir / f"pyspy-{s}.err" if run_dir is not None else None
             why = err.read_text(errors="replace")[-300:] if err is not None and err.exists() else ""
-            out.append(f"\n## bridge-{s}: no profile {why!r}\n")
+            out.append(f"\n## {s}: no profile {why!r}\n")
             continue
         busy, waiting = split_waiting(drop_thread_roots(parse_collapsed(raw.read_text())))
         samples, top = top_functions(busy, 20)
         svg = stem.parent / f"{stem.name}-{s}.flame.svg"
-        svg.write_text(flamegraph_svg(busy, f"vscsi-bridge in a Xen dom0, strategy {s}"))
-        out += [f"\n## bridge-{s}: py-spy in dom0, {samples} busy samples = 100 % "
+        svg.write_text(flamegraph_svg(busy, f"vscsi-bridge in a Xen dom0, phase {s}"))
+        out += [f"\n## {s}: py-spy in dom0, {samples} busy samples = 100 % "
                 f"(+{waiting} waiting in epoll_wait), 50 Hz over the whole phase\n",
                 "| function | self % | total % |", "|---|---|---|",
                 *(f"| `{f}` | {own:.1f} | {incl:.1f} |" for f, own, incl in top)]
@@ -203,10 +215,19 @@ async def main() -> int:
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio row")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the bridge in dom0 during each bridge phase")
+    ap.add_argument("--before-rev", metavar="REV",
+                    help="also a phase per strategy with the bridge as committed at REV "
+                         "(before-<strategy>), same boot: a lever's before and after")
     args = ap.parse_args()
     strategies = [s for s in args.strategies.split(",") if s]
+    phase_specs = [f"bridge-{s}:{s}:/vscsi/src" for s in strategies]
+    shares: dict[str, Path] = {}
+    if args.before_rev:
+        shares["before"] = export_bridge_rev(args.before_rev)
+        phase_specs += [f"before-{s}:{s}:/vscsi/before" for s in strategies]
+    names = [spec.split(":")[0] for spec in phase_specs]
     rows = "\n".join(f"f {n} {rw} {bs} {qd}" for n, rw, bs, qd in ROWS)
-    log(f"one Xen boot: {len(strategies)} bridge phase(s) ({', '.join(strategies)}) then "
+    log(f"one Xen boot: {len(names)} bridge phase(s) ({', '.join(names)}) then "
         f"xen-scsiback + LIO; {len(ROWS)} fio rows of {args.runtime} s each per phase")
     files: dict[str, str | bytes] = {"guest.sh": GUEST.format(runtime=args.runtime, rows=rows)}
     if args.profile:
@@ -216,28 +237,29 @@ async def main() -> int:
             return 2
         files["py-spy"] = Path(spy).read_bytes()
     result = await run_xen(
-        DOM0.format(strategies=" ".join(strategies)),
+        DOM0.format(phases=" ".join(phase_specs), before="1" if args.before_rev else ""),
         files=files,
+        extra_shares=shares,
         timeout=3600,
         progress=_progress,
         keep=True if args.profile else None,
     )
     print(result.script_output)
-    phases = {f"bridge-{s}": parse(result.domu_console(f"bridge-{s}")) for s in strategies}
+    phases = {n: parse(result.domu_console(n)) for n in names}
     phases["kernel"] = parse(result.domu_console("kernel"))
     title = (f"Xen PV domU (TCG), fio O_DIRECT libaio, {args.runtime} s per row; "
              f"ratio = bridge IOPS / kernel IOPS")
     print(title + f"; whole run {result.seconds:.0f} s (rc {result.rc})")
-    lines = table(phases, strategies)
+    lines = table(phases, names)
     print("\n".join(lines))
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     stem = BENCH_DIR / f"xen-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     stem.with_suffix(".json").write_text(json.dumps(
         {"runtime": args.runtime, "rc": result.rc, "seconds": result.seconds,
-         "phases": phases}, indent=1))
+         "before_rev": args.before_rev, "phases": phases}, indent=1))
     md = f"{title}\n\n```\n" + "\n".join(lines) + "\n```\n"
     if args.profile:
-        md += profiles(result.run_dir, strategies, stem)
+        md += profiles(result.run_dir, names, stem)
         if result.run_dir is not None and os.environ.get("VSCSI_XEN_KEEP") != "1":
             shutil.rmtree(result.run_dir, ignore_errors=True)
     stem.with_suffix(".md").write_text(md)

@@ -61,7 +61,7 @@ if str(REPO) not in sys.path:
 
 import trio  # noqa: E402
 
-from harness.bench import BENCH_DIR, pip_install  # noqa: E402
+from harness.bench import BENCH_DIR, export_bridge_rev, pip_install  # noqa: E402
 from harness.guest import GuestSession, guest_session, load_args  # noqa: E402
 from harness.profile import (  # noqa: E402
     drop_thread_roots,
@@ -268,25 +268,12 @@ luns = {{ 0 = "bench0" }}
 
 
 def export_bridge(rev: str) -> tuple[Path, str]:
-    """The bridge package as committed at ``rev``, exported to $VSCSI_CACHE/bench/src-<sha>.
-
-    The checkout is shared with engineers editing bridge/ at the same time; running a
-    committed snapshot makes the figures belong to a known version. ``worktree``: the
-    checkout as it is.
-    """
+    """The bridge package as committed at ``rev`` (``harness.bench.export_bridge_rev``), or
+    ``worktree``: the checkout as it is."""
     if rev == "worktree":
         return REPO, bridge_version()
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", rev], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    dest = BENCH_DIR / f"src-{sha}"
-    if not (dest / "bridge" / "cli.py").exists():
-        tmp = Path(tempfile.mkdtemp(prefix="src-", dir=BENCH_DIR))
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "bridge"], capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    return dest, f"{sha} (committed snapshot in {dest})"
+    dest = export_bridge_rev(rev)
+    return dest, f"{dest.name.removeprefix('src-')} (committed snapshot in {dest})"
 
 
 async def start_bridge(run_dir: Path, image: Path, log_path: Path, source: Path,
