@@ -1,10 +1,10 @@
 """A virtio-scsi request queue (virtio 1.2 5.6.6.1): chains taken off the ring, commands
 handed to the target, responses written back, and when to look at the ring again.
 
-Doorbell policy: while requests are in flight, notifications are suppressed
-(EVENT_IDX avail_event left behind, or VIRTQ_USED_F_NO_NOTIFY) and the ring is
-re-read on every completion and by a timer (the device's busy_poll_interval);
-when the queue goes idle they are turned back on (virtio 1.2 2.7.10).
+Doorbell policy: while SUPPRESS_FROM or more requests are in flight, notifications
+are suppressed (EVENT_IDX avail_event left behind, or VIRTQ_USED_F_NO_NOTIFY) and the
+ring is re-read on every completion and by a timer (the device's busy_poll_interval);
+below that they are on (virtio 1.2 2.7.10).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from bridge.virtio.scsi_device import VirtioScsiPciDevice
 
 log = logging.getLogger(__name__)
+
+# In-flight requests from which doorbells are suppressed. With one in flight a doorbell
+# costs no more than the timer suppression needs (a deadline set and cleared per request,
+# ~5 us of trio bookkeeping each time), and at queue depth 1 it saves no doorbell at all.
+SUPPRESS_FROM = 2
 
 
 class RequestQueue:
@@ -107,13 +112,13 @@ class RequestQueue:
         """The queue's worker: drain on wake-ups (and on the busy timer)."""
         device = self._device
         while True:
-            # While requests are in flight, doorbells are suppressed and the ring is
+            # While SUPPRESS_FROM requests are in flight, doorbells are suppressed and the ring is
             # looked at on each completion; the deadline of this wait (set by
             # drain, no task switch needed) bounds how long a chain that arrives
             # while every request in flight is slow can wait.
             with trio.CancelScope() as scope:
                 self.wait_scope = scope
-                if self.inflight and device.suppress_notify_while_busy:
+                if self.inflight >= SUPPRESS_FROM and device.suppress_notify_while_busy:
                     scope.deadline = trio.current_time() + device.busy_poll_interval
                 await self.wake.wait()
             self.wait_scope = None
@@ -165,7 +170,7 @@ class RequestQueue:
                 return
             if chain is None:
                 scope = self.wait_scope
-                if self.inflight and device.suppress_notify_while_busy:
+                if self.inflight >= SUPPRESS_FROM and device.suppress_notify_while_busy:
                     if scope is not None and scope.deadline == math.inf:
                         scope.deadline = trio.current_time() + device.busy_poll_interval
                     return

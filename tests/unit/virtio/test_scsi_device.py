@@ -368,19 +368,25 @@ async def test_doorbells_suppressed_while_busy(nursery):
     g.drv.kick(RQ)
     await settle()
     assert len(g.target.requests) == 1
-    # busy: avail_event stays behind, so a Linux driver would not kick for the next chain
-    assert g.drv.avail_event(RQ) == 0
+    # one in flight: notifications stay on (queue depth 1 would save no doorbell)
+    assert g.drv.avail_event(RQ) == 1
+    g.post_cmd(b"\x00")
+    g.drv.kick(RQ)
+    await settle()
+    assert len(g.target.requests) == 2
+    # two in flight: avail_event stays behind, so a Linux driver would not kick for the next
+    assert g.drv.avail_event(RQ) == 1
     g.post_cmd(b"\x00")  # no kick
     await trio.sleep(0.02)  # the busy poll interval (1 ms) finds it anyway
-    assert len(g.target.requests) == 2
+    assert len(g.target.requests) == 3
     g.post_cmd(b"\x00")  # no kick either: picked up when a request completes
     g.dev.busy_poll_interval = 3600
     await trio.sleep(0.002)
     await settle()
     g.target.hold.set()
     await settle()
-    assert len(g.target.requests) == 3 and len(g.drv.used(RQ)) == 3
-    assert g.drv.avail_event(RQ) == 3  # idle again: notifications re-enabled
+    assert len(g.target.requests) == 4 and len(g.drv.used(RQ)) == 4
+    assert g.drv.avail_event(RQ) == 4  # idle again: notifications re-enabled
 
 
 async def test_polled_doorbells(nursery):
