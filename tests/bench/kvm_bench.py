@@ -890,14 +890,16 @@ async def main_async(args: argparse.Namespace) -> int:
                                 "vfio-user", doorbell="poll"))
     if args.only:
         variants = [v for v in variants if v.name in args.only.split(",")]
-    if args.before_rev:  # a lever's before and after in one sitting, interleaved per round
-        variants.insert(1, Variant("bridge-before", f"the bridge as committed at {args.before_rev}",
-                                   "vfio-user", rev=args.before_rev))
+    befores = [r for r in (args.before_rev or "").split(",") if r]
+    for i, rev in enumerate(befores):  # levers' before and after in one sitting, interleaved
+        name = "bridge-before" if i == 0 else f"bridge@{rev}"
+        variants.insert(1 + i, Variant(name, f"the bridge as committed at {rev}", "vfio-user", rev=rev))
     source, version = await trio.to_thread.run_sync(export_bridge, args.bridge_rev)
     sources = {v.name: (await trio.to_thread.run_sync(export_bridge, v.rev))[0]
                for v in variants if v.rev}
-    if args.before_rev:
-        version += f"; bridge-before: {args.before_rev} ({sources['bridge-before'].name})"
+    if befores:
+        version += "; " + ", ".join(f"{v.name}: {v.rev} ({sources[v.name].name})"
+                                    for v in variants if v.rev)
     meta = {"timestamp": stamp, "machine": machine_description(), "bridge_version": version, "accel": accel, "load_start": load_avg(),
             "runtime_s": runtime, "image": str(image), "python": sys.version.split()[0],
             "jobs": [j.__dict__ for j in JOBS], "variants": [v.__dict__ for v in variants]}
@@ -1000,7 +1002,8 @@ def main() -> int:
                         "floor with no user-space work")
     p.add_argument("--before-rev", metavar="REV",
                    help="also bridge-before: the bridge at REV, interleaved with the rest in each "
-                        "round (a lever's before/after in one sitting)")
+                        "round (a lever's before/after in one sitting); REV,REV2,...: also "
+                        "bridge@REV2 ... (one lever per step)")
     p.add_argument("--bridge-rev", default="HEAD",
                    help="git revision of bridge/ to run (exported snapshot), or 'worktree' (default HEAD)")
     p.add_argument("--only", help="comma-separated configurations to run (bridge,qemu-threads,...)")
