@@ -44,7 +44,7 @@ _ISCSI_NAME_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[!-~]+)?|eui\.[0-
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 # How the Xen backend reaches guest pages (bridge/xen/datapath.py): gntdev map or GNTTABOP_copy.
-GRANT_STRATEGIES = ("map", "copy")
+GRANT_STRATEGIES = ("auto", "map", "copy")
 DOORBELLS = ("trap", "poll")
 
 
@@ -131,7 +131,7 @@ class BridgeConfig:
     images: dict[str, ImageFacts] = field(default_factory=dict)  # LU name -> facts
     warnings: list[str] = field(default_factory=list)  # printed by check-config, logged by serve
     source: str | None = None  # the file it came from
-    xen_grant_strategy: str = "map"
+    xen_grant_strategy: str = "auto"
     # [bridge] socket_mode/owner/group: the control socket's, and every socket's default.
     socket_access: SocketAccess = field(default_factory=SocketAccess)
     port_groups: list[PortGroupConfig] = field(default_factory=list)  # every group, by id
@@ -222,7 +222,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
     warnings: list[str] = []
     top = _Table(data, "")
     state_dir = "/run/vscsi-bridge"
-    log_level, log_format, grant_strategy = "info", "text", "map"
+    log_level, log_format, grant_strategy = "info", "text", "auto"
     default_access = SocketAccess()
     with errors.field():
         bridge = _Table(top.get("bridge", dict, {}), "bridge")
@@ -239,7 +239,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         with errors.field():
             default_access = _socket_access(bridge, default_access)
         with errors.field():
-            grant_strategy = bridge.get("xen_grant_strategy", str, "map")
+            grant_strategy = bridge.get("xen_grant_strategy", str, "auto")
             if grant_strategy not in GRANT_STRATEGIES:
                 raise ConfigError("bridge.xen_grant_strategy", "must be one of " + ", ".join(GRANT_STRATEGIES))
         bridge.reject_unknown(errors)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class BackendConfig:
     # Linux scsiback publishes SG_ALL (128); scsifront then uses up to 128 segments.
     sg_grant: int = 128
-    grant_strategy: str = "map"  # "map" (batch map per request) or "copy" (GRANT_COPY)
+    grant_strategy: str = "auto"  # "auto" (copy small, map large), "map" or "copy" (datapath.py)
     initiator: str | None = None  # overrides the name derived from the domain name
     relative_port: int | None = None  # this device's target port (bridge/scsi/ports.py)
 

@@ -7,6 +7,10 @@
   whole host, so mappings can never outlive a request: no persistent grants).
 - ``GrantCopy``: one IOCTL_GNTDEV_GRANT_COPY into local buffers before the
   command (TO_DEVICE) or from them after it (FROM_DEVICE).
+- ``BySize`` (``auto``, the default): ``copy`` for requests under COPY_BELOW bytes,
+  ``map`` for larger ones. Measured in a TCG Xen dom0 (images/xen/bench_backends.py,
+  two boots): copy leads by 1.3-1.9x on 4 KiB requests (no page-table change per
+  request), map by 1.9x on 128 KiB reads (no bounce copy of the data).
 
 Both also read SG_GRANT indirect segment pages (always read-only).
 """
@@ -162,12 +166,39 @@ class GrantCopy:
         return [bytes(b) for b in out]
 
 
+# Requests smaller than this are copied, larger ones mapped: between the sizes measured
+# (4 KiB: copy better; 128 KiB: map better for reads, equal for writes).
+COPY_BELOW = 32 * 1024
+
+
+class BySize:
+    name = "auto"
+
+    def __init__(self, grants: GrantOps, copy_below: int = COPY_BELOW) -> None:
+        self.copy_below = copy_below
+        self._copy = GrantCopy(grants)
+        self._map = MapPerRequest(grants)
+
+    def acquire(self, domid: int, segs: Sequence[Segment], writable: bool) -> RequestBuffers:
+        small = sum(s.length for s in segs) < self.copy_below
+        return (self._copy if small else self._map).acquire(domid, segs, writable)
+
+    def copy_out_together(self, bufs: Sequence[RequestBuffers]) -> None:
+        self._copy.copy_out_together(bufs)  # the copied ones; mapped ones need nothing
+
+    def read_pages(self, domid: int, segs: Sequence[Segment]) -> list[bytes]:
+        return self._copy.read_pages(domid, segs)  # indirect pages: a few, read once
+
+
+DATA_PATHS: dict[str, type[MapPerRequest] | type[GrantCopy] | type[BySize]] = {
+    "auto": BySize, "map": MapPerRequest, "copy": GrantCopy}
+
+
 def make_datapath(name: str, grants: GrantOps) -> DataPath:
-    if name == "map":
-        return MapPerRequest(grants)
-    if name == "copy":
-        return GrantCopy(grants)
-    raise ValueError(f"unknown grant strategy {name!r} (map or copy)")
+    cls = DATA_PATHS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown grant strategy {name!r} ({', '.join(DATA_PATHS)})")
+    return cls(grants)
 
 
 assert PAGE_SIZE == 4096

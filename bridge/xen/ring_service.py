@@ -298,7 +298,8 @@ class RingService:
         if bufs is not None:
             try:
                 _release(bufs.finish, f"{self.name}: rqid {req.rqid} guest pages")
-            except GrantError as exc:
+            except GrantError as exc:  # a guest error as much as a grant refused up front
+                self.stats["errors"] += 1
                 self.guest_log.warning("%s: rqid %d: copy back failed: %s", self.name, req.rqid,
                                        exc)
                 return translate.error_response(req.rqid, RsltHost.ERROR)

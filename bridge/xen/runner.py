@@ -47,7 +47,7 @@ class XenDomainConfig:
 @dataclass
 class XenConfig:
     backend_domid: int = 0
-    grant_strategy: str = "map"
+    grant_strategy: str = "auto"
     sg_grant: int = 128
     domains: list[XenDomainConfig] | None = None  # None: every vscsi device of any domain
     reap_destroyed: bool = True

@@ -1,8 +1,8 @@
 """Benchmark (prints figures, asserts nothing): the bridge's Xen backend against Linux's
 xen-scsiback + LIO fileio, in one Xen-in-QEMU boot, same domU kernel, same image.
 
-    python3 images/xen/bench_backends.py [--strategies map,copy] [--runtime 5] [--profile]
-                                         [--before-rev REV]
+    python3 images/xen/bench_backends.py [--strategies auto,map,copy] [--runtime 5] [--profile]
+                                         [--before-rev REV [--before-strategies map,copy]]
 
 One phase per bridge grant strategy (`vscsi-bridge serve` from the checkout, lib.sh bridge_start) serving /tmp/disk.img
 (dom0 tmpfs), then one with xen-scsiback + LIO on the same file. Each phase boots a PV domU with
@@ -210,21 +210,24 @@ def _progress(line: str) -> None:
 
 async def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--strategies", default="map,copy",
-                    help="bridge grant strategies, comma-separated (map, copy)")
+    ap.add_argument("--strategies", default="auto,map,copy",
+                    help="bridge grant strategies, comma-separated (auto, map, copy)")
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio row")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the bridge in dom0 during each bridge phase")
     ap.add_argument("--before-rev", metavar="REV",
                     help="also a phase per strategy with the bridge as committed at REV "
                          "(before-<strategy>), same boot: a lever's before and after")
+    ap.add_argument("--before-strategies",
+                    help="the strategies of the --before-rev phases (default: --strategies)")
     args = ap.parse_args()
     strategies = [s for s in args.strategies.split(",") if s]
     phase_specs = [f"bridge-{s}:{s}:/vscsi/src" for s in strategies]
     shares: dict[str, Path] = {}
     if args.before_rev:
         shares["before"] = export_bridge_rev(args.before_rev)
-        phase_specs += [f"before-{s}:{s}:/vscsi/before" for s in strategies]
+        before = [s for s in (args.before_strategies or args.strategies).split(",") if s]
+        phase_specs += [f"before-{s}:{s}:/vscsi/before" for s in before]
     names = [spec.split(":")[0] for spec in phase_specs]
     rows = "\n".join(f"f {n} {rw} {bs} {qd}" for n, rw, bs, qd in ROWS)
     log(f"one Xen boot: {len(names)} bridge phase(s) ({', '.join(names)}) then "

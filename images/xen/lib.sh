@@ -148,13 +148,13 @@ bridge_attach() {
     bridge_cli xen attach --domid "$_dom" --devid "$_dev" $_a
 }
 
-# bridge_start LOG DOMAIN_NAME IMAGE SIZE [--grant-strategy map|copy] [--lun L]...: write a
+# bridge_start LOG DOMAIN_NAME IMAGE SIZE [--grant-strategy auto|map|copy] [--lun L]...: write a
 # configuration (one LU "disk0" on IMAGE, its LUNs for DOMAIN_NAME's vscsi device 0, default
 # LUN 0) and start `serve` in the background (its pid in BRIDGE_PID); wait until it watches
 # xenstore (30 s at most). BRIDGE_PYTHON_OPTS: e.g. "-m cProfile -o /vscsi/run/bridge.prof".
 bridge_start() {
     _log=$1 _name=$2 _img=$3 _size=$4; shift 4
-    _strategy=map _luns=""
+    _strategy=auto _luns=""
     while [ $# -gt 0 ]; do
         case $1 in
             --grant-strategy) _strategy=$2; shift 2 ;;

@@ -86,3 +86,28 @@ def test_copy_strategy_copies_in_or_out(writable):
         assert bytes(bufs.views[0]) == b"\x01" * 200 + b"\x02" * 50
         bufs.finish()
     assert grants.copies == 1
+
+
+def test_auto_copies_small_requests_and_maps_large_ones():
+    from bridge.config import GRANT_STRATEGIES
+    from bridge.xen.datapath import COPY_BELOW, DATA_PATHS, BySize, make_datapath
+
+    assert set(GRANT_STRATEGIES) == set(DATA_PATHS)  # the configuration offers each one
+    grants = FakeGrants(guest_pages(COPY_BELOW // PAGE_SIZE + 1))
+    auto = make_datapath("auto", grants)
+    assert isinstance(auto, BySize)
+    small = [Segment(1, 0, PAGE_SIZE)]  # a 4 KiB READ: copied back after the command
+    bufs = auto.acquire(0, small, writable=True)
+    bufs.views[0][:] = b"\xaa" * PAGE_SIZE
+    auto.copy_out_together([bufs])
+    bufs.finish()
+    assert grants.copies == 1 and grants.mapped == []
+    assert grants.pages[1] == b"\xaa" * PAGE_SIZE
+    large = [Segment(r, 0, PAGE_SIZE) for r in range(1, COPY_BELOW // PAGE_SIZE + 1)]
+    bufs = auto.acquire(0, large, writable=False)  # a 32 KiB WRITE: mapped read-only
+    assert bytes(bufs.views[0][:1]) == b"\xaa" and len(bufs.views) == 1
+    bufs.finish()
+    assert grants.mapped == [([r for r in range(1, COPY_BELOW // PAGE_SIZE + 1)], False)]
+    assert grants.copies == 1
+    with pytest.raises(ValueError, match="auto, map, copy"):
+        make_datapath("mmap", grants)
