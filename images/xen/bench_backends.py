@@ -16,7 +16,7 @@ in the .md and as a flame graph per strategy (xen-<timestamp>-<strategy>.flame.s
 costs dom0 CPU: the figures of a profiled run are not the benchmark's.
 
 --before-rev REV adds a phase per strategy with bridge/ as committed at REV (shared into dom0
-as /vscsi/before), in the same boot: a lever's before and after side by side.
+as /tmp/before), in the same boot: a lever's before and after side by side.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ boot_guest() {{ # NAME: a booted domU (modules loaded) whose domid is in $dom
     xl unpause $1
     domu_wait_booted $1 300 || return 3
 }}
-[ -z "{before}" ] || {{ mkdir -p /vscsi/before &&
-    mount -t 9p -o trans=virtio,version=9p2000.L,ro before /vscsi/before || exit 9; }}
+[ -z "{before}" ] || {{ mkdir -p /tmp/before &&
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro before /tmp/before || exit 9; }}
 for p in {phases}; do  # NAME:STRATEGY:SOURCE
     name=${{p%%:*}}; rest=${{p#*:}}; s=${{rest%%:*}}; src=${{rest#*:}}
     echo "phase $name: starting"
@@ -227,7 +227,7 @@ async def main() -> int:
     if args.before_rev:
         shares["before"] = export_bridge_rev(args.before_rev)
         before = [s for s in (args.before_strategies or args.strategies).split(",") if s]
-        phase_specs += [f"before-{s}:{s}:/vscsi/before" for s in before]
+        phase_specs += [f"before-{s}:{s}:/tmp/before" for s in before]
     names = [spec.split(":")[0] for spec in phase_specs]
     rows = "\n".join(f"f {n} {rw} {bs} {qd}" for n, rw, bs, qd in ROWS)
     log(f"one Xen boot: {len(names)} bridge phase(s) ({', '.join(names)}) then "
