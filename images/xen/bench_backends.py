@@ -218,6 +218,9 @@ async def main() -> int:
     ap.add_argument("--before-rev", metavar="REV",
                     help="also a phase per strategy with the bridge as committed at REV "
                          "(before-<strategy>), same boot: a lever's before and after")
+    ap.add_argument("--reverse", action="store_true",
+                    help="run the bridge phases in reverse order (order effects: the dom0's image "
+                         "and page cache change from phase to phase)")
     ap.add_argument("--before-strategies",
                     help="the strategies of the --before-rev phases (default: --strategies)")
     args = ap.parse_args()
@@ -228,6 +231,8 @@ async def main() -> int:
         shares["before"] = export_bridge_rev(args.before_rev)
         before = [s for s in (args.before_strategies or args.strategies).split(",") if s]
         phase_specs += [f"before-{s}:{s}:/tmp/before" for s in before]
+    if args.reverse:
+        phase_specs.reverse()
     names = [spec.split(":")[0] for spec in phase_specs]
     rows = "\n".join(f"f {n} {rw} {bs} {qd}" for n, rw, bs, qd in ROWS)
     log(f"one Xen boot: {len(names)} bridge phase(s) ({', '.join(names)}) then "
