@@ -295,14 +295,20 @@ async def start_bridge(run_dir: Path, image: Path, log_path: Path, source: Path,
     return proc
 
 
-async def stop_bridge(proc: trio.Process) -> None:
+async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM, grace: float = 15) -> None:
+    """Send ``sig`` (py-spy and perf write their output on SIGINT), wait ``grace`` seconds,
+    then kill."""
     if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-    with trio.move_on_after(15):
+        proc.send_signal(sig)
+    with trio.move_on_after(grace):
         await proc.wait()
     if proc.returncode is None:
         proc.kill()
         await proc.wait()
+
+
+async def stop_bridge(proc: trio.Process) -> None:
+    await stop_process(proc)
 
 
 # --- one configuration ------------------------------------------------------------------
@@ -445,12 +451,7 @@ async def profile_bridge(guest: GuestSession, pid: int, runtime: int, spec: Prof
         spec.error = f"profiled job failed: {type(e).__name__}: {str(e)[:2000]}"
         log(spec.error)
     finally:
-        spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
-        with trio.move_on_after(30):
-            await spy.wait()
-        if spy.returncode is None:
-            spy.kill()
-            await spy.wait()
+        await stop_process(spy, signal.SIGINT, 30)
     if not raw.exists():
         spec.error = f"py-spy wrote no profile: {err_path.read_text(errors='replace')[-500:]!r}"
         log(spec.error)
@@ -535,12 +536,7 @@ async def perf_bridge(guest: GuestSession, pid: int, runtime: int, spec: PerfSpe
         spec.per_io_us = jr.per_io_us(jr.device_cpu_s)
         spec.qemu_per_io_us = jr.per_io_us(jr.qemu_other_cpu_s)
     finally:
-        rec.send_signal(signal.SIGINT)
-        with trio.move_on_after(30):
-            await rec.wait()
-        if rec.returncode is None:
-            rec.kill()
-            await rec.wait()
+        await stop_process(rec, signal.SIGINT, 30)
     if not data.exists():
         spec.error = "perf wrote no data (perf_event_paranoid?)"
         log(spec.error)
