@@ -184,7 +184,7 @@ async def main(ctl):
     target = ObservedTarget(specs, {{"{INITIATOR}": {{0: "disk0", 1: "disk1"}},
                                      "{OTHER_INITIATOR}": {{2: "other"}},
                                      "{FENCER}": {{0: "disk0"}}}})
-    config = XenConfig(grant_strategy="map",
+    config = XenConfig(grant_strategy="auto",  # the default: copy small requests, map large
                        domains=[XenDomainConfig(name="domu", initiator="{INITIATOR}")])
     started = time.monotonic()
     try:
