@@ -317,6 +317,14 @@ class GoodGuest:
         except Exception as exc:  # the assertion happens in the test thread
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
+    def completed_after(self, done: int, more: int, timeout: float = 10) -> int:
+        """Wait (up to ``timeout`` s) until ``more`` requests completed beyond ``done``;
+        the count completed by then."""
+        deadline = time.monotonic() + timeout
+        while len(self.done) < done + more and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(self.done)
+
     @contextmanager
     def must_progress(self, min_requests: int = 3) -> Iterator[None]:
         """Around an attack: the guest keeps completing I/O, no gap over the deadline."""

@@ -35,6 +35,7 @@ from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
 from harness.guest import GuestResult, run_guest
+from tests.integration.served import run_guest_served
 from tests.integration.test_pr_iscsi_test_cu import PR_SUITES, CuReport, parse_cunit
 
 INITIATOR_A = "iqn.2026-11.org.vscsi-bridge:cu-path-a"
@@ -223,14 +224,8 @@ async def test_iscsi_test_cu_4096_byte_blocks(run_dir: Path) -> None:
     device = VirtioScsiPciDevice(target, InitiatorPort(INITIATOR_A), num_queues=1)
     sock = str(run_dir / "a.sock")
     t0 = time.monotonic()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, sock, device)
-            result = await run_guest(GUEST_SCRIPT_4K, attach="vfio-user", socket=sock, smp=1,
-                                     mem="768M", timeout=560)
-            nursery.cancel_scope.cancel()
-    finally:
-        target.close()
+    result = await run_guest_served(target, device, sock, GUEST_SCRIPT_4K, smp=1, mem="768M",
+                                    timeout=560)
     report = check_report(result, SUITES_4K, "4096-byte blocks", t0)
     assert "logical block size: 4096" in result.output
     for name in ("Write10.Simple", "Verify16.Mismatch", "CompareAndWrite.Miscompare",
@@ -272,14 +267,8 @@ async def test_iscsi_test_cu_512e(run_dir: Path) -> None:
     device = VirtioScsiPciDevice(target, InitiatorPort(INITIATOR_A), num_queues=1)
     sock = str(run_dir / "a.sock")
     t0 = time.monotonic()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, sock, device)
-            result = await run_guest(GUEST_SCRIPT_512E, attach="vfio-user", socket=sock, smp=1,
-                                     mem="256M", timeout=560)
-            nursery.cancel_scope.cancel()
-    finally:
-        target.close()
+    result = await run_guest_served(target, device, sock, GUEST_SCRIPT_512E, smp=1, mem="256M",
+                                    timeout=560)
     allowed = {n: r for n, r in ALLOWED_SKIPS.items()
                if n.split(".")[0] in SUITES_512E and n not in _LBPPB_TESTS}
     allowed["CompareAndWrite.InvalidDataOutSize"] = ("only supported for iSCSI backends", _ISCSI)
@@ -331,16 +320,10 @@ async def test_sg_xcopy_copies_data_in_the_guest(run_dir: Path) -> None:
     target.submit = spy  # type: ignore[method-assign]
     device = VirtioScsiPciDevice(target, InitiatorPort(INITIATOR_A), num_queues=1)
     sock = str(run_dir / "a.sock")
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, sock, device)
-            result = await run_guest(GUEST_SCRIPT_XCOPY, attach="vfio-user", socket=sock, smp=1,
-                                     mem="256M", timeout=300)
-            nursery.cancel_scope.cancel()
-        src = (run_dir / "src.img").read_bytes()
-        dst = (run_dir / "dst.img").read_bytes()
-    finally:
-        target.close()
+    result = await run_guest_served(target, device, sock, GUEST_SCRIPT_XCOPY, smp=1, mem="256M",
+                                    timeout=300)
+    src = (run_dir / "src.img").read_bytes()
+    dst = (run_dir / "dst.img").read_bytes()
     print(result.output)
     assert result.rc == 0, result.console[-3000:]
     assert "XCOPY-DATA-OK" in result.output

@@ -22,7 +22,8 @@ from bridge.scsi.request import InitiatorPort
 from bridge.scsi.target import Target
 from bridge.vfio_user.server import serve
 from bridge.virtio.scsi_device import VirtioScsiPciDevice
-from harness.guest import disk_check_script, run_guest
+from harness.guest import disk_check_script
+from tests.integration.served import run_guest_served
 
 INITIATOR = "iqn.2026-11.org.vscsi-bridge:kvm-guest"
 DISK_SIZE = 64 << 20
@@ -46,13 +47,7 @@ async def test_guest_over_vfio_user(run_dir: Path) -> None:
     )
     device = VirtioScsiPciDevice(target, InitiatorPort(INITIATOR), num_queues=2)
     sock = str(run_dir / "bridge.sock")
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, sock, device)
-            result = await run_guest(GUEST_SCRIPT, attach="vfio-user", socket=sock, timeout=400)
-            nursery.cancel_scope.cancel()
-    finally:
-        target.close()
+    result = await run_guest_served(target, device, sock, GUEST_SCRIPT, timeout=400)
     out = result.output
     print(out)
     print(f"boot to script: {result.boot_seconds:.1f} s, whole run {result.elapsed_seconds:.1f} s")
@@ -139,14 +134,7 @@ grep -E "err=|IOPS" /tmp/fio.out
 async def test_fio_verify_uses_all_request_queues(run_dir: Path) -> None:
     target, device = _bridge(run_dir, {0: "lu0"})
     sock = str(run_dir / "bridge.sock")
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, sock, device)
-            result = await run_guest(FIO_VERIFY, attach="vfio-user", socket=sock, smp=2, fio=True,
-                                     timeout=500)
-            nursery.cancel_scope.cancel()
-    finally:
-        target.close()
+    result = await run_guest_served(target, device, sock, FIO_VERIFY, smp=2, fio=True, timeout=500)
     out = result.output
     print(out)
     print("requests per virtqueue:", device.requests_per_queue)
@@ -215,13 +203,7 @@ async def test_ext4_on_the_bridge_fscks_clean_on_host(run_dir: Path) -> None:
 
     target, device = _bridge(run_dir, {0: "lu0"})
     sock = str(run_dir / "bridge.sock")
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, sock, device)
-            result = await run_guest(MKFS_SCRIPT, attach="vfio-user", socket=sock, timeout=400)
-            nursery.cancel_scope.cancel()
-    finally:
-        target.close()
+    result = await run_guest_served(target, device, sock, MKFS_SCRIPT, timeout=400)
     assert result.rc == 0, result.console[-4000:]
     assert "SUMS-OK" in result.output and "FS-DONE" in result.output, result.output
     # the bridge has stopped: the image must be a clean ext4 file system
