@@ -43,7 +43,8 @@ _LUN_KEY_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 _ISCSI_NAME_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[!-~]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-# How the Xen backend reaches guest pages (bridge/xen/datapath.py): gntdev map or GNTTABOP_copy.
+# How the Xen backend reaches guest pages (bridge/xen/datapath.py): copy small requests and
+# map large ones, gntdev map or GNTTABOP_copy. The first is the default.
 GRANT_STRATEGIES = ("auto", "map", "copy")
 DOORBELLS = ("trap", "poll")
 
@@ -131,7 +132,7 @@ class BridgeConfig:
     images: dict[str, ImageFacts] = field(default_factory=dict)  # LU name -> facts
     warnings: list[str] = field(default_factory=list)  # printed by check-config, logged by serve
     source: str | None = None  # the file it came from
-    xen_grant_strategy: str = "auto"
+    xen_grant_strategy: str = GRANT_STRATEGIES[0]
     # [bridge] socket_mode/owner/group: the control socket's, and every socket's default.
     socket_access: SocketAccess = field(default_factory=SocketAccess)
     port_groups: list[PortGroupConfig] = field(default_factory=list)  # every group, by id
@@ -175,6 +176,17 @@ def _initiator(t: _Table, default: str) -> str:
     name = t.get("initiator", str, default)
     if len(name.encode()) > 223 or not _ISCSI_NAME_RE.match(name):
         raise ConfigError(t.path("initiator"), "must be an iSCSI name (iqn.YYYY-MM.domain[:id], eui. or naa.)")
+    return name
+
+
+def _unique_name(t: _Table, taken: set[str], duplicate: str) -> str:
+    """The table's ``name`` (an LU's, a port group's); ``duplicate`` words the error when
+    ``taken`` has it already (``{!r}``: the name)."""
+    name = t.get("name", str, required=True)
+    if not _NAME_RE.match(name):
+        raise ConfigError(t.path("name"), "must be 1-64 characters of letters, digits and _ . : -")
+    if name in taken:
+        raise ConfigError(t.path("name"), duplicate.format(name))
     return name
 
 
@@ -222,7 +234,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
     warnings: list[str] = []
     top = _Table(data, "")
     state_dir = "/run/vscsi-bridge"
-    log_level, log_format, grant_strategy = "info", "text", "auto"
+    log_level, log_format, grant_strategy = "info", "text", GRANT_STRATEGIES[0]
     default_access = SocketAccess()
     with errors.field():
         bridge = _Table(top.get("bridge", dict, {}), "bridge")
@@ -239,7 +251,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         with errors.field():
             default_access = _socket_access(bridge, default_access)
         with errors.field():
-            grant_strategy = bridge.get("xen_grant_strategy", str, "auto")
+            grant_strategy = bridge.get("xen_grant_strategy", str, GRANT_STRATEGIES[0])
             if grant_strategy not in GRANT_STRATEGIES:
                 raise ConfigError("bridge.xen_grant_strategy", "must be one of " + ", ".join(GRANT_STRATEGIES))
         bridge.reject_unknown(errors)
@@ -255,11 +267,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
         size: int | None = None
         block_size = 512
         with errors.field():
-            name = t.get("name", str, required=True)
-            if not _NAME_RE.match(name):
-                raise ConfigError(t.path("name"), "must be 1-64 characters of letters, digits and _ . : -")
-            if any(lu.name == name for lu in lus):
-                raise ConfigError(t.path("name"), f"duplicate logical unit name {name!r}")
+            name = _unique_name(t, {lu.name for lu in lus}, "duplicate logical unit name {!r}")
         with errors.field():
             path = _resolve(t.get("path", str, required=True), base_dir)
         with errors.field():
@@ -315,7 +323,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, *,
                                            "one image can back only one logical unit")
             else:
                 seen_paths[real] = where
-        if name is None or path is None or not _NAME_RE.match(name) or any(lu.name == name for lu in lus):
+        if name is None or path is None:  # reported above
             continue
         lus.append(LogicalUnitSpec(name=name, path=str(path), size=size, block_size=block_size,
                                    physical_block_size=physical_block_size,
@@ -454,11 +462,7 @@ def _port_groups(top: _Table, atts: list[VfioUserAttachment | XenAttachment], wh
         where = t.where
         name, gid, state, preferred = None, 0, AccessState.ACTIVE_OPTIMIZED, False
         with errors.field():
-            name = t.get("name", str, required=True)
-            if not _NAME_RE.match(name):
-                raise ConfigError(t.path("name"), "must be 1-64 characters of letters, digits and _ . : -")
-            if any(g.name == name for g in declared):
-                raise ConfigError(t.path("name"), f"port group {name!r} defined twice")
+            name = _unique_name(t, {g.name for g in declared}, "port group {!r} defined twice")
         with errors.field():
             gid = t.get("id", int, 0)
             if "id" in t.data and not 1 <= gid <= 0xFFFF:
@@ -473,7 +477,7 @@ def _port_groups(top: _Table, atts: list[VfioUserAttachment | XenAttachment], wh
         with errors.field():
             preferred = t.get("preferred", bool, False)
         t.reject_unknown(errors)
-        if name is not None and _NAME_RE.match(name) and not any(g.name == name for g in declared):
+        if name is not None:  # else reported above
             declared.append(PortGroupConfig(name, gid, state, preferred))
     # Relative target ports: configured first, then the lowest free numbers in order.
     taken: dict[int, str] = {}

@@ -116,6 +116,16 @@ def test_errors_name_the_field(doc: dict, field: str, tmp_path: Path) -> None:
     assert e.value.field == field, str(e.value)
 
 
+@pytest.mark.parametrize("lus,error", [
+    ([BASE_LU, BASE_LU], "lu[1].name: duplicate logical unit name 'd'"),
+    ([{**BASE_LU, "name": "x" * 65}], "lu[0].name: must be 1-64 characters of letters, digits and _ . : -"),
+])
+def test_logical_unit_name_errors(lus: list, error: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config({"lu": lus}, tmp_path)
+    assert error in str(e.value)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bridge.cli", *args], capture_output=True, text=True, timeout=60)
 
@@ -222,6 +232,10 @@ def test_port_groups_declared_with_states(tmp_path):
     (lambda d: d.update(port_group=[{"name": "g", "state": "sideways"}]), "port_group[0].state: unknown access state"),
     (lambda d: d.update(port_group=[{"name": "g", "id": 2}, {"name": "h", "id": 2}]),
      "port_group[1].id: port group id 2 is used twice"),
+    (lambda d: d.update(port_group=[{"name": "g"}, {"name": "g"}]),
+     "port_group[1].name: port group 'g' defined twice"),
+    (lambda d: d.update(port_group=[{"name": "a b"}]),
+     "port_group[0].name: must be 1-64 characters of letters, digits and _ . : -"),
 ])
 def test_port_configuration_errors(tmp_path, change, error):
     _ini, doc = _two_paths(tmp_path)
