@@ -112,6 +112,7 @@ def flamegraph_svg(stacks: list[tuple[list[str], int]], title: str) -> str:
 def _xml(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
+
 def drop_thread_roots(stacks: list[tuple[list[str], int]]) -> list[tuple[list[str], int]]:
     """py-spy --threads puts a "thread (0x...)" root on each stack: drop it so that
     functions aggregate over threads."""
@@ -129,4 +130,3 @@ def split_waiting(stacks: list[tuple[list[str], int]]) -> tuple[list[tuple[list[
         else:
             busy.append((frames, count))
     return busy, waiting
-

@@ -135,10 +135,11 @@ def table(phases: dict[str, dict[str, dict[str, float]]], names: list[str]) -> l
     """One line per row: the kernel backend, then each bridge phase (name without its
     ``bridge-`` prefix) with its ratio to the kernel."""
     kernel = phases.get("kernel", {})
+    labels = {n: n.removeprefix("bridge-") + " IOPS" for n in names}
+    widths = {n: max(11, len(label)) for n, label in labels.items()}
     head = f"{'row':18} {'kernel IOPS':>11} {'p50 us':>8}"
     for n in names:
-        label = n.removeprefix("bridge-")
-        head += f" {label + ' IOPS':>{max(11, len(label) + 5)}} {'p50 us':>8} {'ratio':>6}"
+        head += f" {labels[n]:>{widths[n]}} {'p50 us':>8} {'ratio':>6}"
     lines = [head]
     for name, *_ in ROWS:
         k = kernel.get(name, {})
@@ -146,8 +147,7 @@ def table(phases: dict[str, dict[str, dict[str, float]]], names: list[str]) -> l
         for n in names:
             b = phases.get(n, {}).get(name, {})
             ratio = f"{b['iops'] / k['iops']:.2f}" if b.get("iops") and k.get("iops") else "-"
-            width = max(11, len(n.removeprefix("bridge-")) + 5)
-            line += f" {b.get('iops', 0):>{width}.0f} {b.get('p50_us', 0):>8.0f} {ratio:>6}"
+            line += f" {b.get('iops', 0):>{widths[n]}.0f} {b.get('p50_us', 0):>8.0f} {ratio:>6}"
         lines.append(line)
     return lines
 

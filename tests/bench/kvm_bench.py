@@ -307,10 +307,6 @@ async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM, grace: flo
         await proc.wait()
 
 
-async def stop_bridge(proc: trio.Process) -> None:
-    await stop_process(proc)
-
-
 # --- one configuration ------------------------------------------------------------------
 
 
@@ -413,7 +409,7 @@ async def run_variant(variant: Variant, image: Path, runtime: int, profile: Prof
                 f"{k} {v:.1f}" for k, v in sorted(qemu_threads(guest.process.pid).items())))
     finally:
         if bridge is not None:
-            await stop_bridge(bridge)
+            await stop_process(bridge)
         shutil.rmtree(run_dir, ignore_errors=True)
     return res
 
@@ -504,14 +500,15 @@ class PerfSpec:
         return out
 
 
-def _perf_report(data: Path, *sort: str) -> list[tuple[float, str]]:
+def _perf_report(data: Path, *sort: str) -> list[tuple[str, float]]:
+    """(name, % of samples) rows of ``perf report --sort ...``."""
     r = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "-g", "none", *sort],
                        capture_output=True, text=True, check=False)
     rows = []
     for line in r.stdout.splitlines():
         m = re.match(r"^\s+([\d.]+)%\s+(?:[\d.]+%\s+)?(?:\[[.k]\]\s+)?(.+?)\s*$", line)
         if m and not line.lstrip().startswith("#"):
-            rows.append((float(m.group(1)), m.group(2)))
+            rows.append((m.group(2), float(m.group(1))))
     return rows
 
 
@@ -541,11 +538,9 @@ async def perf_bridge(guest: GuestSession, pid: int, runtime: int, spec: PerfSpe
         spec.error = "perf wrote no data (perf_event_paranoid?)"
         log(spec.error)
         return
-    dso = await trio.to_thread.run_sync(_perf_report, data, "--no-children", "--sort", "dso")
-    spec.dso = [(name, pct) for pct, name in dso]
+    spec.dso = await trio.to_thread.run_sync(_perf_report, data, "--no-children", "--sort", "dso")
     spec.kernel_pct = sum(pct for name, pct in spec.dso if name.startswith("[kernel"))
-    syms = {name: pct for pct, name in
-            await trio.to_thread.run_sync(_perf_report, data, "--children", "--sort", "sym")}
+    syms = dict(await trio.to_thread.run_sync(_perf_report, data, "--children", "--sort", "sym"))
     spec.paths = [(label, max((syms.get(n, 0.0) for n in names), default=0.0))
                   for label, names in PERF_PATHS]
     for line in spec.lines():
