@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-
 from bridge.scsi import block_limits as bl
 from bridge.scsi.device_traits import DeviceTraits, physical_block_size
 
-from .helpers import INI_A, assert_good, make_target, run
+from .helpers import INI_A, assert_good, run
 
 SSD = DeviceTraits(device="8:0", name="sda", logical_block_size=512, physical_block_size=4096,
                    rotational=False, optimal_io_size=128 << 10, discard_granularity=64 << 10,
                    discard_max_bytes=32 << 20, max_io_bytes=512 << 10)
-
-
-@pytest.fixture
-def target(tmp_path):
-    t = make_target(tmp_path)
-    yield t
-    t.close()
 
 
 async def vpd(target, page: int) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import struct
 
-import pytest
 import trio
 
 from bridge.scsi import sbc_sanitize
@@ -14,13 +13,6 @@ from .helpers import MiB, assert_check, assert_good, make_target, read10, run, w
 
 BS = 512
 NUM_BLOCKS = 4 * MiB // BS
-
-
-@pytest.fixture
-def target(tmp_path):
-    t = make_target(tmp_path)
-    yield t
-    t.close()
 
 
 def sanitize(sa, plen=0, immed=False, ause=False):

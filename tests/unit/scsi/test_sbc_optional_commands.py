@@ -15,13 +15,6 @@ from .helpers import MiB, assert_check, assert_good, make_target, read10, run, w
 BS = 512
 
 
-@pytest.fixture
-def target(tmp_path):
-    t = make_target(tmp_path)
-    yield t
-    t.close()
-
-
 def prefetch10(lba, n, immed=0, group=0):
     return struct.pack(">BBIBHB", 0x34, immed << 1, lba, group, n, 0)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import struct
 
-import pytest
-
 from bridge.scsi.request import (
     ScsiStatus,
     ServiceResponse,
@@ -26,13 +24,6 @@ from .helpers import (
 )
 
 BS = 512
-
-
-@pytest.fixture
-def target(tmp_path):
-    t = make_target(tmp_path)
-    yield t
-    t.close()
 
 
 def verify10(lba, n, bytchk=0):

@@ -9,7 +9,7 @@ import pytest
 
 from bridge.scsi import backing as backing_mod
 
-from .helpers import assert_good, make_target, run, write10, write16
+from .helpers import assert_good, run, write10, write16
 
 
 @pytest.fixture
@@ -23,13 +23,6 @@ def synced(monkeypatch):
 
     monkeypatch.setattr(backing_mod.os, "fdatasync", spy)
     return calls
-
-
-@pytest.fixture
-def target(tmp_path):
-    t = make_target(tmp_path)
-    yield t
-    t.close()
 
 
 async def test_plain_write_with_wce_does_not_sync(target, synced):
