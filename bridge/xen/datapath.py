@@ -17,7 +17,7 @@ Both also read SG_GRANT indirect segment pages (always read-only).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from bridge.xen.platform import PAGE_SIZE, GrantCopySegment, GrantMapping, GrantOps
@@ -190,7 +190,7 @@ class BySize:
         return self._copy.read_pages(domid, segs)  # indirect pages: a few, read once
 
 
-DATA_PATHS: dict[str, type[MapPerRequest] | type[GrantCopy] | type[BySize]] = {
+DATA_PATHS: dict[str, Callable[[GrantOps], DataPath]] = {
     "auto": BySize, "map": MapPerRequest, "copy": GrantCopy}
 
 
